@@ -1,0 +1,303 @@
+"""Gemma 3: the text decoder and the multimodal wrapper, readable top to bottom.
+
+Module names mirror transformers' in-memory layout (`model.layers.*` for Gemma3ForCausalLM,
+`model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` for
+Gemma3ForConditionalGeneration), so checkpoints map one to one and a peft adapter trained on
+this model loads onto transformers' as well.
+
+Shapes: B batch, T new tokens, S keys (cached + new), D width, H heads, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import GLOBAL, Gemma3Config
+from .layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .masks import TokenInfo, flex_block_mask, token_info, visible
+from .siglip import MultiModalProjector, VisionTower
+
+
+class Output(dict):
+    """`loss` and/or `logits`; a dict (as HF's Trainer expects) with attribute access."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+@dataclass
+class KVCache:
+    """Keys and values per layer for generation. Sliding layers keep only their window."""
+
+    keys: list[Tensor | None] = field(default_factory=list)  # [B, K, S, Dh] per layer
+    values: list[Tensor | None] = field(default_factory=list)
+    info: dict[str, TokenInfo | None] = field(default_factory=dict)  # per layer type, [B, S]
+
+    def length(self, layer_type: str) -> int:
+        info = self.info.get(layer_type)
+        return 0 if info is None else info.pos.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Gemma3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = c.layer_types[layer_idx]
+        self.heads, self.kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        self.scale = c.query_pre_attn_scalar**-0.5
+        self.window = None if self.layer_type == GLOBAL else c.sliding_window
+        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: KVCache | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin)  # QK-norm before RoPE
+        k = apply_rope(self.k_norm(k), cos, sin)
+        if cache is not None:
+            i = self.layer_idx
+            if cache.keys[i] is not None:
+                k = torch.cat([cache.keys[i], k], dim=2)  # [B, K, S, Dh]
+                v = torch.cat([cache.values[i], v], dim=2)
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            cache.keys[i], cache.values[i] = k[:, :, -keep:], v[:, :, -keep:]
+        if isinstance(mask, Tensor):  # SDPA with a dense boolean mask [B, 1, T, S]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads
+            )
+        else:  # FlexAttention with a BlockMask
+            out = _flex_attention()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+_FLEX = None
+
+
+def _flex_attention():
+    """flex_attention, compiled once on GPU (eager elsewhere: forward only on CPU)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Gemma3Config, layer_idx: int):
+        super().__init__()
+        self.layer_type = c.layer_types[layer_idx]
+        self.self_attn = Attention(c, layer_idx)
+        self.mlp = GeGLU(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: KVCache | None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class TextModel(nn.Module):
+    """Embeddings (scaled by sqrt(D)), the decoder layers, the final norm."""
+
+    def __init__(self, c: Gemma3Config):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.inv_freq = {
+            GLOBAL: rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
+            "sliding_attention": rope_inv_freq(c.head_dim, c.rope_local_base_freq),
+        }
+        self.gradient_checkpointing = False
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        w = self.embed_tokens.weight
+        # sqrt(D) is cast to the weight dtype first, as the reference does (it rounds in bf16).
+        return self.embed_tokens(input_ids) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, T, D] input embeddings
+        info: TokenInfo,  # positions, documents and image blocks of the new tokens
+        backend: str,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        rope = {t: rope_cos_sin(f, info.pos, x.dtype) for t, f in self.inv_freq.items()}
+        masks = {t: self._mask(t, info, backend, cache) for t in set(self.config.layer_types)}
+        for layer in self.layers:
+            cos, sin = rope[layer.layer_type]
+            mask = masks[layer.layer_type]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)  # [B, T, D]
+
+    def _mask(self, layer_type: str, info: TokenInfo, backend: str, cache: KVCache | None):
+        window = None if layer_type == GLOBAL else self.config.sliding_window
+        keys = info
+        if cache is not None:
+            past = cache.info.get(layer_type)
+            keys = info if past is None else past.cat(info)
+            keep = keys.pos.shape[1] if window is None else min(keys.pos.shape[1], window - 1)
+            cache.info[layer_type] = keys.last(keep)
+        if backend == "flex" and cache is None:
+            return flex_block_mask(info, window)
+        return visible(info, keys, window)[:, None]  # [B, 1, T, S]
+
+
+class MultimodalModel(nn.Module):
+    """Gemma3ForConditionalGeneration's `model`: language model + frozen SigLIP + projector."""
+
+    def __init__(self, c: Gemma3Config):
+        super().__init__()
+        assert c.vision is not None
+        self.language_model = TextModel(c)
+        self.vision_tower = VisionTower(c.vision)
+        self.multi_modal_projector = MultiModalProjector(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model users hold
+
+
+class Gemma3(nn.Module):
+    """Gemma 3 with a tied LM head. Text-only when `config.vision` is None.
+
+    `forward(input_ids, pixel_values=None, position_ids=None, labels=None)` derives every mask
+    from `input_ids` and `position_ids` (see masks.py). With labels it returns `.loss` (mean over
+    labels != -100, next-token shifted inside, computed in chunks) and no logits; without labels
+    it returns `.logits` `[B, T, V]`.
+    """
+
+    def __init__(self, config: Gemma3Config, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.attn_backend = attn_backend  # "sdpa", "flex", or "auto" (flex on CUDA)
+        self.model: TextModel | MultimodalModel = (
+            MultimodalModel(config) if config.is_multimodal else TextModel(config)
+        )
+
+    # -- parts ---------------------------------------------------------------------------------
+    @property
+    def text_model(self) -> TextModel:
+        return self.model.language_model if isinstance(self.model, MultimodalModel) else self.model
+
+    @property
+    def vision_tower(self) -> VisionTower | None:
+        return self.model.vision_tower if isinstance(self.model, MultimodalModel) else None
+
+    @property
+    def projector(self) -> MultiModalProjector | None:
+        return self.model.multi_modal_projector if isinstance(self.model, MultimodalModel) else None
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.embed_tokens
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.text_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.text_model.gradient_checkpointing = False
+
+    def _backend(self, device: torch.device) -> str:
+        if self.attn_backend == "auto":
+            return "flex" if device.type == "cuda" else "sdpa"
+        return self.attn_backend
+
+    # -- forward -------------------------------------------------------------------------------
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """`[N, 3, S, S]` pixels -> `[N, mm_tokens, D]` soft tokens (the tower runs frozen)."""
+        assert self.vision_tower is not None and self.projector is not None
+        patches = self.vision_tower(pixel_values)
+        return self.projector(patches)
+
+    def embed(
+        self, input_ids: Tensor, pixel_values: Tensor | None, image_features: Tensor | None
+    ) -> Tensor:
+        """Token embeddings with each image block replaced by its image's soft tokens."""
+        c = self.config
+        is_img = input_ids == c.image_token_id if c.is_multimodal else None
+        ids = input_ids.masked_fill(is_img, c.pad_token_id) if is_img is not None else input_ids
+        x = self.text_model.embed(ids)  # [B, T, D]
+        if image_features is None and pixel_values is not None:
+            if not c.is_multimodal:
+                raise ValueError("pixel_values given to a text-only Gemma 3 model")
+            image_features = self.image_features(pixel_values)
+        n_slots = int(is_img.sum()) if is_img is not None else 0
+        if image_features is None:
+            if n_slots:
+                raise ValueError(f"input has {n_slots} image tokens but no pixel_values were given")
+            return x
+        if image_features.shape[0] * image_features.shape[1] != n_slots:
+            raise ValueError(
+                f"{image_features.shape[0]} images give {image_features.shape[0] * image_features.shape[1]}"
+                f" soft tokens, but the input has {n_slots} image tokens"
+                f" (each image needs exactly {c.mm_tokens_per_image})"
+            )
+        return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [B, T]
+        pixel_values: Tensor | None = None,  # [N, 3, S, S], in order of their image blocks
+        position_ids: Tensor | None = None,  # [B, T]; restarts at 0 for each packed document
+        labels: Tensor | None = None,  # [B, T]; -100 where no loss
+        image_features: Tensor | None = None,  # [N, mm_tokens, D]: cached projector output
+        cache: KVCache | None = None,
+        **_: object,
+    ) -> Output:
+        b, t = input_ids.shape
+        if position_ids is None:
+            start = cache.length(GLOBAL) if cache is not None else 0
+            position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        image_id = self.config.image_token_id if self.config.is_multimodal else None
+        info = token_info(input_ids, position_ids, image_id)
+        if cache is not None and cache.length(GLOBAL):
+            info.doc.fill_(1)  # generation: one document, continuing the cached one
+        x = self.embed(input_ids, pixel_values, image_features)
+        h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
+        weight = self.text_model.embed_tokens.weight  # tied LM head  [V, D]
+        if labels is None:
+            return Output(logits=h @ weight.T)
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
+        loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, targets.reshape(-1))
+        return Output(loss=loss)
+
+    def new_cache(self) -> KVCache:
+        n = self.config.num_hidden_layers
+        return KVCache(keys=[None] * n, values=[None] * n)

@@ -1,0 +1,79 @@
+"""Chunked cross-entropy over the tied LM head, without materialising `[tokens, vocab]` fp32 logits.
+
+Gemma 3's vocabulary has 262,144 entries: for 2,048 tokens the fp32 logits alone are 2 GiB,
+and autograd keeps several copies. Here the hidden states are projected and scored a chunk of
+tokens at a time. The gradient of each chunk is computed in the same pass (softmax minus
+one-hot), so backward only has to scale the stored gradients: nothing is recomputed and no
+chunk's logits outlive its loop iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+_CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits (256 MiB) per chunk
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(16, _CHUNK_ELEMENTS // vocab)
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, need_h: bool, need_w: bool):
+        # hidden: [N, D]; weight: [V, D]; targets: [N] (IGNORE_INDEX to skip)
+        n = hidden.shape[0]
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp(min=1).float()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        step = _chunk_rows(weight.shape[0])
+        for s in range(0, n, step):
+            h, tgt, ok = hidden[s : s + step], targets[s : s + step], valid[s : s + step]
+            if not ok.any():
+                continue
+            logits = (h @ weight.T).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            safe_tgt = tgt.clamp(min=0)
+            picked = logits.gather(1, safe_tgt[:, None])[:, 0]
+            total += ((lse - picked) * ok).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax  [c, V]
+                probs[torch.arange(len(tgt), device=h.device), safe_tgt] -= 1.0
+                probs.mul_((ok.float() / count)[:, None])  # d(mean loss) / d(logits)
+                if need_h:
+                    grad_h[s : s + step] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += probs.T @ h.float()
+                del probs
+            del logits
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0),
+            grad_w if grad_w is not None else torch.empty(0),
+        )
+        ctx.need = (need_h, need_w)
+        ctx.w_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        need_h, need_w = ctx.need
+        gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if need_w else None
+        return gh, gw, None, None, None
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, over non-ignored targets.
+
+    hidden: `[N, D]`, weight: `[V, D]`, targets: `[N]`. Equal (values and gradients) to
+    `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)`, except that a
+    batch with no valid target gives 0 rather than NaN.
+    """
+    need_h = torch.is_grad_enabled() and hidden.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    return _ChunkedCE.apply(hidden, weight, targets, need_h, need_w)
