@@ -47,7 +47,7 @@ class Gemma3Config:
     num_attention_heads: int = 4
     num_key_value_heads: int = 1  # GQA: heads share K/V in groups of heads / kv_heads
     head_dim: int = 256
-    query_pre_attn_scalar: float = 256  # attention scale is query_pre_attn_scalar ** -0.5
+    query_pre_attn_scalar: int = 256  # attention scale is query_pre_attn_scalar ** -0.5
     rms_norm_eps: float = 1e-6
     sliding_window: int = 512  # a key is visible when q - k < sliding_window
     layer_types: list[str] = field(default_factory=list)  # per layer: SLIDING or GLOBAL
@@ -195,7 +195,7 @@ def config_from_hf(d: dict) -> Gemma3Config:
         num_attention_heads=int(text.get("num_attention_heads", 8)),
         num_key_value_heads=int(text.get("num_key_value_heads", 4)),
         head_dim=head_dim,
-        query_pre_attn_scalar=float(text.get("query_pre_attn_scalar") or head_dim),
+        query_pre_attn_scalar=int(text.get("query_pre_attn_scalar") or head_dim),
         rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         sliding_window=int(text.get("sliding_window") or 4096),
         layer_types=layer_types,

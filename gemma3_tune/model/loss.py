@@ -27,15 +27,17 @@ class _ChunkedCE(torch.autograd.Function):
         n = hidden.shape[0]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1).float()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when given fp64
+        count = count.to(acc)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         step = _chunk_rows(weight.shape[0])
         for s in range(0, n, step):
             h, tgt, ok = hidden[s : s + step], targets[s : s + step], valid[s : s + step]
             if not ok.any():
                 continue
-            logits = (h @ weight.T).float()  # [c, V]
+            logits = (h @ weight.T).to(acc)  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)  # [c]
             safe_tgt = tgt.clamp(min=0)
             picked = logits.gather(1, safe_tgt[:, None])[:, 0]
@@ -43,11 +45,11 @@ class _ChunkedCE(torch.autograd.Function):
             if need_h or need_w:
                 probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax  [c, V]
                 probs[torch.arange(len(tgt), device=h.device), safe_tgt] -= 1.0
-                probs.mul_((ok.float() / count)[:, None])  # d(mean loss) / d(logits)
+                probs.mul_((ok.to(acc) / count)[:, None])  # d(mean loss) / d(logits)
                 if need_h:
                     grad_h[s : s + step] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w += probs.T @ h.float()
+                    grad_w += probs.T @ h.to(acc)
                 del probs
             del logits
         ctx.save_for_backward(

@@ -1,0 +1,94 @@
+"""Decoding with the KV cache: plain functions, gpt-fast style.
+
+`prefill` runs the prompt (images included) once and fills the cache; `decode_one_token` feeds
+one token at a time. Sliding layers keep only their last `window - 1` keys, so the cache grows
+only on the global layers (1 in 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .config import GLOBAL, SLIDING, Gemma3Config
+from .gemma3 import Gemma3, KVCache
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> Tensor:
+    """logits `[B, V]` -> token ids `[B]`. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def prefill(model: Gemma3, input_ids: Tensor, cache: KVCache, pixel_values: Tensor | None = None) -> Tensor:
+    """Run the prompt `[B, T]`; returns the last position's logits `[B, V]`."""
+    return model(input_ids, pixel_values=pixel_values, cache=cache).logits[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: Gemma3, token: Tensor, cache: KVCache) -> Tensor:
+    """token `[B]` -> next logits `[B, V]`."""
+    return model(token[:, None], cache=cache).logits[:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model: Gemma3,
+    input_ids: Tensor,  # [1, T] prompt
+    *,
+    max_new_tokens: int = 64,
+    pixel_values: Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: set[int] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield new token ids one at a time, stopping at a stop id (not yielded) or the limit."""
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    stop_ids = stop_ids or set()
+    if not use_cache:  # reference path: recompute the whole sequence every step
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = model(ids, pixel_values=pixel_values).logits[:, -1]
+            tok = sample(logits, temperature, top_p, gen)
+            if int(tok[0]) in stop_ids:
+                return
+            yield int(tok[0])
+            ids = torch.cat([ids, tok[:, None]], dim=1)
+        return
+    cache = model.new_cache()
+    logits = prefill(model, input_ids, cache, pixel_values)
+    for _ in range(max_new_tokens):
+        tok = sample(logits, temperature, top_p, gen)
+        if int(tok[0]) in stop_ids:
+            return
+        yield int(tok[0])
+        logits = decode_one_token(model, tok, cache)
+
+
+def kv_cache_bytes(c: Gemma3Config, context: int, bytes_per_value: int = 2, all_global: bool = False) -> int:
+    """KV-cache size for one sequence of `context` tokens: K and V, every layer.
+
+    Sliding layers hold at most `window` keys; with `all_global=True`, every layer holds all
+    of them (the baseline the Gemma 3 report compares against).
+    """
+    per_token = 2 * c.num_key_value_heads * c.head_dim * bytes_per_value
+    total = 0
+    for t in c.layer_types:
+        keep = context if (all_global or t == GLOBAL) else min(context, c.sliding_window)
+        total += keep * per_token
+    return total
+
+
+__all__ = ["GLOBAL", "SLIDING", "decode_one_token", "generate", "kv_cache_bytes", "prefill", "sample"]

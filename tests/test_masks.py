@@ -1,0 +1,80 @@
+"""Masks against the most obvious dense construction: loops over every (query, key) pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3_tune.model.masks import token_info, visible
+
+IMG = 9
+
+
+def obvious_mask(docs: list[list[int]], window: int | None) -> torch.Tensor:
+    """docs: token ids per document, packed in order. Written from the definition, pair by pair."""
+    ids = [t for d in docs for t in d]
+    doc_of, pos_of, image_of = [], [], []
+    image = 0
+    for di, d in enumerate(docs):
+        for p, t in enumerate(d):
+            doc_of.append(di)
+            pos_of.append(p)
+            if t == IMG and not (p > 0 and d[p - 1] == IMG):
+                image += 1
+            image_of.append(image if t == IMG else None)
+    n = len(ids)
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for q in range(n):
+        for k in range(n):
+            if doc_of[q] != doc_of[k]:
+                continue
+            same_image = image_of[q] is not None and image_of[q] == image_of[k]
+            ok = k <= q or same_image
+            if window is not None and q - k >= window:
+                ok = False
+            m[q, k] = ok
+    return m
+
+
+CASES = {
+    "one_doc_text": [[1, 2, 3, 4, 5, 6, 7, 8]],
+    "three_docs": [[1, 2, 3], [4, 5, 6, 7, 8], [1, 2]],
+    "image_block": [[1, 2, IMG, IMG, IMG, IMG, 3, 4, 5]],
+    "two_images_two_docs": [[1, IMG, IMG, IMG, 2, IMG, IMG, IMG, 3], [4, IMG, IMG, IMG, 5, 6]],
+    "image_at_doc_edges": [[1, IMG, IMG], [IMG, IMG, 2, 3]],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("window", [None, 2, 3, 100], ids=["global", "w2", "w3", "w100"])
+def test_mask_matches_obvious_construction(case, window):
+    docs = CASES[case]
+    ids = torch.tensor([[t for d in docs for t in d]])
+    pos = torch.tensor([[p for d in docs for p in range(len(d))]])
+    info = token_info(ids, pos, IMG)
+    got = visible(info, info, window)[0]
+    assert torch.equal(got, obvious_mask(docs, window))
+
+
+def test_text_only_model_ignores_image_ids():
+    ids = torch.tensor([[1, IMG, IMG, 2]])
+    info = token_info(ids, torch.arange(4)[None], None)
+    assert torch.equal(visible(info, info, None)[0], torch.ones(4, 4).tril().bool())
+
+
+def test_flex_block_mask_matches_dense():
+    """The FlexAttention BlockMask evaluates the same predicate pair by pair."""
+    from gemma3_tune.model.masks import flex_block_mask
+
+    docs = CASES["two_images_two_docs"]
+    ids = torch.tensor([[t for d in docs for t in d]])
+    pos = torch.tensor([[p for d in docs for p in range(len(d))]])
+    info = token_info(ids, pos, IMG)
+    for window in (None, 3):
+        bm = flex_block_mask(info, window)
+        n = ids.shape[1]
+        q = torch.arange(n)[:, None].expand(n, n)
+        k = torch.arange(n)[None, :].expand(n, n)
+        zero = torch.zeros_like(q)
+        dense = bm.mask_mod(zero, zero, q, k)
+        assert torch.equal(dense, obvious_mask(docs, window))
