@@ -1,0 +1,62 @@
+"""`gemma3-tune`: the command line. Each verb is a thin wrapper over a library function.
+
+Mistakes the user can fix (bad files, bad keys) print one line, `error: ...`, and exit 2:
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .model.checkpoint import CheckpointError
+
+
+def cmd_init_model(args: argparse.Namespace) -> None:
+    from .export.init_model import init_model
+
+    out = init_model(args.preset, args.out, seed=args.seed, force=args.force)
+    print(f"wrote random {args.preset} model to {out}", file=sys.stderr)
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    from .export.gguf_import import import_gguf
+
+    out = import_gguf(args.gguf, args.out, force=args.force)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gemma3-tune", description="Fine-tune Gemma 3 with LoRA, QLoRA or full SFT.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init-model", help="write a random-weight model (HF layout) with a tokenizer")
+    s.add_argument("--preset", required=True, help="270m, 1b, 4b, 12b, 27b, tiny, tiny-vision")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.set_defaults(func=cmd_init_model)
+
+    s = sub.add_parser("import-gguf", help="convert a Gemma 3 GGUF file to an HF-format folder")
+    s.add_argument("gguf", type=Path)
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.set_defaults(func=cmd_import_gguf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, CheckpointError) as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

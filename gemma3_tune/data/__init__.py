@@ -1,0 +1,1 @@
+"""Data: tokenizer, chat template + loss mask, images, sources, packing, collation."""

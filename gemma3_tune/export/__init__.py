@@ -1,0 +1,1 @@
+"""Export: merge, HF export, adapter export, GGUF import/export."""
