@@ -29,10 +29,14 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gemma3-tune", description="Fine-tune Gemma 3 with LoRA, QLoRA or full SFT.")
+    p = argparse.ArgumentParser(
+        prog="gemma3-tune", description="Fine-tune Gemma 3 with LoRA, QLoRA or full SFT."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init-model", help="write a random-weight model (HF layout) with a tokenizer")
+    s = sub.add_parser(
+        "init-model", help="write a random-weight model (HF layout) with a tokenizer"
+    )
     s.add_argument("--preset", required=True, help="270m, 1b, 4b, 12b, 27b, tiny, tiny-vision")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,11 @@ def hf_model(cfg: Gemma3Config, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     hc = hf_config(cfg)
     hc._attn_implementation = "eager"
-    cls = transformers.Gemma3ForConditionalGeneration if cfg.is_multimodal else transformers.Gemma3ForCausalLM
+    cls = (
+        transformers.Gemma3ForConditionalGeneration
+        if cfg.is_multimodal
+        else transformers.Gemma3ForCausalLM
+    )
     model = cls(hc).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -52,7 +56,9 @@ def save_hf(model: torch.nn.Module, out: Path, *, layout: str = "hf", dialect: s
         mm = isinstance(model, transformers.Gemma3ForConditionalGeneration)
         f = out / "model.safetensors"
         sd = load_file(f)
-        renamed = {ours_to_hf(hf_to_ours(k, mm), layout): v for k, v in sd.items() if "lm_head" not in k}
+        renamed = {
+            ours_to_hf(hf_to_ours(k, mm), layout): v for k, v in sd.items() if "lm_head" not in k
+        }
         save_file(renamed, f, metadata={"format": "pt"})
     if dialect == "published":
         cfg_file = out / "config.json"
@@ -64,7 +70,9 @@ def save_hf(model: torch.nn.Module, out: Path, *, layout: str = "hf", dialect: s
         text["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
         full = rp["full_attention"]
         text["rope_scaling"] = (
-            {"rope_type": "linear", "factor": full["factor"]} if full.get("rope_type") == "linear" else None
+            {"rope_type": "linear", "factor": full["factor"]}
+            if full.get("rope_type") == "linear"
+            else None
         )
         text["sliding_window_pattern"] = 6
         cfg_file.write_text(json.dumps(d, indent=2))

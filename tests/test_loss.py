@@ -73,7 +73,9 @@ print(json.dumps({"loss": loss.item(), "extra_kb": peak - base}))
 
 
 def _measure(kind: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, kind], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, kind], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -12,7 +12,9 @@ IMG = 500  # image soft-token id in the tiny-vision configs below
 
 
 def vision_cfg(**kw):
-    return preset("tiny-vision").replace(image_token_id=IMG, boi_token_id=498, eoi_token_id=499, **kw)
+    return preset("tiny-vision").replace(
+        image_token_id=IMG, boi_token_id=498, eoi_token_id=499, **kw
+    )
 
 
 TEXT_CASES = {
@@ -56,7 +58,9 @@ def test_vision_logits_match_transformers(layout, dialect, tmp_path):
     ids[1, 40 : 40 + n] = IMG
     pixels = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        want = ref(ids, pixel_values=pixels, token_type_ids=(ids == IMG).long(), use_cache=False).logits
+        want = ref(
+            ids, pixel_values=pixels, token_type_ids=(ids == IMG).long(), use_cache=False
+        ).logits
         got = ours(ids, pixel_values=pixels).logits
     assert (got - want).abs().max().item() <= 1e-4
 

@@ -36,8 +36,17 @@ def real(tmp_path_factory):
 def test_import_gguf_config(real):
     _, folder = real
     cfg = load_model(folder, device="meta").config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (640, 18, 4, 1)
-    assert cfg.vocab_size == 262144 and cfg.sliding_window == 512 and cfg.layer_types[5] == "full_attention"
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    ) == (640, 18, 4, 1)
+    assert (
+        cfg.vocab_size == 262144
+        and cfg.sliding_window == 512
+        and cfg.layer_types[5] == "full_attention"
+    )
 
 
 def test_greedy_decoding_matches_transformers(real):
@@ -49,7 +58,9 @@ def test_greedy_decoding_matches_transformers(real):
     ours = load_model(folder).eval()
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
-        want = ref.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)[0, ids.shape[1] :]
+        want = ref.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None)[
+            0, ids.shape[1] :
+        ]
         got = list(generate(ours, ids, max_new_tokens=16))
         assert got == want.tolist(), prompt
 
@@ -58,7 +69,9 @@ def test_logits_match_transformers_reading_the_gguf(real):
     from transformers import AutoModelForCausalLM
 
     gguf, folder = real
-    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
     ours = load_model(folder).eval()
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 506, 5279, 529, 9079, 563]])
     with torch.no_grad():

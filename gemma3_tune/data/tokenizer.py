@@ -41,7 +41,9 @@ def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     return out
 
 
-def train_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> dict[str, int]:
+def train_tiny_tokenizer(
+    out_dir: str | Path, vocab_size: int = 512, seed: int = 0
+) -> dict[str, int]:
     """Train and write a tiny Gemma-style tokenizer; returns the special-token ids."""
     import sentencepiece as spm
 

@@ -75,7 +75,9 @@ def _field(reader, key: str, default=None):
 def config_from_gguf(reader, path: Path) -> Gemma3Config:
     arch = _field(reader, "general.architecture")
     if arch != "gemma3":
-        raise UserError(f"{path}: general.architecture is {arch!r}; only Gemma 3 ('gemma3') GGUFs are supported")
+        raise UserError(
+            f"{path}: general.architecture is {arch!r}; only Gemma 3 ('gemma3') GGUFs are supported"
+        )
     a = "gemma3."
     n_layers = int(_field(reader, a + "block_count"))
     hidden = int(_field(reader, a + "embedding_length"))
@@ -114,7 +116,9 @@ def read_gguf_weights(reader, path: Path) -> dict[str, torch.Tensor]:
         mapped = gguf_to_hf_name(t.name)
         if mapped is None:
             if t.name.startswith(("v.", "mm.")):
-                raise UserError(f"{path}: vision tensors ({t.name}) are not supported by import-gguf; import the text model only")
+                raise UserError(
+                    f"{path}: vision tensors ({t.name}) are not supported by import-gguf; import the text model only"
+                )
             raise UserError(f"{path}: unknown tensor {t.name!r}; is this a Gemma 3 GGUF?")
         name, is_norm = mapped
         arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
@@ -123,7 +127,9 @@ def read_gguf_weights(reader, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
+def import_gguf(
+    gguf_path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False
+) -> Path:
     """Write an HF-format folder (config.json, model.safetensors, tokenizer) from a GGUF file."""
     from gguf import GGUFReader
 

@@ -85,7 +85,9 @@ def read_config(path: str | os.PathLike) -> Gemma3Config:
         raise CheckpointError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
     kind = raw.get("model_type")
     if kind not in ("gemma3", "gemma3_text"):
-        raise CheckpointError(f"{cfg_file}: model_type is {kind!r}, expected 'gemma3' or 'gemma3_text'")
+        raise CheckpointError(
+            f"{cfg_file}: model_type is {kind!r}, expected 'gemma3' or 'gemma3_text'"
+        )
     try:
         return config_from_hf(raw)
     except (ValueError, TypeError) as e:
@@ -134,7 +136,11 @@ def load_state_dict(path: str | os.PathLike, config: Gemma3Config) -> dict[str, 
             f"{path}: {len(unknown)} unknown weight(s), e.g. {', '.join(unknown[:3])}; "
             "is this a Gemma 3 checkpoint matching its config.json?"
         )
-    embed_key = "model.language_model.embed_tokens.weight" if config.is_multimodal else "model.embed_tokens.weight"
+    embed_key = (
+        "model.language_model.embed_tokens.weight"
+        if config.is_multimodal
+        else "model.embed_tokens.weight"
+    )
     for key, head in tied.items():
         emb = out.get(embed_key)
         if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
@@ -160,7 +166,9 @@ def load_model(
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
     if missing or extra:
-        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
+        what = (
+            f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
+        )
         raise CheckpointError(f"{path}: weights do not match config.json: {what}")
     for name, param in model.state_dict().items():
         if state[name].shape != param.shape:

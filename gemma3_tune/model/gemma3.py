@@ -106,7 +106,11 @@ def _flex_attention():
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+        _FLEX = (
+            torch.compile(flex_attention, dynamic=False)
+            if torch.cuda.is_available()
+            else flex_attention
+        )
     return _FLEX
 
 
@@ -146,7 +150,9 @@ class TextModel(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         w = self.embed_tokens.weight
         # sqrt(D) is cast to the weight dtype first, as the reference does (it rounds in bf16).
-        return self.embed_tokens(input_ids) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+        return self.embed_tokens(input_ids) * torch.tensor(
+            math.sqrt(self.config.hidden_size), dtype=w.dtype
+        )
 
     def forward(
         self,
@@ -227,7 +233,9 @@ class Gemma3(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embed_tokens
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None
+    ) -> None:
         self.text_model.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:

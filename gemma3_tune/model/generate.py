@@ -30,7 +30,9 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generat
 
 
 @torch.no_grad()
-def prefill(model: Gemma3, input_ids: Tensor, cache: KVCache, pixel_values: Tensor | None = None) -> Tensor:
+def prefill(
+    model: Gemma3, input_ids: Tensor, cache: KVCache, pixel_values: Tensor | None = None
+) -> Tensor:
     """Run the prompt `[B, T]`; returns the last position's logits `[B, V]`."""
     return model(input_ids, pixel_values=pixel_values, cache=cache).logits[:, -1]
 
@@ -77,7 +79,9 @@ def generate(
         logits = decode_one_token(model, tok, cache)
 
 
-def kv_cache_bytes(c: Gemma3Config, context: int, bytes_per_value: int = 2, all_global: bool = False) -> int:
+def kv_cache_bytes(
+    c: Gemma3Config, context: int, bytes_per_value: int = 2, all_global: bool = False
+) -> int:
     """KV-cache size for one sequence of `context` tokens: K and V, every layer.
 
     Sliding layers hold at most `window` keys; with `all_global=True`, every layer holds all
@@ -91,4 +95,12 @@ def kv_cache_bytes(c: Gemma3Config, context: int, bytes_per_value: int = 2, all_
     return total
 
 
-__all__ = ["GLOBAL", "SLIDING", "decode_one_token", "generate", "kv_cache_bytes", "prefill", "sample"]
+__all__ = [
+    "GLOBAL",
+    "SLIDING",
+    "decode_one_token",
+    "generate",
+    "kv_cache_bytes",
+    "prefill",
+    "sample",
+]

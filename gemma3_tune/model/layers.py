@@ -31,7 +31,9 @@ def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0) -> Te
     return 1.0 / (base**exponents) / scaling_factor
 
 
-def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """cos, sin of shape `[B, T, head_dim]` (half-split layout), computed in fp32."""
     freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]

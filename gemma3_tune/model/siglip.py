@@ -114,7 +114,9 @@ class MultiModalProjector(nn.Module):
         self.kernel = pool_kernel(c)
         self.mm_soft_emb_norm = RMSNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)
         # Stored (vision_hidden, text_hidden): applied as a matmul, not as an nn.Linear.
-        self.mm_input_projection_weight = nn.Parameter(torch.zeros(c.vision.hidden_size, c.hidden_size))
+        self.mm_input_projection_weight = nn.Parameter(
+            torch.zeros(c.vision.hidden_size, c.hidden_size)
+        )
 
     def forward(self, patches: Tensor) -> Tensor:
         n, seq, dv = patches.shape  # [N, P*P, Dv]
@@ -128,7 +130,9 @@ class MultiModalProjector(nn.Module):
         return torch.matmul(normed.to(weight.dtype), weight)  # [N, mm_tokens, D]
 
 
-def init_vision_weights(tower: VisionTower, projector: MultiModalProjector, std: float = 0.02) -> None:
+def init_vision_weights(
+    tower: VisionTower, projector: MultiModalProjector, std: float = 0.02
+) -> None:
     """Random init for tests: every projection random (transformers leaves the projector at 0)."""
     for m in tower.modules():
         if isinstance(m, nn.Linear | nn.Conv2d):
