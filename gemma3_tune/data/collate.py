@@ -1,0 +1,57 @@
+"""Turning rows of samples into model batches.
+
+A row is one or more samples laid end to end (packed) or a single sample. Every batch is
+right-padded to its longest row; the padding is a document of its own (positions from 0),
+with `<pad>` ids and no loss, so it never touches real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .template import IGNORE, Sample
+
+
+def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
+    """Lay samples end to end; positions restart at 0 for each."""
+    ids, labels, pos, images = [], [], [], []
+    for s in samples:
+        ids += s.input_ids
+        labels += s.labels
+        pos += list(range(len(s)))
+        images += s.images
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "images": images}
+
+
+class Collator:
+    """rows -> {input_ids, labels, position_ids [B, T]; pixel_values [N, 3, S, S] when images}.
+
+    `load_pixels(image_ref) -> Tensor[views, 3, S, S]` is called for each image in order.
+    """
+
+    def __init__(self, pad_id: int, load_pixels: Callable | None = None, pad_to_multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.load_pixels = load_pixels
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        t = -(-longest // self.multiple) * self.multiple
+        ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
+        pos = torch.zeros((len(rows), t), dtype=torch.long)
+        pixels = []
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[b, :n] = torch.tensor(r["input_ids"])
+            labels[b, :n] = torch.tensor(r["labels"])
+            pos[b, :n] = torch.tensor(r["position_ids"])
+            pos[b, n:] = torch.arange(t - n)  # the padding is its own document
+            if self.load_pixels is not None:
+                pixels += [self.load_pixels(img) for img in r.get("images", [])]
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch

@@ -1,0 +1,310 @@
+"""From a recipe's `data:` section to training rows, and the report `data check` prints.
+
+sources -> validated turns -> template (ids + loss mask) -> mixing (weights / counts) ->
+eval split -> truncation (never inside an image) -> packing -> rows.
+
+Nothing is dropped or cut silently: every truncated or dropped sample is counted, with its
+file and line, in the report.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .packing import efficiency, pack
+from .sources import SampleError, read_records, to_turns
+from .template import IGNORE, Sample, VisionTokens, render
+from .tokenizer import Tokenizer
+
+
+class Source(BaseModel):
+    """One data file or folder. `weight` scales how many of its samples are used (2.0 repeats
+    it twice, 0.5 keeps a seeded half); `samples` asks for an exact count (repeating if needed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    weight: float | None = Field(default=None, gt=0)
+    samples: int | None = Field(default=None, gt=0)
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: list[Source] = Field(description="training sources: paths or {path, weight | samples}")
+    eval: list[Source] | None = Field(default=None, description="held-out sources (else eval_split)")
+    eval_split: float = Field(default=0.0, ge=0, lt=1, description="fraction of train held out, seeded")
+    image_root: str | None = Field(default=None, description="relative image paths resolve here")
+    max_seq_len: int = Field(default=2048, gt=8, description="tokens per row")
+    packing: bool = Field(default=True, description="pack samples into full rows (best fit decreasing)")
+    truncation: Literal["truncate", "drop"] = Field(default="truncate", description="samples over max_seq_len")
+    train_on: Literal["assistant", "last", "all"] = Field(default="assistant", description="which tokens get loss")
+    pan_and_scan: bool = Field(default=False, description="add Pan & Scan crops for wide/tall images")
+    pan_and_scan_min_crop_size: int = 256
+    pan_and_scan_max_crops: int = 4
+    pan_and_scan_min_ratio: float = 1.2
+    feature_cache: str | None = Field(default=None, description="folder caching frozen SigLIP features")
+    max_errors: int = Field(default=20, gt=0, description="bad samples listed before giving up")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _paths(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, str | dict):
+            v = [v]
+        return [{"path": s} if isinstance(s, str) else s for s in v]
+
+
+class DataErrors(ValueError):
+    """Every bad sample found (up to max_errors), one line each."""
+
+    def __init__(self, errors: list[SampleError], more: bool):
+        self.errors, self.more = errors, more
+        head = f"{len(errors)}{'+' if more else ''} bad sample(s)"
+        super().__init__(head + ":\n" + "\n".join(str(e) for e in errors))
+
+
+@dataclass
+class Report:
+    samples: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    images: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    rows: int = 0
+    packing_efficiency: float = 1.0
+    eval_samples: int = 0
+    dropped_at: list[str] = field(default_factory=list)  # origins of dropped samples
+    truncated_at: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        return {
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "trainable_tokens": self.trainable_tokens,
+            "images": self.images,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "rows": self.rows,
+            "packing_efficiency": round(self.packing_efficiency, 4),
+            "eval_samples": self.eval_samples,
+        }
+
+
+@dataclass
+class Data:
+    train_rows: list[list[Sample]]
+    eval_rows: list[list[Sample]]
+    report: Report
+    example: Sample | None = None
+
+
+def vision_tokens(model_config) -> VisionTokens | None:
+    if not model_config.is_multimodal:
+        return None
+    return VisionTokens(
+        model_config.image_token_id, model_config.boi_token_id, model_config.eoi_token_id, model_config.mm_tokens_per_image
+    )
+
+
+def load_samples(
+    sources: list[Source], cfg: DataConfig, tok: Tokenizer, vision: VisionTokens | None, base: Path, seed: int
+) -> list[Sample]:
+    """Read, validate and render every sample; raise DataErrors listing the bad ones."""
+    errors: list[SampleError] = []
+    more = False
+    out: list[Sample] = []
+    image_root = Path(cfg.image_root) if cfg.image_root else None
+    if image_root is not None and not image_root.is_absolute():
+        image_root = base / image_root
+    pas_args = {
+        "min_crop_size": cfg.pan_and_scan_min_crop_size,
+        "max_crops": cfg.pan_and_scan_max_crops,
+        "min_ratio": cfg.pan_and_scan_min_ratio,
+    }
+    for src in sources:
+        path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
+        these: list[Sample] = []
+        try:
+            for rec in read_records(path):
+                try:
+                    turns = to_turns(rec, image_root=image_root, pan_and_scan=cfg.pan_and_scan, pas_args=pas_args, base=base)
+                    if vision is None and any(not isinstance(p, str) for t in turns for p in t.parts):
+                        raise SampleError(rec.origin, "has an image, but the model is text-only (use a 4B+ Gemma 3)")
+                    sample = render(turns, tok, vision, cfg.train_on)
+                    sample.origin = rec.origin
+                    these.append(sample)
+                except SampleError as e:
+                    if len(errors) < cfg.max_errors:
+                        errors.append(e)
+                    else:
+                        more = True
+        except SampleError as e:  # the whole source is unreadable
+            errors.append(e)
+            continue
+        out += _mix(these, src, seed)
+    if errors:
+        raise DataErrors(errors, more)
+    return out
+
+
+def _mix(samples: list[Sample], src: Source, seed: int) -> list[Sample]:
+    if src.weight is None and src.samples is None:
+        return samples
+    want = src.samples if src.samples is not None else round(len(samples) * src.weight)
+    rng = random.Random(seed)
+    out = []
+    while len(out) < want and samples:
+        shuffled = samples[:]
+        rng.shuffle(shuffled)
+        out += shuffled[: want - len(out)]
+    return out
+
+
+def truncate(sample: Sample, max_len: int, vision: VisionTokens | None) -> Sample:
+    """Cut to max_len tokens, moving the cut back so no image block is split (an image with
+    Pan & Scan crops is kept or dropped whole)."""
+    cut = max_len
+    if vision is not None and sample.images:
+        starts = []  # token index where each image's first block begins
+        ends = []  # one past its last block's <end_of_image>
+        k = 0
+        blocks_left = 0
+        for i, t in enumerate(sample.input_ids):
+            if t == vision.boi_id:
+                if blocks_left == 0:
+                    starts.append(i)
+                    blocks_left = sample.images[k].views
+                    k += 1
+            elif t == vision.eoi_id:
+                blocks_left -= 1
+                if blocks_left == 0:
+                    ends.append(i + 1)
+        for s, e in zip(starts, ends, strict=False):
+            if s < cut < e:
+                cut = s
+        kept_images = sum(1 for e in ends if e <= cut)
+        images = sample.images[:kept_images]
+    else:
+        images = sample.images
+    return Sample(sample.input_ids[:cut], sample.labels[:cut], images, sample.origin)
+
+
+def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    idx = list(range(len(samples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(samples) * fraction))
+    held = set(idx[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def fit(samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, report: Report | None) -> list[Sample]:
+    """Apply truncation / dropping for samples over max_seq_len, counting each."""
+    out = []
+    for s in samples:
+        if len(s) > cfg.max_seq_len:
+            if cfg.truncation == "drop":
+                if report is not None:
+                    report.dropped += 1
+                    report.dropped_at.append(f"{s.origin}: {len(s)} tokens > max_seq_len {cfg.max_seq_len}")
+                continue
+            cut = truncate(s, cfg.max_seq_len, vision)
+            if cut.trainable == 0:
+                if report is not None:
+                    report.dropped += 1
+                    report.dropped_at.append(f"{s.origin}: nothing left to train on after truncation")
+                continue
+            if report is not None:
+                report.truncated += 1
+                report.truncated_at.append(f"{s.origin}: {len(s)} -> {len(cut)} tokens")
+            s = cut
+        out.append(s)
+    return out
+
+
+def to_rows(samples: list[Sample], cfg: DataConfig, seed: int) -> list[list[Sample]]:
+    if not cfg.packing:
+        order = list(range(len(samples)))
+        random.Random(seed).shuffle(order)
+        return [[samples[i]] for i in order]
+    return [[samples[i] for i in row] for row in pack([len(s) for s in samples], cfg.max_seq_len, seed)]
+
+
+def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int = 0) -> Data:
+    """Everything `train` and `data check` need; raises DataErrors on any bad sample."""
+    vision = vision_tokens(model_config)
+    train = load_samples(cfg.train, cfg, tok, vision, base, seed)
+    if cfg.eval:
+        evals = load_samples(cfg.eval, cfg, tok, vision, base, seed)
+    else:
+        train, evals = split_eval(train, cfg.eval_split, seed)
+    report = Report()
+    example = train[0] if train else None
+    train = fit(train, cfg, vision, report)
+    evals = fit(evals, cfg, vision, None)
+    rows = to_rows(train, cfg, seed)
+    report.samples = len(train)
+    report.eval_samples = len(evals)
+    report.tokens = sum(len(s) for s in train)
+    report.trainable_tokens = sum(s.trainable for s in train)
+    report.images = sum(len(s.images) for s in train)
+    report.rows = len(rows)
+    report.lengths = [len(s) for s in train]
+    report.packing_efficiency = (
+        efficiency(report.lengths, [list(range(len(r))) for r in rows], cfg.max_seq_len) if rows else 1.0
+    )
+    if not cfg.packing and rows:  # padded batches: real tokens / padded row capacity
+        report.packing_efficiency = report.tokens / (len(rows) * max(report.lengths))
+    return Data(rows, [[s] for s in evals] if not cfg.packing else to_rows(evals, cfg, seed), report, example)
+
+
+def histogram(lengths: list[int], max_len: int, bins: int = 8) -> list[tuple[int, int, int]]:
+    """(low, high, count) buckets over 0..max_len."""
+    width = max(1, -(-max_len // bins))
+    counts = Counter(min(n // width, bins - 1) for n in lengths)
+    return [(b * width, min((b + 1) * width, max_len), counts.get(b, 0)) for b in range(bins)]
+
+
+def render_mask(sample: Sample, tok: Tokenizer, color: bool, image_token_id: int | None = None) -> str:
+    """The sample's text with trained spans visible: green in a terminal, [[...]] otherwise."""
+    out, run, trained = [], [], None
+
+    def flush():
+        if not run:
+            return
+        text = tok.decode(run, skip_special=False)
+        if trained:
+            out.append(f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]")
+        else:
+            out.append(text)
+
+    i = 0
+    ids = sample.input_ids
+    while i < len(ids):
+        if image_token_id is not None and ids[i] == image_token_id:
+            j = i
+            while j < len(ids) and ids[j] == image_token_id:
+                j += 1
+            flush()
+            run, trained = [], None
+            out.append(f"<image_soft_token x{j - i}>")
+            i = j
+            continue
+        t = sample.labels[i] != IGNORE
+        if trained is not None and t != trained:
+            flush()
+            run = []
+        trained = t
+        run.append(ids[i])
+        i += 1
+    flush()
+    return "".join(out)

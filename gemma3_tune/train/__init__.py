@@ -1,0 +1,1 @@
+"""Training: recipe schema, adapters, trainer, DeepSpeed."""

@@ -1,0 +1,77 @@
+"""`gemma3-tune data check RECIPE.yaml`: validate every sample and show what training will see."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..data.dataset import DataErrors, build, histogram, render_mask
+from ..data.tokenizer import Tokenizer
+from ..errors import UserError
+from ..model.checkpoint import read_config
+from .recipe import Recipe, load_recipe
+
+
+def model_dir(recipe: Recipe) -> Path:
+    """The model folder a recipe names (`gguf:gemma3-270m` is the embedded real model)."""
+    ref = recipe.model.path
+    if ref.startswith("gguf:"):
+        from ..export.embedded import embedded_model_dir
+
+        return embedded_model_dir(ref.removeprefix("gguf:"))
+    p = Path(ref)
+    p = p if p.is_absolute() else recipe.base_dir / p
+    if not (p / "config.json").is_file():
+        raise UserError(f"model.path: {p} is not a Gemma 3 HF folder (no config.json)")
+    return p
+
+
+def load_data(recipe: Recipe):
+    """Tokenizer, model config and built data for a recipe (DataErrors propagate)."""
+    folder = model_dir(recipe)
+    try:
+        tok = Tokenizer(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"model.path: {e}") from None
+    cfg = read_config(folder)
+    return tok, cfg, build(recipe.data, tok, cfg, recipe.base_dir, recipe.training.seed)
+
+
+def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
+    recipe = load_recipe(recipe_path, overrides)
+    try:
+        tok, cfg, data = load_data(recipe)
+    except DataErrors as e:
+        for err in e.errors:
+            print(f"error: {err}", file=sys.stderr)
+        more = " (and more; raise data.max_errors to see them)" if e.more else ""
+        print(f"error: {len(e.errors)} bad sample(s){more}; fix them and run data check again", file=sys.stderr)
+        return 2
+    r = data.report
+    out = sys.stdout
+    print(f"samples            {r.samples}  (+{r.eval_samples} eval)", file=out)
+    print(f"tokens             {r.tokens}", file=out)
+    print(f"trainable tokens   {r.trainable_tokens}", file=out)
+    print(f"images             {r.images}", file=out)
+    print(f"truncated          {r.truncated}", file=out)
+    print(f"dropped            {r.dropped}", file=out)
+    for where in (r.truncated_at + r.dropped_at)[:10]:
+        print(f"  {where}", file=out)
+    mode = "packed" if recipe.data.packing else "padded"
+    print(f"rows ({mode})      {r.rows} x {recipe.data.max_seq_len} tokens", file=out)
+    print(f"packing efficiency {r.packing_efficiency:.1%}", file=out)
+    print("length histogram:", file=out)
+    hist = histogram(r.lengths, recipe.data.max_seq_len)
+    top = max((c for *_, c in hist), default=1) or 1
+    for lo, hi, c in hist:
+        print(f"  {lo:>6}-{hi:<6} {'#' * round(30 * c / top):<30} {c}", file=out)
+    if data.example is not None:
+        color = out.isatty()
+        legend = "green" if color else "[[...]]"
+        print(f"\nfirst sample ({data.example.origin}), trained tokens in {legend}:", file=out)
+        img = cfg.image_token_id if cfg.is_multimodal else None
+        print(render_mask(data.example, tok, color, img), file=out)
+    if as_json:
+        print(json.dumps(r.summary()), file=out)
+    return 0

@@ -1,0 +1,167 @@
+"""The recipe: one YAML file that says what to train, on what, and how.
+
+Loaded with `yaml.safe_load`, overridden by `dotted.key=value` arguments (values parsed as YAML,
+so `training.lr=1e-4` is a float and `data.packing=false` a bool), and validated by pydantic.
+Every mistake is one line naming the key, and for an unknown key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..data.dataset import DataConfig
+from ..errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    path: str = Field(description="HF-format Gemma 3 folder, or gguf:gemma3-270m (the embedded model)")
+    dtype: Literal["bfloat16", "float32", "float16"] = Field(default="bfloat16", description="weights and compute")
+    attn_backend: Literal["auto", "sdpa", "flex"] = Field(default="auto", description="flex on CUDA by default")
+
+
+class LoraSection(_Strict):
+    r: int = Field(default=16, gt=0, description="LoRA rank")
+    alpha: float = Field(default=32, gt=0, description="LoRA alpha (scale alpha / r, or / sqrt(r) with rsLoRA)")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: list[str] | str = Field(
+        default="all-linear", description="'all-linear' (every decoder projection) or module names"
+    )
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class TrainingSection(_Strict):
+    output_dir: str = Field(default="runs/run", description="where checkpoints, adapter, metrics go")
+    max_steps: int = Field(default=-1, description="optimizer steps; -1 means use epochs")
+    epochs: float = Field(default=1.0, gt=0)
+    micro_batch_size: int = Field(default=1, gt=0, description="rows per device per step")
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    save_steps: int = Field(default=500, gt=0)
+    save_total_limit: int | None = Field(default=None, gt=0)
+    eval_steps: int | None = Field(default=None, gt=0, description="eval every N steps (None: at the end)")
+    logging_steps: int = Field(default=1, gt=0)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    resume: bool = Field(default=False, description="continue from the newest complete checkpoint")
+    force: bool = Field(default=False, description="allow writing into a non-empty output_dir")
+
+
+class WandbSection(_Strict):
+    project: str | None = Field(default=None, description="set to log to Weights & Biases")
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+class Recipe(_Strict):
+    model: ModelSection
+    method: Literal["lora", "qlora", "full", "none"] = Field(default="lora", description="none: projector only")
+    lora: LoraSection = LoraSection()
+    train_projector: bool = Field(default=False, description="train the multimodal projector fully")
+    train_projector_lr: float | None = Field(default=None, gt=0, description="its own lr (default: training.lr)")
+    data: DataConfig
+    training: TrainingSection = TrainingSection()
+    deepspeed: str | None = Field(default=None, description="zero2 | zero3 | zero3_offload | path.json")
+    wandb: WandbSection = WandbSection()
+
+    base_dir: Path = Field(default=Path("."), exclude=True, description="relative data paths resolve here")
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return [n for n in model.model_fields if n != "base_dir"]
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            # list[Source] and similar
+            args = [x for a in getattr(ann, "__args__", ()) for x in getattr(a, "__args__", (a,))]
+            inner = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
+
+
+def _explain(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(x) for x in loc)
+    if err["type"] == "extra_forbidden":
+        parent = _section_model(loc[:-1]) or Recipe
+        close = difflib.get_close_matches(str(loc[-1]), _fields(parent), n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+        return f"{source}: unknown key {key}{hint}"
+    if err["type"] == "missing":
+        return f"{source}: missing required key {key}"
+    return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"override {item!r}: expected dotted.key=value, e.g. training.lr=1e-4")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise UserError(f"override {item!r}: {k} is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        src = f"{path}" if not overrides else f"{path} (with overrides)"
+        raise UserError(_explain(e, src)) from None
+    recipe.base_dir = Path.cwd()  # data paths are relative to where you run, as in Axolotl
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,93 @@
+"""Chat template against hand-written token sequences (real Gemma 3 tokenizer and a tiny one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gemma3_tune.data.template import IGNORE, ImageRef, Turn, VisionTokens, render
+from gemma3_tune.data.tokenizer import Tokenizer
+
+CHAT = [
+    Turn("system", ["Be brief."]),
+    Turn("user", ["  Hi  "]),
+    Turn("assistant", ["Hello!"]),
+    Turn("user", ["Bye"]),
+    Turn("assistant", ["Ciao"]),
+]
+
+
+def _pieces(tok: Tokenizer, ids: list[int]) -> list[str]:
+    return [tok._tk.id_to_token(i) if tok._tk is not None else tok._sp.id_to_piece(i) for i in ids]
+
+
+@pytest.mark.slow
+def test_real_tokenizer_system_and_multi_turn(real_270m):
+    tok = Tokenizer(real_270m[1])
+    s = render(CHAT, tok, None, "assistant")
+    # Written by hand from Gemma 3's template; "x" marks tokens with loss.
+    expected = [
+        ("<bos>", ""), ("<start_of_turn>", ""), ("user", ""), ("\n", ""), ("Be", ""), ("▁brief", ""), (".", ""),
+        ("\n\n", ""), ("Hi", ""), ("<end_of_turn>", ""), ("\n", ""),
+        ("<start_of_turn>", ""), ("model", ""), ("\n", ""), ("Hello", "x"), ("!", "x"), ("<end_of_turn>", "x"),
+        ("\n", ""), ("<start_of_turn>", ""), ("user", ""), ("\n", ""), ("Bye", ""), ("<end_of_turn>", ""), ("\n", ""),
+        ("<start_of_turn>", ""), ("model", ""), ("\n", ""), ("Ciao", "x"), ("<end_of_turn>", "x"), ("\n", ""),
+    ]  # fmt: skip
+    assert _pieces(tok, s.input_ids) == [p for p, _ in expected]
+    assert [lab != IGNORE for lab in s.labels] == [m == "x" for _, m in expected]
+    assert [lab for lab in s.labels if lab != IGNORE] == [i for i, (_, m) in zip(s.input_ids, expected) if m]
+    assert s.input_ids[:4] == [2, 105, 2364, 107]  # ids read from the file, checked by hand
+
+
+@pytest.mark.slow
+def test_real_tokenizer_equals_whole_string_tokenization(real_270m):
+    """Tokenizing in runs gives exactly the tokens of the whole rendered string."""
+    from tokenizers import Tokenizer as HF
+
+    tok = Tokenizer(real_270m[1])
+    hf = HF.from_file(str(real_270m[1] / "tokenizer.json"))
+    text = (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nCiao<end_of_turn>\n"
+    )
+    assert render(CHAT, tok, None).input_ids == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_tiny_tokenizer_image_block_and_train_on_modes(tiny_vision_dir):
+    from gemma3_tune.model.checkpoint import read_config
+
+    tok = Tokenizer(tiny_vision_dir)
+    cfg = read_config(tiny_vision_dir)
+    vis = VisionTokens(cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, cfg.mm_tokens_per_image)
+    turns = [Turn("user", [ImageRef("a.png"), "What?"]), Turn("assistant", ["red"]), Turn("user", ["And?"]), Turn("assistant", ["blue"])]
+    s = render(turns, tok, vis, "assistant")
+    enc = tok.encode
+    expected = (
+        [tok.bos_id, tok.start_of_turn] + enc("user\n\n\n") + [cfg.boi_token_id] + [cfg.image_token_id] * 16
+        + [cfg.eoi_token_id] + enc("\n\nWhat?") + [tok.end_of_turn] + enc("\n") + [tok.start_of_turn] + enc("model\n")
+        + enc("red") + [tok.end_of_turn] + enc("\n") + [tok.start_of_turn] + enc("user\nAnd?") + [tok.end_of_turn]
+        + enc("\n") + [tok.start_of_turn] + enc("model\n") + enc("blue") + [tok.end_of_turn] + enc("\n")
+    )  # fmt: skip
+    assert s.input_ids == expected
+    trained = [i for i, lab in zip(s.input_ids, s.labels, strict=True) if lab != IGNORE]
+    assert trained == enc("red") + [tok.end_of_turn] + enc("blue") + [tok.end_of_turn]
+    last = render(turns, tok, vis, "last")
+    assert [i for i, lab in zip(last.input_ids, last.labels, strict=True) if lab != IGNORE] == enc("blue") + [tok.end_of_turn]
+    everything = render(turns, tok, vis, "all")
+    masked = [i for i, lab in zip(everything.input_ids, everything.labels, strict=True) if lab == IGNORE]
+    assert masked == [tok.bos_id, tok.start_of_turn] + [cfg.image_token_id] * 16 + [tok.start_of_turn] * 3
+
+
+def test_pan_and_scan_text(tiny_vision_dir):
+    from gemma3_tune.model.checkpoint import read_config
+
+    tok = Tokenizer(tiny_vision_dir)
+    cfg = read_config(tiny_vision_dir)
+    vis = VisionTokens(cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, 4)
+    s = render([Turn("user", [ImageRef("w.png", views=3)]), Turn("assistant", ["ok"])], tok, vis)
+    block = "\n\n<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>\n\n"
+    text = (
+        "<start_of_turn>user\nHere is the original image " + block
+        + " and here are some crops to help you see better " + block + " " + block + "<end_of_turn>\n"
+    )  # fmt: skip
+    assert s.input_ids[1 : 1 + len(tok.encode(text))] == tok.encode(text)
+    assert s.input_ids.count(cfg.boi_token_id) == 3
