@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_import_gguf)
     s = sub.add_parser("data", help="data tools")
     dsub = s.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("check", help="validate every sample; print counts, packing, one rendered sample")
+    c = dsub.add_parser(
+        "check", help="validate every sample; print counts, packing, one rendered sample"
+    )
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*", help="dotted.key=value")
     c.add_argument("--json", action="store_true", help="end with one JSON line of counts")

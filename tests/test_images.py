@@ -38,7 +38,13 @@ def _reference(img: Image.Image, size: int, pas: bool) -> torch.Tensor:
     return proc(images=img, return_tensors="pt")["pixel_values"]
 
 
-SHAPES = {"square": (300, 300), "wide": (1100, 300), "very_wide": (2000, 400), "tall": (320, 900), "tiny": (7, 5)}
+SHAPES = {
+    "square": (300, 300),
+    "wide": (1100, 300),
+    "very_wide": (2000, 400),
+    "tall": (320, 900),
+    "tiny": (7, 5),
+}
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])

@@ -34,7 +34,9 @@ def test_real_tokenizer_system_and_multi_turn(real_270m):
     ]  # fmt: skip
     assert _pieces(tok, s.input_ids) == [p for p, _ in expected]
     assert [lab != IGNORE for lab in s.labels] == [m == "x" for _, m in expected]
-    assert [lab for lab in s.labels if lab != IGNORE] == [i for i, (_, m) in zip(s.input_ids, expected) if m]
+    assert [lab for lab in s.labels if lab != IGNORE] == [
+        i for i, (_, m) in zip(s.input_ids, expected, strict=True) if m
+    ]
     assert s.input_ids[:4] == [2, 105, 2364, 107]  # ids read from the file, checked by hand
 
 
@@ -57,8 +59,15 @@ def test_tiny_tokenizer_image_block_and_train_on_modes(tiny_vision_dir):
 
     tok = Tokenizer(tiny_vision_dir)
     cfg = read_config(tiny_vision_dir)
-    vis = VisionTokens(cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, cfg.mm_tokens_per_image)
-    turns = [Turn("user", [ImageRef("a.png"), "What?"]), Turn("assistant", ["red"]), Turn("user", ["And?"]), Turn("assistant", ["blue"])]
+    vis = VisionTokens(
+        cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, cfg.mm_tokens_per_image
+    )
+    turns = [
+        Turn("user", [ImageRef("a.png"), "What?"]),
+        Turn("assistant", ["red"]),
+        Turn("user", ["And?"]),
+        Turn("assistant", ["blue"]),
+    ]
     s = render(turns, tok, vis, "assistant")
     enc = tok.encode
     expected = (
@@ -71,10 +80,17 @@ def test_tiny_tokenizer_image_block_and_train_on_modes(tiny_vision_dir):
     trained = [i for i, lab in zip(s.input_ids, s.labels, strict=True) if lab != IGNORE]
     assert trained == enc("red") + [tok.end_of_turn] + enc("blue") + [tok.end_of_turn]
     last = render(turns, tok, vis, "last")
-    assert [i for i, lab in zip(last.input_ids, last.labels, strict=True) if lab != IGNORE] == enc("blue") + [tok.end_of_turn]
+    assert [i for i, lab in zip(last.input_ids, last.labels, strict=True) if lab != IGNORE] == enc(
+        "blue"
+    ) + [tok.end_of_turn]
     everything = render(turns, tok, vis, "all")
-    masked = [i for i, lab in zip(everything.input_ids, everything.labels, strict=True) if lab == IGNORE]
-    assert masked == [tok.bos_id, tok.start_of_turn] + [cfg.image_token_id] * 16 + [tok.start_of_turn] * 3
+    masked = [
+        i for i, lab in zip(everything.input_ids, everything.labels, strict=True) if lab == IGNORE
+    ]
+    assert (
+        masked
+        == [tok.bos_id, tok.start_of_turn] + [cfg.image_token_id] * 16 + [tok.start_of_turn] * 3
+    )
 
 
 def test_pan_and_scan_text(tiny_vision_dir):
@@ -91,3 +107,15 @@ def test_pan_and_scan_text(tiny_vision_dir):
     )  # fmt: skip
     assert s.input_ids[1 : 1 + len(tok.encode(text))] == tok.encode(text)
     assert s.input_ids.count(cfg.boi_token_id) == 3
+
+
+def test_both_tokenizer_files_give_the_same_ids(tiny_vision_dir, tmp_path):
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_vision_dir / name, tmp_path / name)
+    sp, js = Tokenizer(tiny_vision_dir), Tokenizer(tmp_path)  # tokenizer.model first, else .json
+    assert sp._sp is not None and js._tk is not None
+    text = "<start_of_turn>user\nHow many  apples? 12<end_of_turn>\n<start_of_image> ☃"
+    assert sp.encode(text) == js.encode(text)
+    assert sp.ids == js.ids

@@ -26,14 +26,22 @@ def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
 
 
 class Collator:
-    """rows -> {input_ids, labels, position_ids [B, T]; pixel_values [N, 3, S, S] when images}.
+    """rows -> {input_ids, labels, position_ids [B, T]; and, when there are images, either
+    pixel_values [N, 3, S, S] or (from the feature cache) vision_features [N, mm_tokens, Dv]}.
 
-    `load_pixels(image_ref) -> Tensor[views, 3, S, S]` is called for each image in order.
+    `load_image(image_ref) -> Tensor[views, ...]` is called for each image in row order.
     """
 
-    def __init__(self, pad_id: int, load_pixels: Callable | None = None, pad_to_multiple_of: int = 1):
+    def __init__(
+        self,
+        pad_id: int,
+        load_image: Callable | None = None,
+        image_key: str = "pixel_values",
+        pad_to_multiple_of: int = 1,
+    ):
         self.pad_id = pad_id
-        self.load_pixels = load_pixels
+        self.load_image = load_image
+        self.image_key = image_key
         self.multiple = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -49,9 +57,9 @@ class Collator:
             labels[b, :n] = torch.tensor(r["labels"])
             pos[b, :n] = torch.tensor(r["position_ids"])
             pos[b, n:] = torch.arange(t - n)  # the padding is its own document
-            if self.load_pixels is not None:
-                pixels += [self.load_pixels(img) for img in r.get("images", [])]
+            if self.load_image is not None:
+                pixels += [self.load_image(img) for img in r.get("images", [])]
         batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
         if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+            batch[self.image_key] = torch.cat(pixels)
         return batch

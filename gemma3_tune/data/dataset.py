@@ -36,18 +36,32 @@ class Source(BaseModel):
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     train: list[Source] = Field(description="training sources: paths or {path, weight | samples}")
-    eval: list[Source] | None = Field(default=None, description="held-out sources (else eval_split)")
-    eval_split: float = Field(default=0.0, ge=0, lt=1, description="fraction of train held out, seeded")
+    eval: list[Source] | None = Field(
+        default=None, description="held-out sources (else eval_split)"
+    )
+    eval_split: float = Field(
+        default=0.0, ge=0, lt=1, description="fraction of train held out, seeded"
+    )
     image_root: str | None = Field(default=None, description="relative image paths resolve here")
     max_seq_len: int = Field(default=2048, gt=8, description="tokens per row")
-    packing: bool = Field(default=True, description="pack samples into full rows (best fit decreasing)")
-    truncation: Literal["truncate", "drop"] = Field(default="truncate", description="samples over max_seq_len")
-    train_on: Literal["assistant", "last", "all"] = Field(default="assistant", description="which tokens get loss")
-    pan_and_scan: bool = Field(default=False, description="add Pan & Scan crops for wide/tall images")
+    packing: bool = Field(
+        default=True, description="pack samples into full rows (best fit decreasing)"
+    )
+    truncation: Literal["truncate", "drop"] = Field(
+        default="truncate", description="samples over max_seq_len"
+    )
+    train_on: Literal["assistant", "last", "all"] = Field(
+        default="assistant", description="which tokens get loss"
+    )
+    pan_and_scan: bool = Field(
+        default=False, description="add Pan & Scan crops for wide/tall images"
+    )
     pan_and_scan_min_crop_size: int = 256
     pan_and_scan_max_crops: int = 4
     pan_and_scan_min_ratio: float = 1.2
-    feature_cache: str | None = Field(default=None, description="folder caching frozen SigLIP features")
+    feature_cache: str | None = Field(
+        default=None, description="folder caching frozen SigLIP features"
+    )
     max_errors: int = Field(default=20, gt=0, description="bad samples listed before giving up")
 
     @field_validator("train", "eval", mode="before")
@@ -110,12 +124,20 @@ def vision_tokens(model_config) -> VisionTokens | None:
     if not model_config.is_multimodal:
         return None
     return VisionTokens(
-        model_config.image_token_id, model_config.boi_token_id, model_config.eoi_token_id, model_config.mm_tokens_per_image
+        model_config.image_token_id,
+        model_config.boi_token_id,
+        model_config.eoi_token_id,
+        model_config.mm_tokens_per_image,
     )
 
 
 def load_samples(
-    sources: list[Source], cfg: DataConfig, tok: Tokenizer, vision: VisionTokens | None, base: Path, seed: int
+    sources: list[Source],
+    cfg: DataConfig,
+    tok: Tokenizer,
+    vision: VisionTokens | None,
+    base: Path,
+    seed: int,
 ) -> list[Sample]:
     """Read, validate and render every sample; raise DataErrors listing the bad ones."""
     errors: list[SampleError] = []
@@ -135,9 +157,20 @@ def load_samples(
         try:
             for rec in read_records(path):
                 try:
-                    turns = to_turns(rec, image_root=image_root, pan_and_scan=cfg.pan_and_scan, pas_args=pas_args, base=base)
-                    if vision is None and any(not isinstance(p, str) for t in turns for p in t.parts):
-                        raise SampleError(rec.origin, "has an image, but the model is text-only (use a 4B+ Gemma 3)")
+                    turns = to_turns(
+                        rec,
+                        image_root=image_root,
+                        pan_and_scan=cfg.pan_and_scan,
+                        pas_args=pas_args,
+                        base=base,
+                    )
+                    if vision is None and any(
+                        not isinstance(p, str) for t in turns for p in t.parts
+                    ):
+                        raise SampleError(
+                            rec.origin,
+                            "has an image, but the model is text-only (use a 4B+ Gemma 3)",
+                        )
                     sample = render(turns, tok, vision, cfg.train_on)
                     sample.origin = rec.origin
                     these.append(sample)
@@ -197,7 +230,9 @@ def truncate(sample: Sample, max_len: int, vision: VisionTokens | None) -> Sampl
     return Sample(sample.input_ids[:cut], sample.labels[:cut], images, sample.origin)
 
 
-def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def split_eval(
+    samples: list[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
     if fraction <= 0 or len(samples) < 2:
         return samples, []
     idx = list(range(len(samples)))
@@ -207,7 +242,9 @@ def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
-def fit(samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, report: Report | None) -> list[Sample]:
+def fit(
+    samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, report: Report | None
+) -> list[Sample]:
     """Apply truncation / dropping for samples over max_seq_len, counting each."""
     out = []
     for s in samples:
@@ -215,13 +252,17 @@ def fit(samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, rep
             if cfg.truncation == "drop":
                 if report is not None:
                     report.dropped += 1
-                    report.dropped_at.append(f"{s.origin}: {len(s)} tokens > max_seq_len {cfg.max_seq_len}")
+                    report.dropped_at.append(
+                        f"{s.origin}: {len(s)} tokens > max_seq_len {cfg.max_seq_len}"
+                    )
                 continue
             cut = truncate(s, cfg.max_seq_len, vision)
             if cut.trainable == 0:
                 if report is not None:
                     report.dropped += 1
-                    report.dropped_at.append(f"{s.origin}: nothing left to train on after truncation")
+                    report.dropped_at.append(
+                        f"{s.origin}: nothing left to train on after truncation"
+                    )
                 continue
             if report is not None:
                 report.truncated += 1
@@ -236,7 +277,9 @@ def to_rows(samples: list[Sample], cfg: DataConfig, seed: int) -> list[list[Samp
         order = list(range(len(samples)))
         random.Random(seed).shuffle(order)
         return [[samples[i]] for i in order]
-    return [[samples[i] for i in row] for row in pack([len(s) for s in samples], cfg.max_seq_len, seed)]
+    return [
+        [samples[i] for i in row] for row in pack([len(s) for s in samples], cfg.max_seq_len, seed)
+    ]
 
 
 def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int = 0) -> Data:
@@ -260,11 +303,18 @@ def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int =
     report.rows = len(rows)
     report.lengths = [len(s) for s in train]
     report.packing_efficiency = (
-        efficiency(report.lengths, [list(range(len(r))) for r in rows], cfg.max_seq_len) if rows else 1.0
+        efficiency(report.lengths, [list(range(len(r))) for r in rows], cfg.max_seq_len)
+        if rows
+        else 1.0
     )
     if not cfg.packing and rows:  # padded batches: real tokens / padded row capacity
         report.packing_efficiency = report.tokens / (len(rows) * max(report.lengths))
-    return Data(rows, [[s] for s in evals] if not cfg.packing else to_rows(evals, cfg, seed), report, example)
+    return Data(
+        rows,
+        [[s] for s in evals] if not cfg.packing else to_rows(evals, cfg, seed),
+        report,
+        example,
+    )
 
 
 def histogram(lengths: list[int], max_len: int, bins: int = 8) -> list[tuple[int, int, int]]:
@@ -274,7 +324,9 @@ def histogram(lengths: list[int], max_len: int, bins: int = 8) -> list[tuple[int
     return [(b * width, min((b + 1) * width, max_len), counts.get(b, 0)) for b in range(bins)]
 
 
-def render_mask(sample: Sample, tok: Tokenizer, color: bool, image_token_id: int | None = None) -> str:
+def render_mask(
+    sample: Sample, tok: Tokenizer, color: bool, image_token_id: int | None = None
+) -> str:
     """The sample's text with trained spans visible: green in a terminal, [[...]] otherwise."""
     out, run, trained = [], [], None
 

@@ -60,7 +60,9 @@ def pan_and_scan_crops(
     for top in (crop_h * i for i in range(n_h)):
         for left in (crop_w * i for i in range(n_w)):
             # Clip at the border (numpy slicing does; PIL's crop would pad with black).
-            crops.append(image.crop((left, top, min(left + crop_w, width), min(top + crop_h, height))))
+            crops.append(
+                image.crop((left, top, min(left + crop_w, width), min(top + crop_h, height)))
+            )
     return crops
 
 
@@ -82,7 +84,9 @@ def preprocess(
     """One image -> `[n, 3, image_size, image_size]`: the image, then its Pan & Scan crops."""
     img = load_image(image) if isinstance(image, str | os.PathLike) else image
     img = to_rgb(img)
-    views = [img] + (pan_and_scan_crops(img, min_crop_size, max_crops, min_ratio) if pan_and_scan else [])
+    views = [img] + (
+        pan_and_scan_crops(img, min_crop_size, max_crops, min_ratio) if pan_and_scan else []
+    )
     return torch.stack([_normalise(v, image_size) for v in views])
 
 

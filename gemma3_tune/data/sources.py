@@ -70,7 +70,10 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield Record(origin, SampleError(origin, f"not UTF-8 (byte {e.start}); re-save the file as UTF-8"))
+                yield Record(
+                    origin,
+                    SampleError(origin, f"not UTF-8 (byte {e.start}); re-save the file as UTF-8"),
+                )
                 continue
             if not line.strip():
                 continue
@@ -78,7 +81,9 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             try:
                 yield Record(origin, json.loads(line))
             except json.JSONDecodeError as e:
-                yield Record(origin, SampleError(origin, f"broken JSON ({e.msg} at column {e.colno})"))
+                yield Record(
+                    origin, SampleError(origin, f"broken JSON ({e.msg} at column {e.colno})")
+                )
     if not any_line:
         raise SampleError(str(path), "empty file: no samples")
 
@@ -87,7 +92,9 @@ def _read_json_array(path: Path) -> Iterator[Record]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise SampleError(str(path), f"not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+        raise SampleError(
+            str(path), f"not UTF-8 (byte {e.start}); re-save the file as UTF-8"
+        ) from None
     if not text.strip():
         raise SampleError(str(path), "empty file: no samples")
     try:
@@ -97,7 +104,9 @@ def _read_json_array(path: Path) -> Iterator[Record]:
         if e.msg == "Extra data":
             yield from _read_jsonl(path)
             return
-        raise SampleError(f"{path}:{e.lineno}", f"broken JSON ({e.msg} at column {e.colno})") from None
+        raise SampleError(
+            f"{path}:{e.lineno}", f"broken JSON ({e.msg} at column {e.colno})"
+        ) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -118,7 +127,9 @@ def _read_table(path: Path) -> Iterator[Record]:
             kind = "parquet" if path.suffix == ".parquet" else "arrow"
             ds = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise SampleError(str(path), f"cannot read as a dataset ({type(e).__name__}: {e})") from None
+        raise SampleError(
+            str(path), f"cannot read as a dataset ({type(e).__name__}: {e})"
+        ) from None
     for i, row in enumerate(ds):
         yield Record(f"{path}:row {i}", row)
 
@@ -131,7 +142,9 @@ def _resolve(image: object, origin: str, image_root: Path | None, base: Path) ->
     if not isinstance(image, str) or not image:
         raise SampleError(origin, "an image entry must be a file path string")
     if image.startswith(("http://", "https://")):
-        raise SampleError(origin, f"image URLs are not fetched ({image}); download it and give a path")
+        raise SampleError(
+            origin, f"image URLs are not fetched ({image}); download it and give a path"
+        )
     p = Path(image)
     if not p.is_absolute():
         p = (image_root or base) / p
@@ -145,7 +158,9 @@ def _image_ref(path: Path, origin: str, pan_and_scan: bool, pas_args: dict) -> I
     from .images import MAX_IMAGE_PIXELS
 
     if not path.is_file():
-        raise SampleError(origin, f"image not found: {path} (paths are relative to data.image_root)")
+        raise SampleError(
+            origin, f"image not found: {path} (paths are relative to data.image_root)"
+        )
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -172,7 +187,9 @@ def to_turns(
     if isinstance(data, SampleError):
         raise data
     if not isinstance(data, dict):
-        raise SampleError(origin, "a sample must be a JSON object with 'messages' or 'conversations'")
+        raise SampleError(
+            origin, "a sample must be a JSON object with 'messages' or 'conversations'"
+        )
     base = base or Path(".")
     pas_args = pas_args or {}
     if "messages" in data and data["messages"] is not None:
@@ -189,7 +206,9 @@ def to_turns(
 def _role(raw: object, origin: str, i: int) -> str:
     role = ROLE_ALIASES.get(raw) if isinstance(raw, str) else None
     if role is None:
-        raise SampleError(origin, f"message {i}: unknown role {raw!r}; use system, user or assistant")
+        raise SampleError(
+            origin, f"message {i}: unknown role {raw!r}; use system, user or assistant"
+        )
     return role
 
 
@@ -214,13 +233,18 @@ def _from_messages(msgs, origin, image_root, base, pas, pas_args) -> list[Turn]:
                     parts.append(part["text"])
                 elif kind == "image":
                     src = part.get("image") or part.get("path")
-                    parts.append(_image_ref(_resolve(src, origin, image_root, base), origin, pas, pas_args))
+                    parts.append(
+                        _image_ref(_resolve(src, origin, image_root, base), origin, pas, pas_args)
+                    )
                 else:
                     raise SampleError(
-                        origin, f"message {i} part {j}: expected {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': PATH}}"
+                        origin,
+                        f"message {i} part {j}: expected {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': PATH}}",
                     )
         else:
-            raise SampleError(origin, f"message {i} ({role}): content must be a string or a list of parts")
+            raise SampleError(
+                origin, f"message {i} ({role}): content must be a string or a list of parts"
+            )
         if role != "user" and any(isinstance(p, ImageRef) for p in parts):
             raise SampleError(origin, f"message {i}: images are only supported in user messages")
         turns.append(Turn(role, parts))
@@ -234,16 +258,23 @@ def _from_sharegpt(data, origin, image_root, base, pas, pas_args) -> list[Turn]:
     images = data.get("images") or []
     if isinstance(images, str):
         images = [images]
-    n_placeholders = sum(str(m.get("value", "")).count("<image>") for m in conv if isinstance(m, dict))
+    n_placeholders = sum(
+        str(m.get("value", "")).count("<image>") for m in conv if isinstance(m, dict)
+    )
     if n_placeholders != len(images):
         raise SampleError(
-            origin, f"{n_placeholders} <image> placeholder(s) but {len(images)} image(s) in 'images'; they must match"
+            origin,
+            f"{n_placeholders} <image> placeholder(s) but {len(images)} image(s) in 'images'; they must match",
         )
-    refs = iter(_image_ref(_resolve(p, origin, image_root, base), origin, pas, pas_args) for p in images)
+    refs = iter(
+        _image_ref(_resolve(p, origin, image_root, base), origin, pas, pas_args) for p in images
+    )
     turns = []
     for i, m in enumerate(conv):
         if not isinstance(m, dict):
-            raise SampleError(origin, f"conversation turn {i}: must be an object with 'from' and 'value'")
+            raise SampleError(
+                origin, f"conversation turn {i}: must be an object with 'from' and 'value'"
+            )
         role = _role(m.get("from"), origin, i)
         value = m.get("value")
         if not isinstance(value, str) or not value.strip():
@@ -253,7 +284,9 @@ def _from_sharegpt(data, origin, image_root, base, pas, pas_args) -> list[Turn]:
         for k, piece in enumerate(pieces):
             if k:
                 if role != "user":
-                    raise SampleError(origin, f"conversation turn {i}: images are only supported in human turns")
+                    raise SampleError(
+                        origin, f"conversation turn {i}: images are only supported in human turns"
+                    )
                 parts.append(next(refs))
             if piece.strip():
                 parts.append(piece)
@@ -268,6 +301,9 @@ def _check_order(turns: list[Turn], origin: str) -> None:
     for i, t in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"
         if t.role != want:
-            raise SampleError(origin, f"turn {i} is {t.role!r}, expected {want!r}: roles must alternate user/assistant")
+            raise SampleError(
+                origin,
+                f"turn {i} is {t.role!r}, expected {want!r}: roles must alternate user/assistant",
+            )
     if not any(t.role == "assistant" for t in body):
         raise SampleError(origin, "no assistant reply to train on")

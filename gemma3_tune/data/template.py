@@ -67,7 +67,9 @@ PAN_SCAN_INTRO = "Here is the original image "
 PAN_SCAN_MIDDLE = " and here are some crops to help you see better "
 
 
-def render(turns: list[Turn], tok: Tokenizer, vision: VisionTokens | None, train_on: TrainOn = "assistant") -> Sample:
+def render(
+    turns: list[Turn], tok: Tokenizer, vision: VisionTokens | None, train_on: TrainOn = "assistant"
+) -> Sample:
     """Turns (already validated: optional system first, then user/assistant alternating)."""
     ids: list[int] = [tok.bos_id]
     labels: list[int] = [IGNORE]

@@ -127,10 +127,15 @@ class Tokenizer:
         self.ids: dict[str, int] = lookup
         for need in ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"):
             if need not in self.ids:
-                raise ValueError(f"{folder}: the tokenizer has no {need} token; is it a Gemma tokenizer?")
+                raise ValueError(
+                    f"{folder}: the tokenizer has no {need} token; is it a Gemma tokenizer?"
+                )
         self.bos_id, self.eos_id = self.ids["<bos>"], self.ids["<eos>"]
         self.pad_id = self.ids.get("<pad>", 0)
-        self.start_of_turn, self.end_of_turn = self.ids["<start_of_turn>"], self.ids["<end_of_turn>"]
+        self.start_of_turn, self.end_of_turn = (
+            self.ids["<start_of_turn>"],
+            self.ids["<end_of_turn>"],
+        )
         import re
 
         self._split = re.compile("(" + "|".join(re.escape(s) for s in self.ids) + ")")

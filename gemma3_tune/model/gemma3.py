@@ -247,24 +247,28 @@ class Gemma3(nn.Module):
         return self.attn_backend
 
     # -- forward -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: Tensor) -> Tensor:
-        """`[N, 3, S, S]` pixels -> `[N, mm_tokens, D]` soft tokens (the tower runs frozen)."""
+    def vision_features(self, pixel_values: Tensor) -> Tensor:
+        """`[N, 3, S, S]` pixels -> `[N, mm_tokens, Dv]` pooled SigLIP features: the frozen part
+        of the image path, so it can be cached (gemma3_tune.data.feature_cache)."""
         assert self.vision_tower is not None and self.projector is not None
-        patches = self.vision_tower(pixel_values)
-        return self.projector(patches)
+        return self.projector.pool(self.vision_tower(pixel_values))
 
     def embed(
-        self, input_ids: Tensor, pixel_values: Tensor | None, image_features: Tensor | None
+        self, input_ids: Tensor, pixel_values: Tensor | None, vision_features: Tensor | None
     ) -> Tensor:
         """Token embeddings with each image block replaced by its image's soft tokens."""
         c = self.config
         is_img = input_ids == c.image_token_id if c.is_multimodal else None
         ids = input_ids.masked_fill(is_img, c.pad_token_id) if is_img is not None else input_ids
         x = self.text_model.embed(ids)  # [B, T, D]
-        if image_features is None and pixel_values is not None:
+        image_features = None
+        if vision_features is None and pixel_values is not None:
             if not c.is_multimodal:
                 raise ValueError("pixel_values given to a text-only Gemma 3 model")
-            image_features = self.image_features(pixel_values)
+            vision_features = self.vision_features(pixel_values)
+        if vision_features is not None:
+            assert self.projector is not None
+            image_features = self.projector.project(vision_features)  # [N, mm_tokens, D]
         n_slots = int(is_img.sum()) if is_img is not None else 0
         if image_features is None:
             if n_slots:
@@ -284,7 +288,7 @@ class Gemma3(nn.Module):
         pixel_values: Tensor | None = None,  # [N, 3, S, S], in order of their image blocks
         position_ids: Tensor | None = None,  # [B, T]; restarts at 0 for each packed document
         labels: Tensor | None = None,  # [B, T]; -100 where no loss
-        image_features: Tensor | None = None,  # [N, mm_tokens, D]: cached projector output
+        vision_features: Tensor | None = None,  # [N, mm_tokens, Dv]: cached pooled SigLIP output
         cache: KVCache | None = None,
         **_: object,
     ) -> Output:
@@ -296,7 +300,7 @@ class Gemma3(nn.Module):
         info = token_info(input_ids, position_ids, image_id)
         if cache is not None and cache.length(GLOBAL):
             info.doc.fill_(1)  # generation: one document, continuing the cached one
-        x = self.embed(input_ids, pixel_values, image_features)
+        x = self.embed(input_ids, pixel_values, vision_features)
         h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
         weight = self.text_model.embed_tokens.weight  # tied LM head  [V, D]
         if labels is None:

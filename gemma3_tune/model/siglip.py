@@ -118,13 +118,21 @@ class MultiModalProjector(nn.Module):
             torch.zeros(c.vision.hidden_size, c.hidden_size)
         )
 
-    def forward(self, patches: Tensor) -> Tensor:
-        n, seq, dv = patches.shape  # [N, P*P, Dv]
+    def pool(self, patches: Tensor) -> Tensor:
+        """`[N, P*P, Dv]` patches -> `[N, mm_tokens, Dv]`. No weights: its output can be cached
+        together with the frozen tower's."""
+        n, seq, dv = patches.shape
         p = self.patches_per_side
         assert seq == p * p, f"expected {p * p} patches, got {seq}"
         grid = patches.transpose(1, 2).reshape(n, dv, p, p)  # [N, Dv, P, P]
         pooled = F.avg_pool2d(grid, self.kernel, self.kernel)  # [N, Dv, P/k, P/k]
-        pooled = pooled.flatten(2).transpose(1, 2)  # [N, mm_tokens, Dv]
+        return pooled.flatten(2).transpose(1, 2)  # [N, mm_tokens, Dv]
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.project(self.pool(patches))
+
+    def project(self, pooled: Tensor) -> Tensor:
+        """The trainable part: `[N, mm_tokens, Dv]` -> `[N, mm_tokens, D]`."""
         normed = self.mm_soft_emb_norm(pooled)
         weight = self.mm_input_projection_weight
         return torch.matmul(normed.to(weight.dtype), weight)  # [N, mm_tokens, D]

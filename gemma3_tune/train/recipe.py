@@ -23,14 +23,22 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    path: str = Field(description="HF-format Gemma 3 folder, or gguf:gemma3-270m (the embedded model)")
-    dtype: Literal["bfloat16", "float32", "float16"] = Field(default="bfloat16", description="weights and compute")
-    attn_backend: Literal["auto", "sdpa", "flex"] = Field(default="auto", description="flex on CUDA by default")
+    path: str = Field(
+        description="HF-format Gemma 3 folder, or gguf:gemma3-270m (the embedded model)"
+    )
+    dtype: Literal["bfloat16", "float32", "float16"] = Field(
+        default="bfloat16", description="weights and compute"
+    )
+    attn_backend: Literal["auto", "sdpa", "flex"] = Field(
+        default="auto", description="flex on CUDA by default"
+    )
 
 
 class LoraSection(_Strict):
     r: int = Field(default=16, gt=0, description="LoRA rank")
-    alpha: float = Field(default=32, gt=0, description="LoRA alpha (scale alpha / r, or / sqrt(r) with rsLoRA)")
+    alpha: float = Field(
+        default=32, gt=0, description="LoRA alpha (scale alpha / r, or / sqrt(r) with rsLoRA)"
+    )
     dropout: float = Field(default=0.05, ge=0, lt=1)
     targets: list[str] | str = Field(
         default="all-linear", description="'all-linear' (every decoder projection) or module names"
@@ -40,7 +48,9 @@ class LoraSection(_Strict):
 
 
 class TrainingSection(_Strict):
-    output_dir: str = Field(default="runs/run", description="where checkpoints, adapter, metrics go")
+    output_dir: str = Field(
+        default="runs/run", description="where checkpoints, adapter, metrics go"
+    )
     max_steps: int = Field(default=-1, description="optimizer steps; -1 means use epochs")
     epochs: float = Field(default=1.0, gt=0)
     micro_batch_size: int = Field(default=1, gt=0, description="rows per device per step")
@@ -52,7 +62,9 @@ class TrainingSection(_Strict):
     max_grad_norm: float = Field(default=1.0, ge=0)
     save_steps: int = Field(default=500, gt=0)
     save_total_limit: int | None = Field(default=None, gt=0)
-    eval_steps: int | None = Field(default=None, gt=0, description="eval every N steps (None: at the end)")
+    eval_steps: int | None = Field(
+        default=None, gt=0, description="eval every N steps (None: at the end)"
+    )
     logging_steps: int = Field(default=1, gt=0)
     seed: int = 42
     gradient_checkpointing: bool = False
@@ -67,16 +79,24 @@ class WandbSection(_Strict):
 
 class Recipe(_Strict):
     model: ModelSection
-    method: Literal["lora", "qlora", "full", "none"] = Field(default="lora", description="none: projector only")
+    method: Literal["lora", "qlora", "full", "none"] = Field(
+        default="lora", description="none: projector only"
+    )
     lora: LoraSection = LoraSection()
     train_projector: bool = Field(default=False, description="train the multimodal projector fully")
-    train_projector_lr: float | None = Field(default=None, gt=0, description="its own lr (default: training.lr)")
+    train_projector_lr: float | None = Field(
+        default=None, gt=0, description="its own lr (default: training.lr)"
+    )
     data: DataConfig
     training: TrainingSection = TrainingSection()
-    deepspeed: str | None = Field(default=None, description="zero2 | zero3 | zero3_offload | path.json")
+    deepspeed: str | None = Field(
+        default=None, description="zero2 | zero3 | zero3_offload | path.json"
+    )
     wandb: WandbSection = WandbSection()
 
-    base_dir: Path = Field(default=Path("."), exclude=True, description="relative data paths resolve here")
+    base_dir: Path = Field(
+        default=Path("."), exclude=True, description="relative data paths resolve here"
+    )
 
 
 def _fields(model: type[BaseModel]) -> list[str]:
@@ -92,7 +112,11 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner = [
+            a
+            for a in getattr(ann, "__args__", (ann,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not inner:
             # list[Source] and similar
             args = [x for a in getattr(ann, "__args__", ()) for x in getattr(a, "__args__", (a,))]

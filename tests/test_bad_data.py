@@ -1,0 +1,170 @@
+"""Each bad input gets its one-line error naming file and line, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma3_tune.cli import main
+
+OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _recipe(tmp_path, model_dir, data_file="d.jsonl"):
+    r = tmp_path / "r.yaml"
+    r.write_text(
+        f"model:\n  path: {model_dir}\ndata:\n  train: {tmp_path / data_file}\n  image_root: {tmp_path}\n"
+    )
+    return r
+
+
+def _img(tmp_path, name="ok.png"):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / name)
+    return name
+
+
+def _line(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode() if not isinstance(obj, bytes) else obj
+
+
+CASES = {
+    "broken_json": (b'{"messages": [}\n', "broken JSON"),
+    "unknown_role": ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+    "missing_content": (
+        {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
+        "missing content",
+    ),
+    "no_messages_key": ({"text": "hello"}, "no 'messages' or 'conversations' key"),
+    "not_alternating": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        "must alternate",
+    ),
+    "no_reply": ({"messages": [{"role": "user", "content": "a"}]}, "no assistant reply"),
+    "missing_image": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "nope.png"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "image not found",
+    ),
+    "corrupt_image": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "bad.png"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "cannot read image",
+    ),
+    "too_large_image": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "ok.png"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "image too large",
+    ),
+    "placeholder_mismatch": (
+        {
+            "conversations": [
+                {"from": "human", "value": "<image><image> what"},
+                {"from": "gpt", "value": "x"},
+            ],
+            "images": ["ok.png"],
+        },
+        "2 <image> placeholder(s) but 1 image(s)",
+    ),
+    "non_utf8": (b'{"messages": "\xff\xfe"}\n', "not UTF-8"),
+    "bad_part": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "video"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "part 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_sample_one_line_error(case, tmp_path, tiny_vision_dir, capsys, monkeypatch):
+    bad, message = CASES[case]
+    _img(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    if case == "too_large_image":
+        import gemma3_tune.data.images as images
+
+        monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
+    (tmp_path / "d.jsonl").write_bytes(_line(OK) + _line(bad) + _line(OK))
+    assert main(["data", "check", str(_recipe(tmp_path, tiny_vision_dir))]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    first = err.splitlines()[0]
+    assert first.startswith("error: ") and "d.jsonl:2: " in first and message in first, first
+
+
+def test_empty_file(tmp_path, tiny_dir, capsys):
+    (tmp_path / "d.jsonl").write_text("\n")
+    assert main(["data", "check", str(_recipe(tmp_path, tiny_dir))]) == 2
+    err = capsys.readouterr().err
+    assert "d.jsonl: empty file" in err and "Traceback" not in err
+
+
+def test_image_for_text_only_model(tmp_path, tiny_dir, capsys):
+    _img(tmp_path)
+    bad = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "ok.png"}]},
+            {"role": "assistant", "content": "x"},
+        ]
+    }
+    (tmp_path / "d.jsonl").write_bytes(_line(bad))
+    assert main(["data", "check", str(_recipe(tmp_path, tiny_dir))]) == 2
+    assert "d.jsonl:1: has an image, but the model is text-only" in capsys.readouterr().err
+
+
+def test_all_bad_samples_are_listed(tmp_path, tiny_dir, capsys):
+    lines = [
+        _line(OK),
+        b"{broken\n",
+        _line({"messages": [{"role": "x", "content": "y"}]}),
+        _line(OK),
+        b"[1]\n",
+    ]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(lines))
+    assert main(["data", "check", str(_recipe(tmp_path, tiny_dir))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [e.split(": ")[1].rsplit(":", 1)[1] for e in err[:3]] == ["2", "3", "5"]
+    assert "3 bad sample(s)" in err[3]
+
+
+def test_good_data_check_json_line(tmp_path, tiny_vision_dir, capsys):
+    img = _img(tmp_path)
+    vis = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": img}, {"type": "text", "text": "?"}],
+            },
+            {"role": "assistant", "content": "dark"},
+        ]
+    }
+    (tmp_path / "d.jsonl").write_bytes(_line(OK) + _line(vis))
+    assert main(["data", "check", str(_recipe(tmp_path, tiny_vision_dir)), "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {k: summary[k] for k in ("samples", "images", "truncated", "dropped")} == {
+        "samples": 2,
+        "images": 1,
+        "truncated": 0,
+        "dropped": 0,
+    }
+    assert summary["trainable_tokens"] > 0 and 0 < summary["packing_efficiency"] <= 1
+    assert "[[hello<end_of_turn>]]" in out  # the rendered sample shows its loss mask
