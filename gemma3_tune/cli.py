@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,10 +29,26 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import load_recipe
+    from .train.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = train(recipe)
+    print(f"run finished: {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .train.data_check import run
 
     return run(args.recipe, args.overrides, args.json)
+
+
+def recipe_help() -> str:
+    from .train.recipe import describe_keys
+
+    return "\n".join(f"  {key:<40} {default:<18} {doc}" for key, default, doc in describe_keys())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     s.set_defaults(func=cmd_import_gguf)
+    s = sub.add_parser(
+        "train",
+        help="fine-tune from a recipe YAML",
+        description="Fine-tune Gemma 3 from a recipe. Keys (dotted.key=value overrides):\n\n" + recipe_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.lr=1e-4")
+    s.set_defaults(func=cmd_train)
+
     s = sub.add_parser("data", help="data tools")
     dsub = s.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser(
@@ -67,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # We never contact a model hub: no downloads, no telemetry.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

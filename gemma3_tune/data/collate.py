@@ -22,7 +22,7 @@ def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
         labels += s.labels
         pos += list(range(len(s)))
         images += s.images
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "images": images}
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "image_refs": images}
 
 
 class Collator:
@@ -58,7 +58,7 @@ class Collator:
             pos[b, :n] = torch.tensor(r["position_ids"])
             pos[b, n:] = torch.arange(t - n)  # the padding is its own document
             if self.load_image is not None:
-                pixels += [self.load_image(img) for img in r.get("images", [])]
+                pixels += [self.load_image(img) for img in r.get("image_refs", [])]
         batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
         if pixels:
             batch[self.image_key] = torch.cat(pixels)

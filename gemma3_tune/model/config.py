@@ -79,6 +79,15 @@ class Gemma3Config:
     def is_multimodal(self) -> bool:
         return self.vision is not None
 
+    @property
+    def model_type(self) -> str:
+        """transformers' name for this architecture."""
+        return "gemma3" if self.is_multimodal else "gemma3_text"
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> Gemma3Config:
+        """What HF's Trainer/TRL ask of a model config: the text part (here, the same object)."""
+        return self
+
     def replace(self, **changes: Any) -> Gemma3Config:
         return dataclasses.replace(self, **changes)
 

@@ -22,7 +22,7 @@ from .config import GLOBAL, Gemma3Config
 from .layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from .loss import IGNORE_INDEX, chunked_cross_entropy
 from .masks import TokenInfo, flex_block_mask, token_info, visible
-from .siglip import MultiModalProjector, VisionTower
+from .siglip import MultiModalProjector, VisionTower, pool_patches
 
 
 class Output(dict):
@@ -206,7 +206,9 @@ class Gemma3(nn.Module):
     `forward(input_ids, pixel_values=None, position_ids=None, labels=None)` derives every mask
     from `input_ids` and `position_ids` (see masks.py). With labels it returns `.loss` (mean over
     labels != -100, next-token shifted inside, computed in chunks) and no logits; without labels
-    it returns `.logits` `[B, T, V]`.
+    it returns `.logits` `[B, T, V]`. Given `num_items_in_batch` (HF Trainer passes the number
+    of labelled tokens across a gradient-accumulation step), the loss is this micro-batch's sum
+    divided by it, so accumulated steps weigh every token equally.
     """
 
     def __init__(self, config: Gemma3Config, attn_backend: str = "auto"):
@@ -233,6 +235,14 @@ class Gemma3(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embed_tokens
 
+    def get_output_embeddings(self) -> nn.Embedding:
+        """The LM head is tied: it is the input embedding matrix."""
+        return self.text_model.embed_tokens
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """TRL tags the models it trains; we keep the tags (they only matter for Hub uploads)."""
+        self.model_tags = [tags] if isinstance(tags, str) else list(tags)
+
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None
     ) -> None:
@@ -250,8 +260,8 @@ class Gemma3(nn.Module):
     def vision_features(self, pixel_values: Tensor) -> Tensor:
         """`[N, 3, S, S]` pixels -> `[N, mm_tokens, Dv]` pooled SigLIP features: the frozen part
         of the image path, so it can be cached (gemma3_tune.data.feature_cache)."""
-        assert self.vision_tower is not None and self.projector is not None
-        return self.projector.pool(self.vision_tower(pixel_values))
+        assert self.vision_tower is not None
+        return pool_patches(self.vision_tower(pixel_values), self.config)
 
     def embed(
         self, input_ids: Tensor, pixel_values: Tensor | None, vision_features: Tensor | None
@@ -267,8 +277,8 @@ class Gemma3(nn.Module):
                 raise ValueError("pixel_values given to a text-only Gemma 3 model")
             vision_features = self.vision_features(pixel_values)
         if vision_features is not None:
-            assert self.projector is not None
-            image_features = self.projector.project(vision_features)  # [N, mm_tokens, D]
+            assert isinstance(self.model, MultimodalModel)
+            image_features = self.model.multi_modal_projector(vision_features)  # [N, mm_tokens, D]
         n_slots = int(is_img.sum()) if is_img is not None else 0
         if image_features is None:
             if n_slots:
@@ -290,6 +300,7 @@ class Gemma3(nn.Module):
         labels: Tensor | None = None,  # [B, T]; -100 where no loss
         vision_features: Tensor | None = None,  # [N, mm_tokens, Dv]: cached pooled SigLIP output
         cache: KVCache | None = None,
+        num_items_in_batch: int | Tensor | None = None,  # HF Trainer: labelled tokens in the step
         **_: object,
     ) -> Output:
         b, t = input_ids.shape
@@ -307,7 +318,11 @@ class Gemma3(nn.Module):
             return Output(logits=h @ weight.T)
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
-        loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, targets.reshape(-1))
+        flat = targets.reshape(-1)
+        loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat)
+        if num_items_in_batch is not None:  # sum over this micro-batch / labelled tokens in the step
+            count = (flat != IGNORE_INDEX).sum()
+            loss = loss * count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
         return Output(loss=loss)
 
     def new_cache(self) -> KVCache:

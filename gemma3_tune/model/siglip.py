@@ -104,35 +104,35 @@ class VisionTower(nn.Module):
         return self.post_layernorm(x)  # [N, P*P, Dv]
 
 
+def pool_patches(patches: Tensor, c: Gemma3Config) -> Tensor:
+    """`[N, P*P, Dv]` patches -> `[N, mm_tokens, Dv]` by average pooling the patch grid. It has
+    no weights, so its output can be cached together with the frozen tower's."""
+    assert c.vision is not None
+    n, seq, dv = patches.shape
+    p, k = c.vision.patches_per_side, pool_kernel(c)
+    assert seq == p * p, f"expected {p * p} patches, got {seq}"
+    grid = patches.transpose(1, 2).reshape(n, dv, p, p)  # [N, Dv, P, P]
+    pooled = F.avg_pool2d(grid, k, k)  # [N, Dv, P/k, P/k]
+    return pooled.flatten(2).transpose(1, 2)  # [N, mm_tokens, Dv]
+
+
 class MultiModalProjector(nn.Module):
-    """Pool the patch grid to `mm_tokens_per_image` tokens, normalise, project to text width."""
+    """Normalise pooled SigLIP features and project them to the text width."""
 
     def __init__(self, c: Gemma3Config):
         super().__init__()
         assert c.vision is not None
-        self.patches_per_side = c.vision.patches_per_side
-        self.kernel = pool_kernel(c)
         self.mm_soft_emb_norm = RMSNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)
         # Stored (vision_hidden, text_hidden): applied as a matmul, not as an nn.Linear.
         self.mm_input_projection_weight = nn.Parameter(
             torch.zeros(c.vision.hidden_size, c.hidden_size)
         )
 
-    def pool(self, patches: Tensor) -> Tensor:
-        """`[N, P*P, Dv]` patches -> `[N, mm_tokens, Dv]`. No weights: its output can be cached
-        together with the frozen tower's."""
-        n, seq, dv = patches.shape
-        p = self.patches_per_side
-        assert seq == p * p, f"expected {p * p} patches, got {seq}"
-        grid = patches.transpose(1, 2).reshape(n, dv, p, p)  # [N, Dv, P, P]
-        pooled = F.avg_pool2d(grid, self.kernel, self.kernel)  # [N, Dv, P/k, P/k]
-        return pooled.flatten(2).transpose(1, 2)  # [N, mm_tokens, Dv]
+    def forward(self, pooled: Tensor) -> Tensor:
+        """The trainable part: pooled features `[N, mm_tokens, Dv]` -> `[N, mm_tokens, D]`.
 
-    def forward(self, patches: Tensor) -> Tensor:
-        return self.project(self.pool(patches))
-
-    def project(self, pooled: Tensor) -> Tensor:
-        """The trainable part: `[N, mm_tokens, Dv]` -> `[N, mm_tokens, D]`."""
+        Only `forward` is called on it, so peft's `modules_to_save` wrapper (which trains a
+        copy of this module) is used whenever the projector is trained."""
         normed = self.mm_soft_emb_norm(pooled)
         weight = self.mm_input_projection_weight
         return torch.matmul(normed.to(weight.dtype), weight)  # [N, mm_tokens, D]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..data.dataset import DataConfig
+from ..data.dataset import DataConfig, Source
 from ..errors import UserError
 
 
@@ -189,3 +189,28 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every recipe key, for `train --help` and the README."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, f in model.model_fields.items():
+        if name == "base_dir":
+            continue
+        key = prefix + name
+        ann = f.annotation
+        sub = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sub and sub[0] is not Source:
+            out += describe_keys(sub[0], key + ".")
+            continue
+        default = "required" if f.default is PydanticUndefined else json_default(f.default)
+        out.append((key, default, f.description or ""))
+    return out
+
+
+def json_default(v: object) -> str:
+    import json
+
+    return json.dumps(v) if v is not None else "null"

@@ -1,0 +1,136 @@
+"""What trains: LoRA / DoRA / rsLoRA (peft), QLoRA (bitsandbytes NF4 + peft), full SFT, and
+the multimodal projector (the "vision adapter"). The SigLIP tower never trains.
+
+LoRA targets are anchored to the text decoder (`model.[language_model.]layers.N.*`): a bare
+`q_proj` would also match SigLIP's attention. A trained projector is a peft `modules_to_save`
+entry, so the saved adapter carries it and loads onto transformers' Gemma 3 too. With
+`method: none`, only the projector trains and is saved on its own (peft needs a LoRA target).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..model.gemma3 import Gemma3
+from .recipe import Recipe
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SUBMODULE = {n: ("self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp") for n in DECODER_LINEARS}
+PROJECTOR = "multi_modal_projector"
+
+
+def target_regex(targets: list[str] | str) -> str:
+    """A peft `target_modules` regex (matched against full module names) for decoder linears."""
+    names = list(DECODER_LINEARS) if targets in ("all-linear", ["all-linear"]) else targets
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in DECODER_LINEARS]
+    if unknown:
+        raise UserError(f"lora.targets: unknown module {unknown[0]!r}; choose from {', '.join(DECODER_LINEARS)} or all-linear")
+    alts = "|".join(f"{_SUBMODULE[n]}\\.{n}" for n in names)
+    return rf"model\.(?:language_model\.)?layers\.\d+\.(?:{alts})"
+
+
+def quantize_decoder(model: Gemma3, compute_dtype: torch.dtype) -> int:
+    """Replace the decoder's linear layers with bitsandbytes NF4 4-bit ones (QLoRA's base).
+
+    Embeddings/LM head, norms, the vision tower and the projector stay in full precision.
+    Quantization happens on `.to(device)`: the model must already be on its device.
+    """
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    n = 0
+    for layer in model.text_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                    quant_storage=torch.uint8,
+                )
+                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float32), requires_grad=False, quant_type="nf4")
+                setattr(parent, name, q.to(device))
+                n += 1
+    return n
+
+
+def apply_method(model: Gemma3, recipe: Recipe) -> nn.Module:
+    """Freeze what does not train and wrap with peft where needed. Returns the model to train."""
+    method = recipe.method
+    if recipe.train_projector and not model.config.is_multimodal:
+        raise UserError("train_projector: the model is text-only (no projector); use a 4B+ Gemma 3")
+    if method == "none" and not recipe.train_projector:
+        raise UserError("method: none trains nothing unless train_projector: true")
+    model.requires_grad_(False)
+    if method == "full":
+        model.text_model.requires_grad_(True)
+    if method in ("lora", "qlora"):
+        import peft
+
+        if method == "qlora":
+            quantize_decoder(model, getattr(torch, recipe.model.dtype))
+        cfg = peft.LoraConfig(
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=target_regex(recipe.lora.targets),
+            use_dora=recipe.lora.use_dora,
+            use_rslora=recipe.lora.use_rslora,
+            modules_to_save=[PROJECTOR] if recipe.train_projector else None,
+            bias="none",
+        )
+        model = peft.get_peft_model(model, cfg)
+    elif recipe.train_projector:
+        proj = model.projector
+        assert proj is not None
+        proj.requires_grad_(True)
+    # The tower is frozen whatever the method (peft must not have touched it).
+    base = unwrap(model)
+    if base.vision_tower is not None:
+        base.vision_tower.requires_grad_(False)
+    return model
+
+
+def unwrap(model: nn.Module) -> Gemma3:
+    """The Gemma3 under a peft wrapper (or the model itself)."""
+    while not isinstance(model, Gemma3):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    return model
+
+
+def _block(name: str) -> str:
+    if "vision_tower" in name:
+        return "vision tower (frozen)"
+    if PROJECTOR in name:
+        return "projector"
+    if "embed_tokens" in name:
+        return "embeddings (tied LM head)"
+    if re.search(r"layers\.\d+\.", name):
+        return "decoder layers: LoRA" if "lora_" in name else "decoder layers"
+    return "final norm"
+
+
+def parameter_table(model: nn.Module) -> str:
+    """Trainable vs frozen parameters by block, for the start of a run."""
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, p in model.named_parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed 4-bit: two values per byte
+        rows[_block(name)][0 if p.requires_grad else 1] += n
+    lines = [f"{'block':<28}{'trainable':>14}{'frozen':>16}"]
+    for block, (t, f) in rows.items():
+        lines.append(f"{block:<28}{t:>14,}{f:>16,}")
+    total_t = sum(r[0] for r in rows.values())
+    total = sum(r[0] + r[1] for r in rows.values())
+    lines.append(f"{'total':<28}{total_t:>14,}{total - total_t:>16,}  ({100 * total_t / max(total, 1):.2f}% trainable)")
+    return "\n".join(lines)

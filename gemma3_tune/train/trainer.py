@@ -1,0 +1,370 @@
+"""`gemma3-tune train`: one recipe -> one run directory.
+
+The loop is TRL's `SFTTrainer` (HF Trainer underneath: checkpoints, resume, schedulers,
+gradient accumulation, DeepSpeed, wandb). We hand it our own pre-packed rows and collator
+(`skip_prepare_dataset`), and our model computes its own chunked loss, so `compute_loss` is
+the plain Trainer's (TRL's would ask for full logits to compute token accuracy).
+
+Run directory: `checkpoint-N/`, `adapter/` (peft; a full HF folder in `model/` for full SFT),
+`metrics.jsonl`, `loss.png`, `recipe.yaml`, `data_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..data.collate import Collator, concat_row
+from ..data.feature_cache import FeatureCache, weights_fingerprint
+from ..data.images import preprocess
+from ..errors import UserError
+from ..model.checkpoint import load_model, save_model
+from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
+from .data_check import load_data, model_dir
+from .recipe import Recipe, recipe_to_yaml
+
+log = logging.getLogger("gemma3_tune")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every train and eval log to metrics.jsonl and redraws loss.png at each save."""
+
+    TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_second", "step_seconds", "peak_memory_gb")
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            row = {"step": state.global_step, **{k: logs.get(k) for k in self.TRAIN_KEYS}}
+        elif "eval_loss" in logs:
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"], "eval_perplexity": logs["eval_perplexity"]}
+        else:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            plot_losses(self.path, self.out / "loss.png")
+
+    def on_train_end(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            plot_losses(self.path, self.out / "loss.png")
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def _rows_dataset(rows):
+    import datasets
+
+    records = []
+    for row in rows:
+        r = concat_row(row)
+        r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
+        records.append(r)
+    return datasets.Dataset.from_list(records) if records else None
+
+
+def _image_loader(recipe: Recipe, model, cfg):
+    """pixels per image, or cached SigLIP features when data.feature_cache is set."""
+    from ..data.template import ImageRef
+
+    if not cfg.is_multimodal:
+        return None, "pixel_values"
+    d = recipe.data
+    pas = {
+        "min_crop_size": d.pan_and_scan_min_crop_size,
+        "max_crops": d.pan_and_scan_max_crops,
+        "min_ratio": d.pan_and_scan_min_ratio,
+    }
+    size = cfg.vision.image_size
+    if d.feature_cache:
+        base = unwrap(model)
+        tower_dtype = next(base.vision_tower.parameters()).dtype
+        device = next(base.vision_tower.parameters()).device
+
+        def encode(pixels):
+            return base.vision_features(pixels.to(device, tower_dtype)).float()
+
+        cache = FeatureCache(
+            recipe.base_dir / d.feature_cache, encode, weights_fingerprint(base.vision_tower), size, d.pan_and_scan, pas
+        )
+        return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
+    return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
+
+
+def prepare_output_dir(recipe: Recipe) -> Path:
+    out = Path(recipe.training.output_dir)
+    out = out if out.is_absolute() else recipe.base_dir / out
+    if out.exists() and any(out.iterdir()) and not (recipe.training.resume or recipe.training.force):
+        raise UserError(
+            f"training.output_dir: {out} is not empty; set training.resume=true to continue it, "
+            "training.force=true to write into it, or choose another output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint-N that finished saving (its trainer_state.json is written last)."""
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def deepspeed_config(recipe: Recipe) -> str | None:
+    ds = recipe.deepspeed
+    if ds is None:
+        return None
+    shipped = Path(__file__).parent / "deepspeed" / f"{ds}.json"
+    if shipped.is_file():
+        return str(shipped)
+    p = Path(ds)
+    p = p if p.is_absolute() else recipe.base_dir / p
+    if not p.is_file():
+        raise UserError(f"deepspeed: {ds!r} is neither zero2, zero3, zero3_offload nor an existing .json file")
+    return str(p)
+
+
+def build_args(recipe: Recipe, out: Path, has_eval: bool):
+    from trl import SFTConfig
+
+    t = recipe.training
+    report_to = ["wandb"] if recipe.wandb.project and recipe.wandb.mode != "disabled" else []
+    if report_to:
+        os.environ["WANDB_PROJECT"] = recipe.wandb.project
+        os.environ["WANDB_MODE"] = recipe.wandb.mode
+        os.environ.setdefault("WANDB_DIR", str(out))
+    return SFTConfig(
+        output_dir=str(out),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        # Weights are loaded in model.dtype (no autocast, as Unsloth and torchtune do on bf16);
+        # peft keeps LoRA weights in fp32.
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,  # our model checkpoints its own layers (see below)
+        report_to=report_to,
+        run_name=out.name,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        packing=False,
+        dataloader_num_workers=0,
+        deepspeed=deepspeed_config(recipe),
+        save_only_model=False,
+        disable_tqdm=not is_main_process(),
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        logging_first_step=True,
+    )
+
+
+def train(recipe: Recipe, recipe_path: str = "") -> Path:
+    from trl import SFTTrainer
+
+    from ..data.dataset import DataErrors
+
+    out = prepare_output_dir(recipe)
+    # Data first: bad data is refused before the model is loaded.
+    try:
+        tok, cfg, data = load_data(recipe)
+    except DataErrors as e:
+        raise UserError(str(e).replace("\n", " | ")) from None
+    if not data.train_rows:
+        raise UserError("data.train: no samples left to train on")
+    if is_main_process():
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        (out / "data_report.json").write_text(json.dumps(data.report.summary(), indent=2) + "\n")
+    folder = model_dir(recipe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    dtype = getattr(torch, recipe.model.dtype)
+    torch.manual_seed(recipe.training.seed)
+    model = load_model(folder, dtype=dtype, device=device, attn_backend=recipe.model.attn_backend)
+    if recipe.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_method(model, recipe)
+    if is_main_process():
+        print(parameter_table(model), file=sys.stderr)
+
+    load_image, image_key = _image_loader(recipe, model, cfg)
+    collator = Collator(tok.pad_id, load_image, image_key)
+    train_ds = _rows_dataset(data.train_rows)
+    eval_ds = _rows_dataset(data.eval_rows)
+    args = build_args(recipe, out, eval_ds is not None)
+    metrics = MetricsCallback(out)
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=hf_tok,
+        callbacks=[metrics],
+        projector_lr=recipe.train_projector_lr,
+        pad_id=tok.pad_id,
+    )
+    resume = None
+    if recipe.training.resume:
+        resume = newest_checkpoint(out)
+        if resume is None:
+            print(f"no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    save_final(trainer, recipe, out, folder)
+    return out
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class Gemma3Trainer(SFTTrainer):
+        """SFTTrainer with our loss (the model's own, chunked) and a projector learning rate."""
+
+        def __init__(self, *a, projector_lr: float | None = None, pad_id: int = 0, **kw):
+            self.projector_lr = projector_lr
+            self.pad_id = pad_id
+            self.tokens_seen = 0  # real (non-padding) tokens, this process
+            self._last = (time.perf_counter(), 0, 0)  # time, tokens, step at the last train log
+            super().__init__(*a, **kw)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.tokens_seen += int((inputs["input_ids"] != self.pad_id).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def log(self, logs, start_time=None):
+            """Adds tokens, tokens/s, s/step and peak memory to train logs (the progress bar
+            shows them too) and perplexity to eval logs."""
+            if "loss" in logs:
+                now, step = time.perf_counter(), self.state.global_step
+                tokens = self.tokens_seen * self.args.world_size
+                t0, tok0, step0 = self._last
+                dt = max(now - t0, 1e-9)
+                logs.update(
+                    lr=logs.get("learning_rate"),
+                    tokens=tokens,
+                    tokens_per_second=round((tokens - tok0) / dt, 1),
+                    step_seconds=round(dt / max(step - step0, 1), 4),
+                    peak_memory_gb=round(peak_memory_gb(), 3),
+                )
+                self._last = (now, tokens, step)
+            if "eval_loss" in logs:
+                logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            super().log(logs, start_time)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None and self.projector_lr is not None:
+                params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+                proj = [p for n, p in params if PROJECTOR in n]
+                rest = [p for n, p in params if PROJECTOR not in n]
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+                groups = [{"params": rest}, {"params": proj, "lr": self.projector_lr}]
+                self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+                return self.optimizer
+            return super().create_optimizer()
+
+    return Gemma3Trainer
+
+
+def __getattr__(name):  # build the class lazily: importing trl is slow
+    if name == "Gemma3Trainer":
+        return _make_trainer_class()
+    raise AttributeError(name)
+
+
+def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.model
+    if recipe.method in ("lora", "qlora"):
+        dest = out / "adapter"
+        trainer.save_model(str(dest))  # peft format (adapter_config.json + adapter_model.safetensors)
+    elif recipe.method == "full":
+        dest = out / "model"
+        save_model(unwrap(model), dest)
+    else:  # projector only
+        dest = out / "adapter"
+        dest.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        proj = unwrap(model).projector
+        state = {f"model.{PROJECTOR}.{k}": v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
+        save_file(state, str(dest / "projector.safetensors"), metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        if (base_folder / name).is_file():
+            shutil.copy(base_folder / name, dest / name)
+    print(f"saved {dest}", file=sys.stderr)
