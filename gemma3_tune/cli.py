@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "train",
         help="fine-tune from a recipe YAML",
-        description="Fine-tune Gemma 3 from a recipe. Keys (dotted.key=value overrides):\n\n" + recipe_help(),
+        description="Fine-tune Gemma 3 from a recipe. Keys (dotted.key=value overrides):\n\n"
+        + recipe_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("recipe")

@@ -162,7 +162,7 @@ def load_samples(
                         image_root=image_root,
                         pan_and_scan=cfg.pan_and_scan,
                         pas_args=pas_args,
-                        base=base,
+                        base=path if path.is_dir() else path.parent,  # images beside the data
                     )
                     if vision is None and any(
                         not isinstance(p, str) for t in turns for p in t.parts

@@ -159,7 +159,8 @@ def _image_ref(path: Path, origin: str, pan_and_scan: bool, pas_args: dict) -> I
 
     if not path.is_file():
         raise SampleError(
-            origin, f"image not found: {path} (paths are relative to data.image_root)"
+            origin,
+            f"image not found: {path} (relative paths resolve from data.image_root, else the data file's folder)",
         )
     try:
         with Image.open(path) as im:

@@ -88,6 +88,10 @@ class Gemma3Config:
         """What HF's Trainer/TRL ask of a model config: the text part (here, the same object)."""
         return self
 
+    def to_dict(self) -> dict:
+        """The transformers config.json dict (what loggers such as wandb record)."""
+        return config_to_hf(self)
+
     def replace(self, **changes: Any) -> Gemma3Config:
         return dataclasses.replace(self, **changes)
 

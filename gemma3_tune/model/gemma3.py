@@ -320,9 +320,13 @@ class Gemma3(nn.Module):
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
         flat = targets.reshape(-1)
         loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat)
-        if num_items_in_batch is not None:  # sum over this micro-batch / labelled tokens in the step
+        if (
+            num_items_in_batch is not None
+        ):  # sum over this micro-batch / labelled tokens in the step
             count = (flat != IGNORE_INDEX).sum()
-            loss = loss * count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+            loss = (
+                loss * count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+            )
         return Output(loss=loss)
 
     def new_cache(self) -> KVCache:

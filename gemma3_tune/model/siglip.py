@@ -92,6 +92,7 @@ class VisionTower(nn.Module):
         self.encoder = SiglipEncoder(c)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.requires_grad_(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> VisionTower:
         return super().train(False)

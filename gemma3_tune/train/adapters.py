@@ -20,7 +20,10 @@ from ..model.gemma3 import Gemma3
 from .recipe import Recipe
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_SUBMODULE = {n: ("self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp") for n in DECODER_LINEARS}
+_SUBMODULE = {
+    n: ("self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp")
+    for n in DECODER_LINEARS
+}
 PROJECTOR = "multi_modal_projector"
 
 
@@ -31,7 +34,9 @@ def target_regex(targets: list[str] | str) -> str:
         names = [names]
     unknown = [n for n in names if n not in DECODER_LINEARS]
     if unknown:
-        raise UserError(f"lora.targets: unknown module {unknown[0]!r}; choose from {', '.join(DECODER_LINEARS)} or all-linear")
+        raise UserError(
+            f"lora.targets: unknown module {unknown[0]!r}; choose from {', '.join(DECODER_LINEARS)} or all-linear"
+        )
     alts = "|".join(f"{_SUBMODULE[n]}\\.{n}" for n in names)
     return rf"model\.(?:language_model\.)?layers\.\d+\.(?:{alts})"
 
@@ -59,7 +64,9 @@ def quantize_decoder(model: Gemma3, compute_dtype: torch.dtype) -> int:
                     quant_type="nf4",
                     quant_storage=torch.uint8,
                 )
-                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float32), requires_grad=False, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.to(torch.float32), requires_grad=False, quant_type="nf4"
+                )
                 setattr(parent, name, q.to(device))
                 n += 1
     return n
@@ -132,5 +139,7 @@ def parameter_table(model: nn.Module) -> str:
         lines.append(f"{block:<28}{t:>14,}{f:>16,}")
     total_t = sum(r[0] for r in rows.values())
     total = sum(r[0] + r[1] for r in rows.values())
-    lines.append(f"{'total':<28}{total_t:>14,}{total - total_t:>16,}  ({100 * total_t / max(total, 1):.2f}% trainable)")
+    lines.append(
+        f"{'total':<28}{total_t:>14,}{total - total_t:>16,}  ({100 * total_t / max(total, 1):.2f}% trainable)"
+    )
     return "\n".join(lines)

@@ -201,7 +201,11 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
             continue
         key = prefix + name
         ann = f.annotation
-        sub = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        sub = [
+            a
+            for a in (ann, *getattr(ann, "__args__", ()))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if sub and sub[0] is not Source:
             out += describe_keys(sub[0], key + ".")
             continue

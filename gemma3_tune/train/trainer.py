@@ -33,7 +33,13 @@ from .data_check import load_data, model_dir
 from .recipe import Recipe, recipe_to_yaml
 
 log = logging.getLogger("gemma3_tune")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def is_main_process() -> bool:
@@ -55,7 +61,15 @@ def peak_memory_gb() -> float:
 class MetricsCallback(TrainerCallback):
     """Appends every train and eval log to metrics.jsonl and redraws loss.png at each save."""
 
-    TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_second", "step_seconds", "peak_memory_gb")
+    TRAIN_KEYS = (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_second",
+        "step_seconds",
+        "peak_memory_gb",
+    )
 
     def __init__(self, out: Path):
         self.out = out
@@ -67,7 +81,11 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             row = {"step": state.global_step, **{k: logs.get(k) for k in self.TRAIN_KEYS}}
         elif "eval_loss" in logs:
-            row = {"step": state.global_step, "eval_loss": logs["eval_loss"], "eval_perplexity": logs["eval_perplexity"]}
+            row = {
+                "step": state.global_step,
+                "eval_loss": logs["eval_loss"],
+                "eval_perplexity": logs["eval_perplexity"],
+            }
         else:
             return
         with open(self.path, "a") as f:
@@ -88,7 +106,9 @@ def plot_losses(metrics: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    )
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -139,7 +159,12 @@ def _image_loader(recipe: Recipe, model, cfg):
             return base.vision_features(pixels.to(device, tower_dtype)).float()
 
         cache = FeatureCache(
-            recipe.base_dir / d.feature_cache, encode, weights_fingerprint(base.vision_tower), size, d.pan_and_scan, pas
+            recipe.base_dir / d.feature_cache,
+            encode,
+            weights_fingerprint(base.vision_tower),
+            size,
+            d.pan_and_scan,
+            pas,
         )
         return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
     return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
@@ -148,7 +173,11 @@ def _image_loader(recipe: Recipe, model, cfg):
 def prepare_output_dir(recipe: Recipe) -> Path:
     out = Path(recipe.training.output_dir)
     out = out if out.is_absolute() else recipe.base_dir / out
-    if out.exists() and any(out.iterdir()) and not (recipe.training.resume or recipe.training.force):
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not (recipe.training.resume or recipe.training.force)
+    ):
         raise UserError(
             f"training.output_dir: {out} is not empty; set training.resume=true to continue it, "
             "training.force=true to write into it, or choose another output_dir"
@@ -173,7 +202,9 @@ def deepspeed_config(recipe: Recipe) -> str | None:
     p = Path(ds)
     p = p if p.is_absolute() else recipe.base_dir / p
     if not p.is_file():
-        raise UserError(f"deepspeed: {ds!r} is neither zero2, zero3, zero3_offload nor an existing .json file")
+        raise UserError(
+            f"deepspeed: {ds!r} is neither zero2, zero3, zero3_offload nor an existing .json file"
+        )
     return str(p)
 
 
@@ -227,7 +258,6 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool):
 
 
 def train(recipe: Recipe, recipe_path: str = "") -> Path:
-    from trl import SFTTrainer
 
     from ..data.dataset import DataErrors
 
@@ -236,7 +266,10 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     try:
         tok, cfg, data = load_data(recipe)
     except DataErrors as e:
-        raise UserError(str(e).replace("\n", " | ")) from None
+        n = f"{len(e.errors)}{'+' if e.more else ''}"
+        raise UserError(
+            f"{n} bad sample(s), the first: {e.errors[0]}; `gemma3-tune data check` lists them all"
+        ) from None
     if not data.train_rows:
         raise UserError("data.train: no samples left to train on")
     if is_main_process():
@@ -352,7 +385,9 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     model = trainer.model
     if recipe.method in ("lora", "qlora"):
         dest = out / "adapter"
-        trainer.save_model(str(dest))  # peft format (adapter_config.json + adapter_model.safetensors)
+        trainer.save_model(
+            str(dest)
+        )  # peft format (adapter_config.json + adapter_model.safetensors)
     elif recipe.method == "full":
         dest = out / "model"
         save_model(unwrap(model), dest)
@@ -362,7 +397,10 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
         from safetensors.torch import save_file
 
         proj = unwrap(model).projector
-        state = {f"model.{PROJECTOR}.{k}": v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
+        state = {
+            f"model.{PROJECTOR}.{k}": v.detach().cpu().contiguous()
+            for k, v in proj.state_dict().items()
+        }
         save_file(state, str(dest / "projector.safetensors"), metadata={"format": "pt"})
     for name in TOKENIZER_FILES:
         if (base_folder / name).is_file():
