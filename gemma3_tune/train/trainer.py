@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
 from .data_check import load_data, model_dir
+from .distributed import init_distributed, load_model_zero3
 from .recipe import Recipe, recipe_to_yaml
 
 log = logging.getLogger("gemma3_tune")
@@ -237,8 +238,8 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool):
         seed=t.seed,
         data_seed=t.seed,
         # Weights are loaded in model.dtype (no autocast, as Unsloth and torchtune do on bf16);
-        # peft keeps LoRA weights in fp32.
-        bf16=False,
+        # peft keeps LoRA weights in fp32. DeepSpeed manages precision itself: tell it bf16.
+        bf16=recipe.deepspeed is not None and recipe.model.dtype == "bfloat16",
         fp16=False,
         gradient_checkpointing=False,  # our model checkpoints its own layers (see below)
         report_to=report_to,
@@ -272,18 +273,31 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         ) from None
     if not data.train_rows:
         raise UserError("data.train: no samples left to train on")
+    folder = model_dir(recipe)
+    init_distributed(recipe.deepspeed is not None)
+    args = build_args(recipe, out, bool(data.eval_rows))  # before the model: it sets up DeepSpeed
+    # Every rank has checked output_dir by now (process groups rendezvous above): write into it.
     if is_main_process():
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (out / "data_report.json").write_text(json.dumps(data.report.summary(), indent=2) + "\n")
-    folder = model_dir(recipe)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dtype = getattr(torch, recipe.model.dtype)
     torch.manual_seed(recipe.training.seed)
-    model = load_model(folder, dtype=dtype, device=device, attn_backend=recipe.model.attn_backend)
+    if recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3():
+        if recipe.method == "qlora":
+            raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
+        model = load_model_zero3(
+            folder, dtype, args.hf_deepspeed_config.config, recipe.model.attn_backend
+        )
+    else:
+        model = load_model(
+            folder, dtype=dtype, device=device, attn_backend=recipe.model.attn_backend
+        )
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    torch.manual_seed(recipe.training.seed)  # LoRA init must not depend on how the model was built
     model = apply_method(model, recipe)
     if is_main_process():
         print(parameter_table(model), file=sys.stderr)
@@ -292,7 +306,6 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     collator = Collator(tok.pad_id, load_image, image_key)
     train_ds = _rows_dataset(data.train_rows)
     eval_ds = _rows_dataset(data.eval_rows)
-    args = build_args(recipe, out, eval_ds is not None)
     metrics = MetricsCallback(out)
     from transformers import AutoTokenizer
 
@@ -380,28 +393,31 @@ def __getattr__(name):  # build the class lazily: importing trl is slow
 
 
 def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
-    if not trainer.is_world_process_zero():
-        return
-    model = trainer.model
+    """adapter/ (peft) or model/ (full SFT). Every rank takes part: under ZeRO-3 the weights
+    are gathered from all of them; rank 0 writes."""
     if recipe.method in ("lora", "qlora"):
         dest = out / "adapter"
         trainer.save_model(
             str(dest)
         )  # peft format (adapter_config.json + adapter_model.safetensors)
-    elif recipe.method == "full":
-        dest = out / "model"
-        save_model(unwrap(model), dest)
-    else:  # projector only
-        dest = out / "adapter"
-        dest.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+    else:
+        engine = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
+        state = trainer.accelerator.get_state_dict(engine)  # gathered under ZeRO-3
+        dest = out / ("model" if recipe.method == "full" else "adapter")
+        if trainer.is_world_process_zero():
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            if recipe.method == "full":
+                save_model(unwrap(trainer.model), dest, state_dict=state)
+            else:  # projector only
+                from safetensors.torch import save_file
 
-        proj = unwrap(model).projector
-        state = {
-            f"model.{PROJECTOR}.{k}": v.detach().cpu().contiguous()
-            for k, v in proj.state_dict().items()
-        }
-        save_file(state, str(dest / "projector.safetensors"), metadata={"format": "pt"})
+                dest.mkdir(parents=True, exist_ok=True)
+                proj = {
+                    k: v.detach().cpu().contiguous() for k, v in state.items() if PROJECTOR in k
+                }
+                save_file(proj, str(dest / "projector.safetensors"), metadata={"format": "pt"})
+    if not trainer.is_world_process_zero():
+        return
     for name in TOKENIZER_FILES:
         if (base_folder / name).is_file():
             shutil.copy(base_folder / name, dest / name)

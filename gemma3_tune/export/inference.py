@@ -1,0 +1,121 @@
+"""Loading a model for inference (a plain folder, a run directory, or base + adapter) and
+chatting with it through our KV cache."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..data.images import preprocess
+from ..data.template import ImageRef, Turn, VisionTokens, render
+from ..data.tokenizer import Tokenizer
+from ..errors import UserError
+from ..model.checkpoint import load_model
+from ..model.gemma3 import Gemma3
+from ..model.generate import generate
+
+
+def resolve_run(src: Path) -> tuple[Path, Path | None]:
+    """(base model folder, adapter folder or None) for a run directory or a model folder."""
+    src = Path(src)
+    if (src / "config.json").is_file():
+        return src, None
+    recipe = src / "recipe.yaml"
+    if not recipe.is_file():
+        raise UserError(
+            f"{src}: neither a model folder (config.json) nor a run directory (recipe.yaml)"
+        )
+    import yaml
+
+    from ..train.data_check import model_dir
+    from ..train.recipe import Recipe
+
+    r = Recipe.model_validate(yaml.safe_load(recipe.read_text()))
+    base = model_dir(r)
+    if (src / "model" / "config.json").is_file():  # full SFT
+        return src / "model", None
+    if (src / "adapter").is_dir():
+        return base, src / "adapter"
+    raise UserError(f"{src}: the run has no adapter/ or model/ yet (did it finish?)")
+
+
+def load_with_adapter(base: Path, adapter: Path | None, dtype=None, device: str = "cpu") -> Gemma3:
+    """Our model with a peft adapter (or a projector-only adapter) merged in."""
+    model = load_model(base, dtype=dtype, device=device)
+    if adapter is None:
+        return model
+    proj_file = adapter / "projector.safetensors"
+    if proj_file.is_file():  # method: none
+        from safetensors.torch import load_file
+
+        state = load_file(str(proj_file))
+        prefix = "model.multi_modal_projector."
+        model.projector.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in state.items()}, strict=True
+        )
+        return model
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter_config.json (not a peft adapter)")
+    import peft
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    peft_model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    merged = peft_model.merge_and_unload()
+    if cfg.get("modules_to_save"):
+        pass  # merge_and_unload keeps the trained copy of modules_to_save in place
+    return merged
+
+
+def chat_ids(
+    tok: Tokenizer,
+    model: Gemma3,
+    prompt: str,
+    images: list[str] = (),
+    system: str | None = None,
+    pan_and_scan: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt ids `[1, T]` ending in `<start_of_turn>model\\n`, and the pixel values."""
+    c = model.config
+    vision = None
+    if images:
+        if not c.is_multimodal:
+            raise UserError("--image given, but the model is text-only")
+        vision = VisionTokens(
+            c.image_token_id, c.boi_token_id, c.eoi_token_id, c.mm_tokens_per_image
+        )
+    pixels = [preprocess(p, c.vision.image_size, pan_and_scan) for p in images] if images else []
+    parts: list = [
+        ImageRef(str(p), views=px.shape[0]) for p, px in zip(images, pixels, strict=True)
+    ]
+    parts.append(prompt)
+    turns = ([Turn("system", [system])] if system else []) + [Turn("user", parts)]
+    s = render(turns, tok, vision)
+    ids = s.input_ids + [tok.start_of_turn] + tok.encode("model\n")
+    return torch.tensor([ids]), (torch.cat(pixels) if pixels else None)
+
+
+def reply(
+    model: Gemma3,
+    tok: Tokenizer,
+    prompt: str,
+    images: list[str] = (),
+    max_new_tokens: int = 64,
+    **kw,
+) -> Iterator[int]:
+    system = kw.pop("system", None)
+    ids, pixels = chat_ids(tok, model, prompt, list(images), system)
+    device = next(model.parameters()).device
+    if pixels is not None:
+        pixels = pixels.to(device, next(model.parameters()).dtype)
+    stops = {tok.end_of_turn, tok.eos_id}
+    return generate(
+        model,
+        ids.to(device),
+        max_new_tokens=max_new_tokens,
+        pixel_values=pixels,
+        stop_ids=stops,
+        **kw,
+    )

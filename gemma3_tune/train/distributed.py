@@ -1,0 +1,65 @@
+"""Multi-process setup: DeepSpeed ZeRO-2/3 through HF Trainer's integration, plain DDP otherwise.
+
+Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, which partitions each module's
+parameters as soon as it is constructed, so no rank ever holds the whole model; rank 0 then
+streams the checkpoint one tensor at a time into the gathered parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..model.checkpoint import hf_to_ours, read_config, weight_files
+from ..model.gemma3 import Gemma3
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(use_deepspeed: bool) -> None:
+    """DeepSpeed needs its process group before the model is built; gloo on CPU, nccl on GPU."""
+    if not use_deepspeed or world_size() == 1 and "RANK" not in os.environ:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def load_model_zero3(
+    folder: Path, dtype: torch.dtype, ds_config: dict, attn_backend: str = "auto"
+) -> Gemma3:
+    import deepspeed
+    from safetensors import safe_open
+
+    config = read_config(folder)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = Gemma3(config, attn_backend=attn_backend)
+    params = dict(model.named_parameters())
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    seen = set()
+    # Every rank walks the same key order; only rank 0 reads tensors from disk.
+    keys: list[tuple[Path, str, str]] = []
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                ours = hf_to_ours(key, config.is_multimodal)
+                if ours in params:
+                    keys.append((f, key, ours))
+    for f, key, ours in keys:
+        p = params[ours]
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                with safe_open(str(f), framework="pt") as st:
+                    p.data.copy_(st.get_tensor(key).to(p.dtype))
+        seen.add(ours)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ValueError(f"{folder}: weights missing for {', '.join(missing[:3])}")
+    # The tied LM head reads the embedding matrix outside the embedding's own forward:
+    # tell ZeRO-3 to gather it whenever the whole model runs.
+    deepspeed.zero.register_external_parameter(model, model.text_model.embed_tokens.weight)
+    return model
