@@ -56,9 +56,11 @@ class DataConfig(BaseModel):
     pan_and_scan: bool = Field(
         default=False, description="add Pan & Scan crops for wide/tall images"
     )
-    pan_and_scan_min_crop_size: int = 256
-    pan_and_scan_max_crops: int = 4
-    pan_and_scan_min_ratio: float = 1.2
+    pan_and_scan_min_crop_size: int = Field(default=256, description="smallest crop side, pixels")
+    pan_and_scan_max_crops: int = Field(default=4, description="most crops per image")
+    pan_and_scan_min_ratio: float = Field(
+        default=1.2, description="aspect ratio that turns crops on"
+    )
     feature_cache: str | None = Field(
         default=None, description="folder caching frozen SigLIP features"
     )

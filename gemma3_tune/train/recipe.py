@@ -39,12 +39,14 @@ class LoraSection(_Strict):
     alpha: float = Field(
         default=32, gt=0, description="LoRA alpha (scale alpha / r, or / sqrt(r) with rsLoRA)"
     )
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout on the LoRA path")
     targets: list[str] | str = Field(
         default="all-linear", description="'all-linear' (every decoder projection) or module names"
     )
-    use_dora: bool = False
-    use_rslora: bool = False
+    use_dora: bool = Field(
+        default=False, description="DoRA: learn magnitude and direction separately"
+    )
+    use_rslora: bool = Field(default=False, description="rsLoRA: scale by alpha / sqrt(r)")
 
 
 class TrainingSection(_Strict):
@@ -52,29 +54,39 @@ class TrainingSection(_Strict):
         default="runs/run", description="where checkpoints, adapter, metrics go"
     )
     max_steps: int = Field(default=-1, description="optimizer steps; -1 means use epochs")
-    epochs: float = Field(default=1.0, gt=0)
+    epochs: float = Field(
+        default=1.0, gt=0, description="passes over the data (when max_steps is -1)"
+    )
     micro_batch_size: int = Field(default=1, gt=0, description="rows per device per step")
-    grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    save_steps: int = Field(default=500, gt=0)
-    save_total_limit: int | None = Field(default=None, gt=0)
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(default=2e-4, gt=0, description="peak learning rate (AdamW)")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="decay after warmup"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="gradient clipping (0: off)")
+    save_steps: int = Field(default=500, gt=0, description="checkpoint-N/ every N steps")
+    save_total_limit: int | None = Field(
+        default=None, gt=0, description="keep at most N checkpoints"
+    )
     eval_steps: int | None = Field(
         default=None, gt=0, description="eval every N steps (None: at the end)"
     )
-    logging_steps: int = Field(default=1, gt=0)
-    seed: int = 42
-    gradient_checkpointing: bool = False
+    logging_steps: int = Field(default=1, gt=0, description="a metrics.jsonl row every N steps")
+    seed: int = Field(default=42, description="seeds data order, packing, LoRA init, dropout")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations: less memory, ~30% slower"
+    )
     resume: bool = Field(default=False, description="continue from the newest complete checkpoint")
     force: bool = Field(default=False, description="allow writing into a non-empty output_dir")
 
 
 class WandbSection(_Strict):
     project: str | None = Field(default=None, description="set to log to Weights & Biases")
-    mode: Literal["online", "offline", "disabled"] = "offline"
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="offline", description="offline needs no network"
+    )
 
 
 class Recipe(_Strict):
@@ -133,7 +145,11 @@ def _explain(e: ValidationError, source: str) -> str:
     key = ".".join(str(x) for x in loc)
     if err["type"] == "extra_forbidden":
         parent = _section_model(loc[:-1]) or Recipe
-        close = difflib.get_close_matches(str(loc[-1]), _fields(parent), n=1, cutoff=0.5)
+        given = str(loc[-1])
+        close = difflib.get_close_matches(given, _fields(parent), n=1, cutoff=0.5)
+        close = (
+            close or [f for f in _fields(parent) if given.startswith(f) or f.startswith(given)][:1]
+        )
         hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
         return f"{source}: unknown key {key}{hint}"
     if err["type"] == "missing":
