@@ -39,6 +39,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import hf_export
+
+    if args.format == "gguf":
+        out = hf_export.export_gguf(
+            args.src, args.out, args.gguf_dtype, args.checkpoint, args.force
+        )
+    elif args.adapter_only:
+        out = hf_export.export_adapter(
+            args.src, args.out, args.checkpoint, args.force, args.for_ == "vllm"
+        )
+    else:
+        out = hf_export.export_merged(args.src, args.out, args.dtype, args.checkpoint, args.force)
+    print(f"exported {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .export.generate_cli import run
+
+    return run(args)
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .train.data_check import run
 
@@ -81,6 +104,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.lr=1e-4")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", help="merged HF folder, peft adapter, or GGUF from a run or model")
+    s.add_argument("src", type=Path, help="a run directory or an HF model folder")
+    s.add_argument("--out", required=True, type=Path)
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--merge", action="store_true", help="fold the adapter into the base (default)"
+    )
+    mode.add_argument("--adapter-only", action="store_true", help="a peft adapter folder")
+    s.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    s.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="HF weights"
+    )
+    s.add_argument("--gguf-dtype", choices=["f16", "bf16", "f32"], default="f16")
+    s.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        help="export checkpoint-N instead of the final adapter",
+    )
+    s.add_argument(
+        "--for", dest="for_", choices=["peft", "vllm"], default="peft", help="adapter consumer"
+    )
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "generate", help="chat with a model, an export or a run (KV cache, streamed)"
+    )
+    s.add_argument("model", type=Path, nargs="?", help="HF folder or run directory")
+    s.add_argument("--adapter", type=Path, default=None, help="a peft adapter to apply")
+    s.add_argument("--prompt", default=None)
+    s.add_argument(
+        "--image", action="append", default=[], help="an image for the prompt (repeatable)"
+    )
+    s.add_argument("--system", default=None)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    s.add_argument("--interactive", action="store_true", help="a chat loop")
+    s.add_argument("--no-cache", action="store_true", help="recompute every step (reference path)")
+    s.add_argument(
+        "--report-cache", action="store_true", help="print KV-cache sizes (4B, 27B; 8K-128K)"
+    )
+    s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("data", help="data tools")
     dsub = s.add_subparsers(dest="data_command", required=True)

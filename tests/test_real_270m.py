@@ -71,3 +71,32 @@ def test_logits_match_transformers_reading_the_gguf(real):
     with torch.no_grad():
         diff = (ours(ids).logits - ref(ids, use_cache=False).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_f16_gguf_export_reads_back_in_transformers(real, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gemma3_tune.cli import main
+    from gemma3_tune.data.tokenizer import Tokenizer
+
+    _, folder = real
+    out = tmp_path / "gemma3-270m-f16.gguf"
+    assert (
+        main(["export", str(folder), "--format", "gguf", "--gguf-dtype", "f16", "--out", str(out)])
+        == 0
+    )
+    ref = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=out.name, dtype=torch.float32
+    ).eval()
+    ours = load_model(folder).eval()
+    tok = Tokenizer(folder)
+    ids = torch.tensor(
+        [[tok.bos_id, *tok.encode("The quick brown fox jumps over the lazy dog because")]]
+    )
+    with torch.no_grad():
+        want = ours(ids).logits.log_softmax(-1)
+        got = ref(ids, use_cache=False).logits.log_softmax(-1)
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+    top = want.argmax(-1, keepdim=True)
+    assert (want.gather(-1, top) - got.gather(-1, top)).abs().max().item() <= 0.05
+    assert (want - got).abs().max().item() <= 0.05 * max(1.0, want.abs().max().item())

@@ -1,0 +1,76 @@
+"""`gemma3-tune generate`: only the reply goes to stdout (streamed); logs go to stderr."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..data.tokenizer import Tokenizer
+from ..errors import UserError
+from ..model.config import preset
+from ..model.generate import kv_cache_bytes
+from .inference import load_with_adapter, reply, resolve_run
+
+
+def cache_table() -> str:
+    """KV cache per sequence, bf16, for the Gemma 3 report's comparison (5:1 local:global)."""
+    lines = [
+        "| model | context | Gemma 3 (5 local : 1 global) | all global | saving |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("4b", "27b"):
+        c = preset(name)
+        for ctx in (8192, 32768, 131072):
+            ours, full = kv_cache_bytes(c, ctx), kv_cache_bytes(c, ctx, all_global=True)
+            lines.append(
+                f"| {name} | {ctx // 1024}K | {ours / 2**30:.2f} GiB | {full / 2**30:.2f} GiB | {1 - ours / full:.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def _stream(model, tok, prompt, images, args) -> str:
+    ids: list[int] = []
+    shown = ""
+    for t in reply(
+        model, tok, prompt, images, args.max_new_tokens, system=args.system,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
+    ):  # fmt: skip
+        ids.append(t)
+        text = tok.decode(ids)
+        if text.startswith(shown):  # print only what is new (multi-byte characters arrive whole)
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return shown
+
+
+def run(args) -> int:
+    if args.report_cache:
+        print(cache_table())
+        return 0
+    if args.model is None:
+        raise UserError("generate: give a MODEL folder or run directory")
+    base, adapter = resolve_run(args.model)
+    adapter = args.adapter or adapter
+    dtype = getattr(torch, args.dtype)
+    print(f"loading {base}" + (f" + {adapter}" if adapter else ""), file=sys.stderr)
+    model = load_with_adapter(base, adapter, dtype=dtype).eval()
+    tok = Tokenizer(base)
+    if not args.interactive:
+        if args.prompt is None:
+            raise UserError("generate: --prompt is required (or use --interactive)")
+        _stream(model, tok, args.prompt, args.image, args)
+        return 0
+    print("chat (empty line or Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        _stream(model, tok, line, args.image, args)
+    return 0
