@@ -53,3 +53,15 @@ def test_kv_cache_size_formula_against_hand_count():
     want = (10 * 32768 + 52 * 1024) * per_token
     assert kv_cache_bytes(cfg, 32768) == want
     assert kv_cache_bytes(cfg, 32768, all_global=True) == 62 * 32768 * per_token
+
+
+def test_batched_greedy_equals_one_at_a_time(tmp_path):
+    from gemma3_tune.model.generate import generate_batch
+
+    cfg = preset("tiny")
+    model = load_model(save_hf(hf_model(cfg, seed=5), tmp_path)).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 490, (n,), generator=g).tolist() for n in (3, 11, 25, 7)]
+    batched = generate_batch(model, prompts, max_new_tokens=30, pad_id=0)
+    for p, got in zip(prompts, batched, strict=True):
+        assert got == _greedy(model, torch.tensor([p]), 30)

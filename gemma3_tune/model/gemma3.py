@@ -301,6 +301,7 @@ class Gemma3(nn.Module):
         vision_features: Tensor | None = None,  # [N, mm_tokens, Dv]: cached pooled SigLIP output
         cache: KVCache | None = None,
         num_items_in_batch: int | Tensor | None = None,  # HF Trainer: labelled tokens in the step
+        last_logits_only: bool = False,  # generation: project only the final position
         **_: object,
     ) -> Output:
         b, t = input_ids.shape
@@ -310,11 +311,14 @@ class Gemma3(nn.Module):
         image_id = self.config.image_token_id if self.config.is_multimodal else None
         info = token_info(input_ids, position_ids, image_id)
         if cache is not None and cache.length(GLOBAL):
-            info.doc.fill_(1)  # generation: one document, continuing the cached one
+            # Generation: new tokens continue each row's last cached document.
+            info.doc.copy_(cache.info[GLOBAL].doc[:, -1:].expand_as(info.doc))
         x = self.embed(input_ids, pixel_values, vision_features)
         h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
         weight = self.text_model.embed_tokens.weight  # tied LM head  [V, D]
         if labels is None:
+            if last_logits_only:
+                h = h[:, -1:]
             return Output(logits=h @ weight.T)
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1

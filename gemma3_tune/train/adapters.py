@@ -86,7 +86,7 @@ def apply_method(model: Gemma3, recipe: Recipe) -> nn.Module:
         import peft
 
         if method == "qlora":
-            quantize_decoder(model, getattr(torch, recipe.model.dtype))
+            quantize_decoder(model, next(model.parameters()).dtype)
         cfg = peft.LoraConfig(
             r=recipe.lora.r,
             lora_alpha=recipe.lora.alpha,
