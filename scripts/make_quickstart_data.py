@@ -63,9 +63,10 @@ def sample(rng: random.Random) -> dict:
     }
 
 
-def main(
-    out: Path = Path(__file__).resolve().parent.parent / "data" / "quickstart", seed: int = 3
-) -> None:
+OUT = Path(__file__).resolve().parent.parent / "data" / "quickstart"
+
+
+def main(out: Path = OUT, seed: int = 3) -> None:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", 600), ("eval", 60)):
