@@ -130,3 +130,21 @@ def test_generate_cli_cache_equals_no_cache_and_images(run, tiny_vision_dir, cap
         == 0
     )
     assert a == capsys.readouterr().out
+
+
+def test_interactive_chat_keeps_history(tiny_vision_dir, monkeypatch, capsys):
+    """Two lines in --interactive: the second reply is conditioned on the first exchange."""
+    from gemma3_tune.data.template import Turn
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.export.inference import chat_ids
+
+    lines = iter(["hello", "and then?", ""])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert main(["generate", str(tiny_vision_dir), "--interactive", "--max-new-tokens", "5"]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    tok, model = Tokenizer(tiny_vision_dir), load_model(tiny_vision_dir)
+    ids, _ = chat_ids(
+        tok, model, "and then?", history=[Turn("user", ["hello"]), Turn("assistant", [first])]
+    )
+    text = tok.decode(ids[0].tolist(), skip_special=False)
+    assert text.count("<start_of_turn>user") == 2 and "hello" in text and second is not None

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ..data.template import Turn
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.config import preset
@@ -29,11 +30,11 @@ def cache_table() -> str:
     return "\n".join(lines)
 
 
-def _stream(model, tok, prompt, images, args) -> str:
+def _stream(model, tok, prompt, images, args, history=()) -> str:
     ids: list[int] = []
     shown = ""
     for t in reply(
-        model, tok, prompt, images, args.max_new_tokens, system=args.system,
+        model, tok, prompt, images, args.max_new_tokens, system=args.system, history=history,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
     ):  # fmt: skip
         ids.append(t)
@@ -65,6 +66,8 @@ def run(args) -> int:
         _stream(model, tok, args.prompt, args.image, args)
         return 0
     print("chat (empty line or Ctrl-D to quit)", file=sys.stderr)
+    # The conversation so far (text); --image applies to the first question.
+    history: list[Turn] = []
     while True:
         try:
             line = input("> ")
@@ -72,5 +75,7 @@ def run(args) -> int:
             break
         if not line.strip():
             break
-        _stream(model, tok, line, args.image, args)
+        images = args.image if not history else []
+        answer = _stream(model, tok, line, images, args, history)
+        history += [Turn("user", [line]), Turn("assistant", [answer])]
     return 0

@@ -76,8 +76,10 @@ def chat_ids(
     images: list[str] = (),
     system: str | None = None,
     pan_and_scan: bool = False,
+    history: list[Turn] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt ids `[1, T]` ending in `<start_of_turn>model\\n`, and the pixel values."""
+    """Prompt ids `[1, T]` ending in `<start_of_turn>model\\n`, and the pixel values.
+    `history`: earlier user/assistant turns of the conversation (text only)."""
     c = model.config
     vision = None
     if images:
@@ -91,7 +93,7 @@ def chat_ids(
         ImageRef(str(p), views=px.shape[0]) for p, px in zip(images, pixels, strict=True)
     ]
     parts.append(prompt)
-    turns = ([Turn("system", [system])] if system else []) + [Turn("user", parts)]
+    turns = ([Turn("system", [system])] if system else []) + list(history) + [Turn("user", parts)]
     s = render(turns, tok, vision)
     ids = s.input_ids + [tok.start_of_turn] + tok.encode("model\n")
     return torch.tensor([ids]), (torch.cat(pixels) if pixels else None)
@@ -106,7 +108,8 @@ def reply(
     **kw,
 ) -> Iterator[int]:
     system = kw.pop("system", None)
-    ids, pixels = chat_ids(tok, model, prompt, list(images), system)
+    history = kw.pop("history", ())
+    ids, pixels = chat_ids(tok, model, prompt, list(images), system, history=history)
     device = next(model.parameters()).device
     if pixels is not None:
         pixels = pixels.to(device, next(model.parameters()).dtype)
