@@ -21,6 +21,27 @@ GEMMA_USER_SYMBOLS = [
     "<image_soft_token>",
 ]
 
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
+def copy_tokenizer_files(src: Path, dest: Path) -> None:
+    """Copy a model folder's tokenizer (and processor/generation) files next to new weights."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dest / name)
+
+
 _WORDS = (
     "the a of to and in is it you that he was for on are with as I his they be at one have this "
     "from or had by hot word but what some we can out other were all there when up use your how "

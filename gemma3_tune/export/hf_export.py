@@ -16,21 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import Gemma3
-from .inference import load_with_adapter, resolve_run
-
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-)
+from .inference import apply_adapter, load_with_adapter, resolve_run
 
 # Gemma 3's chat template (what the -it checkpoints ship), for folders that lack one.
 CHAT_TEMPLATE = (
@@ -68,9 +58,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def copy_tokenizer(src: Path, dest: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, dest / name)
+    copy_tokenizer_files(src, dest)
     cfg_file = dest / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     if not cfg.get("chat_template") and not (dest / "chat_template.jinja").is_file():
@@ -140,18 +128,10 @@ def merged_model(src: Path, checkpoint: int | None = None) -> tuple[Gemma3, Path
     if method == "qlora":
         model = load_model(base, dtype=torch.float32)
         _dequantize_like_qlora(model)
-        model = _apply(model, adapter)
+        model = apply_adapter(model, adapter)
     else:
         model = load_with_adapter(base, adapter, dtype=torch.float32)
     return model.eval(), base, adapter, method
-
-
-def _apply(model: Gemma3, adapter: Path | None) -> Gemma3:
-    if adapter is None:
-        return model
-    import peft
-
-    return peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
 def export_merged(

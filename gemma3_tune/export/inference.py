@@ -3,7 +3,6 @@ chatting with it through our KV cache."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +43,12 @@ def resolve_run(src: Path) -> tuple[Path, Path | None]:
 
 def load_with_adapter(base: Path, adapter: Path | None, dtype=None, device: str = "cpu") -> Gemma3:
     """Our model with a peft adapter (or a projector-only adapter) merged in."""
-    model = load_model(base, dtype=dtype, device=device)
+    return apply_adapter(load_model(base, dtype=dtype, device=device), adapter)
+
+
+def apply_adapter(model: Gemma3, adapter: Path | None) -> Gemma3:
+    """Fold a run's adapter into `model`: peft LoRA/DoRA (a trained projector, saved as
+    modules_to_save, replaces the base's on merge) or a projector-only adapter."""
     if adapter is None:
         return model
     proj_file = adapter / "projector.safetensors"
@@ -61,12 +65,9 @@ def load_with_adapter(base: Path, adapter: Path | None, dtype=None, device: str 
         raise UserError(f"{adapter}: no adapter_config.json (not a peft adapter)")
     import peft
 
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    peft_model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    merged = peft_model.merge_and_unload()
-    if cfg.get("modules_to_save"):
-        pass  # merge_and_unload keeps the trained copy of modules_to_save in place
-    return merged
+    return peft.PeftModel.from_pretrained(
+        model, str(adapter), is_trainable=False
+    ).merge_and_unload()
 
 
 def chat_ids(

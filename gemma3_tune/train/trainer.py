@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers import TrainerCallback
 from ..data.collate import Collator, concat_row
 from ..data.feature_cache import FeatureCache, weights_fingerprint
 from ..data.images import preprocess
+from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
@@ -34,13 +34,6 @@ from .distributed import init_distributed, load_model_zero3
 from .recipe import Recipe, recipe_to_yaml
 
 log = logging.getLogger("gemma3_tune")
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -399,12 +392,6 @@ def _make_trainer_class():
     return Gemma3Trainer
 
 
-def __getattr__(name):  # build the class lazily: importing trl is slow
-    if name == "Gemma3Trainer":
-        return _make_trainer_class()
-    raise AttributeError(name)
-
-
 def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     """adapter/ (peft) or model/ (full SFT). Every rank takes part: under ZeRO-3 the weights
     are gathered from all of them; rank 0 writes."""
@@ -431,7 +418,5 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
                 save_file(proj, str(dest / "projector.safetensors"), metadata={"format": "pt"})
     if not trainer.is_world_process_zero():
         return
-    for name in TOKENIZER_FILES:
-        if (base_folder / name).is_file():
-            shutil.copy(base_folder / name, dest / name)
+    copy_tokenizer_files(base_folder, dest)
     print(f"saved {dest}", file=sys.stderr)
