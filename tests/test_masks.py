@@ -78,3 +78,29 @@ def test_flex_block_mask_matches_dense():
         zero = torch.zeros_like(q)
         dense = bm.mask_mod(zero, zero, q, k)
         assert torch.equal(dense, obvious_mask(docs, window))
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["global", "sliding"])
+def test_query_chunked_sdpa_equals_one_dense_call(window):
+    """Splitting queries and trimming each chunk's key span changes nothing: outputs and
+    gradients equal one dense SDPA call (packed documents, an image block, a window)."""
+    import torch.nn.functional as F
+
+    from gemma3_tune.model.gemma3 import sdpa_query_chunks
+
+    torch.manual_seed(0)
+    docs = [[1] * 30, [2, *[IMG] * 6, *[3] * 20], [4] * 25]
+    ids = torch.tensor([[t for d in docs for t in d]] * 2)
+    pos = torch.tensor([[p for d in docs for p in range(len(d))]] * 2)
+    info = token_info(ids, pos, IMG)
+    mask = visible(info, info, window)[:, None]  # [B, 1, T, T]
+    t = ids.shape[1]
+    q = torch.randn(2, 4, t, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, t, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, t, 8, dtype=torch.float64, requires_grad=True)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    chunked = sdpa_query_chunks(q, k, v, mask, 0.3, chunk=8)
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad(out.pow(2).sum(), (q, k, v)) for out in (dense, chunked)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)

@@ -89,12 +89,47 @@ class Attention(nn.Module):
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
             cache.keys[i], cache.values[i] = k[:, :, -keep:], v[:, :, -keep:]
         if isinstance(mask, Tensor):  # SDPA with a dense boolean mask [B, 1, T, S]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads
-            )
+            out = sdpa_query_chunks(q, k, v, mask, self.scale)
         else:  # FlexAttention with a BlockMask
             out = _flex_attention()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+QUERY_CHUNK = 256  # queries per SDPA call when a long row is split (see sdpa_query_chunks)
+
+
+def sdpa_query_chunks(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, chunk: int = QUERY_CHUNK
+) -> Tensor:
+    """SDPA with a dense mask, skipping key blocks that no query of a chunk can see.
+
+    CPU SDPA computes every (query, key) pair a dense mask covers, visible or not. Split into
+    chunks of `chunk` queries, each call only gets the key span its queries can see: on a
+    sliding layer (window W) that is about chunk + W keys instead of the whole row, and on a
+    global layer the keys after the chunk (causal) drop out. The result is the same softmax
+    over the same visible keys. q: [B, H, T, Dh]; k, v: [B, K, S, Dh]; mask: [B, 1, T, S].
+    """
+    gqa = q.shape[1] != k.shape[1]
+    t, s = q.shape[2], k.shape[2]
+    if t <= 2 * chunk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    seen = mask.any(dim=1).any(dim=0)  # [T, S]: key j visible to query i in some row
+    outs = []
+    for a in range(0, t, chunk):
+        cols = seen[a : a + chunk].any(dim=0)  # [S]
+        lo = int(cols.int().argmax())  # first visible key
+        hi = s - int(cols.flip(0).int().argmax())  # one past the last
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, a : a + chunk],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                attn_mask=mask[:, :, a : a + chunk, lo:hi],
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outs, dim=2)  # [B, H, T, Dh]
 
 
 _FLEX = None

@@ -38,20 +38,25 @@ class _ChunkedCE(torch.autograd.Function):
             if not ok.any():
                 continue
             logits = (h @ weight.T).to(acc)  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
             safe_tgt = tgt.clamp(min=0)
-            picked = logits.gather(1, safe_tgt[:, None])[:, 0]
+            picked = logits.gather(1, safe_tgt[:, None])[:, 0]  # [c]
+            # log-sum-exp in place (no [c, V] temporaries: torch.logsumexp allocates two, and
+            # at this size the page faults cost more than the arithmetic).
+            peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+            probs = logits.sub_(peak).exp_()  # unnormalised softmax  [c, V]
+            z = probs.sum(dim=-1)  # [c]
+            lse = peak[:, 0] + z.log()
             total += ((lse - picked) * ok).sum()
             if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax  [c, V]
-                probs[torch.arange(len(tgt), device=h.device), safe_tgt] -= 1.0
-                probs.mul_((ok.to(acc) / count)[:, None])  # d(mean loss) / d(logits)
+                # d(mean loss) / d(logits) = (softmax - one_hot) * ok / count, in one pass
+                scale = ok.to(acc) / count  # [c]
+                probs.mul_((scale / z)[:, None])
+                probs[torch.arange(len(tgt), device=h.device), safe_tgt] -= scale
                 if need_h:
                     grad_h[s : s + step] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
                     grad_w += probs.T @ h.to(acc)
-                del probs
-            del logits
+            del logits, probs
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w if grad_w is not None else torch.empty(0),

@@ -1,0 +1,535 @@
+"""Benchmarks: gemma3-tune against transformers + peft, side by side, on this machine.
+
+    python scripts/bench.py                     # every section, appended to BENCHMARKS.md
+    python scripts/bench.py --sections lora --seq 2048 --no-append
+
+Sections (each answers one question a user asks before choosing a toolkit):
+  lora     LoRA step on the real Gemma 3 270M: seconds per step and peak RSS, ours vs
+           transformers + peft, each in its own process on the same weights and tokens.
+  packing  real tokens / tokens computed: our packing vs naive padding vs TRL's pack_dataset.
+  cache    image-heavy projector training with the vision-feature cache vs recomputing SigLIP.
+  kv       KV-cache bytes at 8K/32K/128K for 4B/27B: 5 local : 1 global vs all global.
+  gpu      1B-shape LoRA at 8K in bf16, FlexAttention vs transformers (sdpa); CUDA only.
+
+Each measurement runs in a fresh subprocess (`python scripts/bench.py _worker ...`), so peak
+RSS is that run's own and nothing is shared between ours and the baseline but the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and helpers
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t = 3, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
+
+
+def run_worker(args: list[str]) -> dict:
+    """One measurement in a fresh process; its last stdout line is a JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def timed_steps(step, steps: int, sync=lambda: None) -> list[float]:
+    """One warm-up step, then `steps` timed ones."""
+    step()
+    sync()
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 1: LoRA step on the real 270M
+
+
+def chat_tokens(model_dir: Path, seq: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """`seq` tokens of quickstart-style chat rendered with our template: (input_ids, labels)
+    with the loss on assistant tokens only, as in chat SFT."""
+    from make_quickstart_data import sample
+
+    from gemma3_tune.data.template import Turn, render
+    from gemma3_tune.data.tokenizer import Tokenizer
+
+    tok, rng = Tokenizer(model_dir), random.Random(seed)
+    ids: list[int] = []
+    labels: list[int] = []
+    while len(ids) < seq:
+        msgs = sample(rng)["messages"]
+        s = render([Turn(m["role"], [m["content"]]) for m in msgs], tok, None)
+        ids += s.input_ids
+        labels += s.labels
+    return ids[:seq], labels[:seq]
+
+
+def lora_worker(impl: str, model_dir: str, seq: int, dtype: str, steps: int, labels: str) -> dict:
+    """One process: load the model, add LoRA r=16 on every decoder linear, time AdamW steps."""
+    import peft
+
+    torch.manual_seed(0)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ids, lab = chat_tokens(Path(model_dir), seq)
+    input_ids = torch.tensor([ids])
+    label_t = torch.tensor([ids if labels == "all" else lab])
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    if impl == "ours":
+        from gemma3_tune.model.checkpoint import load_model
+        from gemma3_tune.train.adapters import target_regex
+
+        model = load_model(model_dir, dtype=torch_dtype, attn_backend="sdpa")
+        cfg.target_modules = target_regex("all-linear")
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, attn_implementation="sdpa"
+        )
+    model = peft.get_peft_model(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    losses: list[float] = []
+
+    def step() -> None:
+        out = model(input_ids=input_ids, labels=label_t)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+
+    times = timed_steps(step, steps)
+    return {
+        "step_s": statistics.median(times),
+        "peak_gib": peak_rss_gib(),
+        "first_loss": losses[0],
+        "labelled": sum(x != -100 for x in label_t[0].tolist()) / seq,
+    }
+
+
+def section_lora(args) -> str:
+    from gemma3_tune.export.embedded import embedded_model_dir
+
+    model_dir = embedded_model_dir("gemma3-270m")
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    rows = [
+        "| tokens | dtype | loss on | ours s/step | transformers+peft s/step | time ratio"
+        " | ours peak RSS | baseline peak RSS | memory ratio | first loss (ours / baseline) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for dtype in args.dtypes:
+        if dtype == "bf16" and bf16 < fp32 / 4:
+            notes.append(
+                f"bf16 not run: this CPU multiplies bf16 at {bf16:.1f} GFLOP/s against"
+                f" {fp32:.0f} GFLOP/s in fp32 (no AVX512-BF16/AMX), so one 512-token step would"
+                " take tens of minutes for either side. Rerun `--dtypes bf16` on a CPU with"
+                " AMX or on a GPU."
+            )
+            continue
+        for seq in args.seq:
+            for labels in args.labels:
+                common = [model_dir, str(seq), dtype, str(args.steps), labels]
+                ours = run_worker(["lora", "ours", *common])
+                base = run_worker(["lora", "hf", *common])
+                print(f"lora {seq} {dtype} {labels}: ours {ours} | baseline {base}", flush=True)
+                rows.append(_lora_row(seq, dtype, labels, ours, base))
+    head = (
+        f"LoRA r=16 on all decoder linears, AdamW, micro-batch 1, no gradient checkpointing,"
+        f" real Gemma 3 270M (`gguf:gemma3-270m`), {args.steps} timed steps after one warm-up"
+        " (median). Both sides get the same token ids: quickstart-style chats rendered with"
+        " the Gemma template; 'assistant' puts the loss on assistant tokens as chat SFT does,"
+        " 'all' on every token. The baseline is `AutoModelForCausalLM.from_pretrained(...,"
+        " attn_implementation='sdpa')` + `peft.get_peft_model`, in its own process. Peak RSS"
+        " is the process's high-water mark, model loading included."
+        f" Matmul probe: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s."
+    )
+    return "\n".join([head, "", *rows, "", *notes])
+
+
+def _lora_row(seq: int, dtype: str, labels: str, ours: dict, base: dict) -> str:
+    if "error" in ours or "error" in base:
+        return f"| {seq} | {dtype} | {labels} | {ours.get('error', '')} | {base.get('error', '')} | | | | | |"
+    share = f"{labels} ({100 * ours['labelled']:.0f}%)"
+    return (
+        f"| {seq} | {dtype} | {share} | {ours['step_s']:.2f} | {base['step_s']:.2f}"
+        f" | {ours['step_s'] / base['step_s']:.2f}x | {ours['peak_gib']:.2f} GiB"
+        f" | {base['peak_gib']:.2f} GiB | {ours['peak_gib'] / base['peak_gib']:.2f}x"
+        f" | {ours['first_loss']:.5f} / {base['first_loss']:.5f} |"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 2: packing efficiency
+
+
+def chat_lengths(n: int, seed: int = 0) -> list[int]:
+    """Token counts of a mixed chat set: log-normal, median 350, long tail (multi-turn and
+    code), clipped to [24, 12000]: the shape of public SFT mixes such as UltraChat/Tulu."""
+    rng = random.Random(seed)
+    return [min(12000, max(24, int(rng.lognormvariate(5.86, 0.9)))) for _ in range(n)]
+
+
+def section_packing(args) -> str:
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    from gemma3_tune.data.packing import pack
+
+    lengths = chat_lengths(args.packing_samples)
+    rows = [
+        "| max_seq_len | method | rows (batches for micro-batch 8) | tokens computed | real tokens"
+        " kept | efficiency | tokens cut |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    total = sum(lengths)
+    for cap in args.packing_seq:
+        fits = [n for n in lengths if n <= cap]
+        long_ = [n for n in lengths if n > cap]
+        # Ours: samples that fit are packed whole; longer ones are truncated (data.truncation:
+        # drop would count and skip them), so each is one more cut sample.
+        ours_rows = pack(fits + [cap] * len(long_), cap, seed=0)
+        kept = sum(fits) + cap * len(long_)
+        results = {"gemma3-tune (BFD, whole samples)": (len(ours_rows), len(ours_rows) * cap, kept)}
+        # Naive: one sample per row, padded to max_seq_len (padding="max_length").
+        results["naive, pad to max_seq_len"] = (len(lengths), len(lengths) * cap, kept)
+        # Naive: micro-batch 8 in random order, padded to the longest in the batch.
+        rng = random.Random(0)
+        order = [min(n, cap) for n in lengths]
+        rng.shuffle(order)
+        batched = sum(8 * max(order[i : i + 8]) for i in range(0, len(order), 8))
+        results["naive, micro-batch 8, pad to longest"] = (len(order) // 8, batched, kept)
+        ds = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+        for strategy in ("bfd", "wrapped"):
+            packed = pack_dataset(ds, cap, strategy=strategy)
+            lens = [len(x) for x in packed["input_ids"]]
+            results[f"TRL pack_dataset({strategy!r})"] = (len(lens), len(lens) * cap, sum(lens))
+        for name, (n_rows, computed, real) in results.items():
+            cut = total - real
+            rows.append(
+                f"| {cap} | {name} | {n_rows:,} | {computed:,} | {real:,} |"
+                f" {100 * real / computed:.1f}% | {cut:,} ({100 * cut / total:.1f}%) |"
+            )
+    head = (
+        f"{len(lengths):,} chats, {total:,} tokens, lengths log-normal (median 350, mean"
+        f" {total // len(lengths)}, max {max(lengths)}). Efficiency = real tokens / tokens"
+        " computed, where a packed row costs max_seq_len tokens. 'tokens cut' are tokens lost"
+        " to truncation: TRL's 'wrapped' cuts chats in the middle across rows (it loses nothing"
+        " but splits conversations); TRL's 'bfd' truncates long chats and drops the rest."
+    )
+    return "\n".join([head, "", *rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 3: vision-feature cache
+
+
+def cache_worker(shape: str, mode: str, steps: int) -> dict:
+    """Projector-only training on image-only rows: pixels through the frozen tower every step
+    (`recompute`) or features from the cache (`cache`, filled before timing)."""
+    from PIL import Image
+
+    from gemma3_tune.data.collate import Collator, concat_row
+    from gemma3_tune.data.dataset import vision_tokens
+    from gemma3_tune.data.feature_cache import FeatureCache, weights_fingerprint
+    from gemma3_tune.data.images import preprocess
+    from gemma3_tune.data.template import ImageRef, Turn, render
+    from gemma3_tune.data.tokenizer import Tokenizer, train_tiny_tokenizer
+    from gemma3_tune.model.config import VisionConfig, preset
+    from gemma3_tune.model.gemma3 import Gemma3
+    from gemma3_tune.model.init import random_init
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    ids = train_tiny_tokenizer(tmp, vocab_size=512, seed=0)
+    cfg = preset("tiny-vision").replace(
+        vocab_size=512,
+        image_token_id=ids["<image_soft_token>"],
+        boi_token_id=ids["<start_of_image>"],
+        eoi_token_id=ids["<end_of_image>"],
+    )
+    if shape == "4b-siglip-2l":  # the 4B's SigLIP so400m/14 at 896 px, 2 of its 27 layers
+        cfg = cfg.replace(vision=VisionConfig(num_hidden_layers=2), mm_tokens_per_image=256)
+    model = random_init(Gemma3(cfg), 0)
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    model.train()
+    tok = Tokenizer(tmp)
+    images = []
+    for i in range(4):  # four images per row: an image-heavy caption/VQA batch
+        p = tmp / f"img{i}.png"
+        Image.new("RGB", (320 + 40 * i, 240), (40 * i, 90, 200 - 30 * i)).save(p)
+        images.append(ImageRef(str(p)))
+    turns = [
+        Turn("user", [*images, "Describe the images."]),
+        Turn("assistant", ["Four flat colour fields, blue to red."]),
+    ]
+    row = concat_row([render(turns, tok, vision_tokens(cfg))])
+    row["image_refs"] = [{"path": im.path, "views": im.views} for im in row["image_refs"]]
+    size = cfg.vision.image_size
+    if mode == "cache":
+        cache = FeatureCache(
+            tmp / "cache",
+            lambda px: model.vision_features(px).float(),
+            weights_fingerprint(model.vision_tower),
+            size,
+        )
+        collate = Collator(
+            tok.pad_id, lambda im: cache.features(ImageRef(im["path"])), "vision_features"
+        )
+        collate([row])  # fill the cache: a cost paid once per image for the whole run
+    else:
+        collate = Collator(tok.pad_id, lambda im: preprocess(im["path"], size), "pixel_values")
+    opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
+
+    def step() -> None:
+        batch = collate([row])
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = timed_steps(step, steps)
+    return {"step_s": statistics.median(times), "peak_gib": peak_rss_gib()}
+
+
+def section_cache(args) -> str:
+    rows = [
+        "| vision tower | recompute SigLIP s/step | feature cache s/step | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for shape, label in (
+        ("tiny-vision", "tiny-vision (64 px, 2 layers)"),
+        ("4b-siglip-2l", "4B SigLIP so400m/14, 896 px, 2 of 27 layers"),
+    ):
+        slow = run_worker(["cache", shape, "recompute", str(args.steps)])
+        fast = run_worker(["cache", shape, "cache", str(args.steps)])
+        print(f"cache {shape}: recompute {slow} | cache {fast}", flush=True)
+        if "error" in slow or "error" in fast:
+            rows.append(f"| {label} | {slow.get('error', '')} | {fast.get('error', '')} | |")
+            continue
+        rows.append(
+            f"| {label} | {slow['step_s']:.3f} | {fast['step_s']:.3f}"
+            f" | {slow['step_s'] / fast['step_s']:.1f}x |"
+        )
+    head = (
+        "Projector-only training (`method: none`, `train_projector: true`), one row of four"
+        " images and a short caption, tiny decoder, AdamW; the step includes collation (image"
+        " decoding + preprocessing, or reading cached features). With the full 27-layer tower"
+        " the recompute column grows about 13x and the cached one does not change."
+    )
+    return "\n".join([head, "", *rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 4: KV cache
+
+
+def section_kv(args) -> str:
+    from gemma3_tune.export.generate_cli import cache_table
+
+    return (
+        "Formula over the published configs (K and V, bf16, one sequence; sliding layers hold"
+        " `sliding_window` positions), checked against a hand count in tests/test_generate.py.\n\n"
+        + cache_table()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 5: GPU
+
+
+def gpu_worker(impl: str, seq: int, steps: int) -> dict:
+    """1B-shape random weights, LoRA r=16, bf16, one row of `seq` tokens."""
+    import peft
+
+    from gemma3_tune.model.config import preset
+    from gemma3_tune.model.gemma3 import Gemma3
+    from gemma3_tune.train.adapters import target_regex
+
+    cfg = preset("1b")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    if impl == "ours":
+        with dev:
+            model = Gemma3(cfg, attn_backend="flex").to(torch.bfloat16)
+        lora.target_modules = target_regex("all-linear")
+    else:
+        import transformers
+
+        from gemma3_tune.model.config import config_to_hf
+
+        hc = config_to_hf(cfg, "bfloat16")
+        hc.pop("architectures")
+        hcfg = transformers.Gemma3TextConfig(**hc)
+        hcfg._attn_implementation = "sdpa"
+        with dev:
+            model = transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16)
+    model = peft.get_peft_model(model, lora)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(10, 200000, (1, seq), device=dev)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    times = timed_steps(step, steps, torch.cuda.synchronize)
+    s = statistics.median(times)
+    n_params = sum(p.numel() for p in model.parameters())
+    # Training FLOPs: 6 N T for matmuls (LoRA still backpropagates through the frozen weights:
+    # 4 N T would ignore the activation gradients' cost) plus causal attention.
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq * seq / 2
+    flops = 6 * n_params * seq + attn
+    peak = 989e12 if "H100" in torch.cuda.get_device_name(0) else 989e12  # dense bf16, H100/H200
+    return {
+        "step_s": s,
+        "tokens_s": seq / s,
+        "mfu": flops / s / peak,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+    }
+
+
+def section_gpu(args) -> str:
+    if not torch.cuda.is_available():
+        return "Not run: no CUDA device on this machine."
+    rows = ["| impl | tokens/s | MFU | peak memory |", "|---|---|---|---|"]
+    for impl, label in (("ours", "gemma3-tune (FlexAttention)"), ("hf", "transformers (sdpa)")):
+        r = run_worker(["gpu", impl, str(args.gpu_seq), str(args.steps)])
+        print(f"gpu {impl}: {r}", flush=True)
+        if "error" in r:
+            rows.append(f"| {label} | {r['error']} | | |")
+            continue
+        rows.append(
+            f"| {label} | {r['tokens_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} GiB |"
+        )
+    return (
+        f"1B shape, random weights, LoRA r=16 on all decoder linears, bf16, one row of"
+        f" {args.gpu_seq} tokens, loss on every token. MFU against 989 TFLOP/s dense bf16.\n\n"
+        + "\n".join(rows)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+SECTIONS = {
+    "lora": ("LoRA step on the real Gemma 3 270M", section_lora),
+    "packing": ("Packing efficiency", section_packing),
+    "cache": ("Vision-feature cache", section_cache),
+    "kv": ("KV cache: 5 local : 1 global vs all global", section_kv),
+    "gpu": ("GPU: 1B-shape LoRA at 8K, bf16", section_gpu),
+}
+
+
+def worker(argv: list[str]) -> None:
+    kind, rest = argv[0], argv[1:]
+    if kind == "lora":
+        impl, model_dir, seq, dtype, steps, labels = rest
+        out = lora_worker(impl, model_dir, int(seq), dtype, int(steps), labels)
+    elif kind == "cache":
+        shape, mode, steps = rest
+        out = cache_worker(shape, mode, int(steps))
+    elif kind == "gpu":
+        impl, seq, steps = rest
+        out = gpu_worker(impl, int(seq), int(steps))
+    else:
+        raise SystemExit(f"unknown worker {kind}")
+    print(json.dumps(out))
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        return worker(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sections", default="lora,packing,cache,kv,gpu")
+    p.add_argument("--seq", type=_ints, default=[512, 2048, 4096], help="section lora")
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
+    p.add_argument("--labels", type=lambda s: s.split(","), default=["assistant", "all"])
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    p.add_argument("--packing-samples", type=int, default=20000)
+    p.add_argument("--packing-seq", type=_ints, default=[2048, 4096])
+    p.add_argument("--gpu-seq", type=int, default=8192)
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--no-append", action="store_true", help="print only")
+    args = p.parse_args()
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = []
+    for name in args.sections.split(","):
+        title, fn = SECTIONS[name]
+        t = time.perf_counter()
+        body = fn(args)
+        parts.append(f"### {title}\n\n{body}\n")
+        print(f"\n### {title} ({time.perf_counter() - t:.0f} s)\n\n{body}\n", flush=True)
+    block = (
+        f"\n## Run of {stamp}\n\nCommand: `{command.strip()}`  \nMachine: {machine()}; torch"
+        f" {torch.__version__}, {torch.get_num_threads()} threads.\n\n" + "\n".join(parts)
+    )
+    if not args.no_append:
+        with args.out.open("a") as f:
+            f.write(block)
+        print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
