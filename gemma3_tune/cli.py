@@ -42,6 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import hf_export
 
+    if args.for_ == "vllm" and not args.adapter_only:
+        raise UserError(
+            "--for vllm applies to --adapter-only; a merged export (--merge) loads in vLLM as is"
+        )
     if args.format == "gguf":
         out = hf_export.export_gguf(
             args.src, args.out, args.gguf_dtype, args.checkpoint, args.force
@@ -176,7 +180,28 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: {out_of_memory_message(e)}", file=sys.stderr)
+        return 3
     return rc or 0
+
+
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM (torch.OutOfMemoryError), CPU allocator failures, Python MemoryError."""
+    return isinstance(e, MemoryError) or any(t in str(e).lower() for t in _OOM_TEXT)
+
+
+def out_of_memory_message(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return (
+        f"out of memory ({first}); lower training.micro_batch_size or data.max_seq_len, set"
+        " training.gradient_checkpointing=true, use method: qlora, or deepspeed: zero3_offload"
+    )
 
 
 if __name__ == "__main__":

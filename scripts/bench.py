@@ -77,9 +77,11 @@ def run_worker(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode == -9:
+        return {"error": "killed: out of memory (SIGKILL from the OOM killer)"}
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        return {"error": f"exit {proc.returncode}: {tail[0][:200] if tail else ''}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -203,14 +205,19 @@ def section_lora(args) -> str:
 
 
 def _lora_row(seq: int, dtype: str, labels: str, ours: dict, base: dict) -> str:
-    if "error" in ours or "error" in base:
-        return f"| {seq} | {dtype} | {labels} | {ours.get('error', '')} | {base.get('error', '')} | | | | | |"
-    share = f"{labels} ({100 * ours['labelled']:.0f}%)"
+    def side(r: dict, key: str, fmt: str) -> str:
+        return r["error"] if "error" in r else fmt.format(r[key])
+
+    def ratio(key: str) -> str:
+        return "" if "error" in ours or "error" in base else f"{ours[key] / base[key]:.2f}x"
+
+    share = labels if "error" in ours else f"{labels} ({100 * ours['labelled']:.0f}%)"
     return (
-        f"| {seq} | {dtype} | {share} | {ours['step_s']:.2f} | {base['step_s']:.2f}"
-        f" | {ours['step_s'] / base['step_s']:.2f}x | {ours['peak_gib']:.2f} GiB"
-        f" | {base['peak_gib']:.2f} GiB | {ours['peak_gib'] / base['peak_gib']:.2f}x"
-        f" | {ours['first_loss']:.5f} / {base['first_loss']:.5f} |"
+        f"| {seq} | {dtype} | {share} | {side(ours, 'step_s', '{:.2f}')}"
+        f" | {side(base, 'step_s', '{:.2f}')} | {ratio('step_s')}"
+        f" | {side(ours, 'peak_gib', '{:.2f} GiB')} | {side(base, 'peak_gib', '{:.2f} GiB')}"
+        f" | {ratio('peak_gib')} | {side(ours, 'first_loss', '{:.5f}')}"
+        f" / {side(base, 'first_loss', '{:.5f}')} |"
     )
 
 

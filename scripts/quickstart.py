@@ -21,9 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 from gemma3_tune.cli import main as cli  # noqa: E402
 from gemma3_tune.data.tokenizer import Tokenizer  # noqa: E402
+from gemma3_tune.errors import UserError  # noqa: E402
 from gemma3_tune.export.embedded import embedded_model_dir  # noqa: E402
 from gemma3_tune.export.inference import chat_ids, load_with_adapter  # noqa: E402
 from gemma3_tune.model.generate import generate_batch  # noqa: E402
+from gemma3_tune.outputs import refuse_existing  # noqa: E402
 
 
 def score(reply_text: str, want: dict) -> bool:
@@ -61,8 +63,10 @@ def evaluate(
 
 
 def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
-    if out.exists() and any(out.iterdir()) and not force:
-        print(f"error: {out} exists; rerun with --force to replace it", file=sys.stderr)
+    try:
+        refuse_existing(out, force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -170,3 +170,33 @@ def test_long_samples_are_counted_truncated_or_dropped(tmp_path, tiny_dir):
     assert (d.report.samples, d.report.truncated, d.report.dropped) == (2, 0, 1)
     assert "l.jsonl:2" in d.report.dropped_at[0]
     assert all(len(s) <= 64 for r in t.train_rows for s in r)
+
+
+def test_sample_whose_images_alone_do_not_fit_is_dropped_with_its_line(tmp_path, tiny_vision_dir):
+    """Two images need 2 x (16 soft tokens + boi + eoi) = 36 tokens: at max_seq_len 30 no cut
+    can keep them whole, so the sample is dropped and reported, never cut inside an image."""
+    tok, cfg = Tokenizer(tiny_vision_dir), read_config(tiny_vision_dir)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    two = {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "image", "image": "x.png"}]},
+        {"role": "assistant", "content": "two"},
+    ]}  # fmt: skip
+    _write_jsonl(tmp_path / "v.jsonl", [_chat(1), two, _chat(2)])
+    data = build(DataConfig(train=["v.jsonl"], max_seq_len=30), tok, cfg, tmp_path)
+    assert (data.report.samples, data.report.dropped, data.report.truncated) == (2, 1, 0)
+    assert data.report.dropped_at[0].startswith("v.jsonl:2: its images alone take 36 tokens")
+    assert all(not s.images for r in data.train_rows for s in r)
+
+
+def test_a_cut_image_block_is_refused_before_the_forward_pass(tiny_vision_dir):
+    from gemma3_tune.errors import UserError
+    from gemma3_tune.model import load_model
+
+    model = load_model(tiny_vision_dir)
+    n = model.config.mm_tokens_per_image
+    ids = torch.full((1, 2 * n + 8), 5)
+    ids[0, 2 : 2 + n] = model.config.image_token_id  # a whole image
+    ids[0, n + 4 : 2 * n + 2] = model.config.image_token_id  # a block two tokens short
+    features = torch.zeros(2, n, model.config.vision.hidden_size)
+    with pytest.raises(UserError, match=f"has {n - 2} image tokens.*exactly {n}"):
+        model(ids, vision_features=features)

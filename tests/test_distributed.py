@@ -4,6 +4,7 @@ same global batch, and ZeRO-3 saves a complete adapter."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from trainutil import chat_set, losses, write_recipe
+from trainutil import chat_set, colour_set, losses, write_recipe
 
 
 def _port() -> int:
@@ -21,13 +22,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(recipe: Path, *overrides: str) -> None:
+def _torchrun(recipe: Path, *overrides: str, timeout: int = 900) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
         "-m", "gemma3_tune", "train", str(recipe), *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -64,3 +65,22 @@ def test_zero_matches_single_process(stage, single):
     )  # complete: every tensor, full shape
     cfg = json.loads((d / stage / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("stage", ["zero3", "zero2", "ddp"])
+def test_mixed_image_and_text_ranks_never_hang(stage, tmp_path, tiny_vision_dir):
+    """1 image sample and 3 text-only ones, micro-batch 1, 2 ranks: at one step of each epoch
+    one rank holds the image and the other only text, at the other step neither has an image.
+    The frozen tower is partitioned under ZeRO-3 and the projector trains: a rank that skipped
+    them would deadlock the other (ZeRO-3) or fail gradient reduction (DDP, ZeRO-2)."""
+    data = colour_set(tmp_path / "img", 1, seed=3, with_text_only=3)
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_vision_dir, data, tmp_path / stage,
+        train_projector=True, data__packing=False,
+        training__max_steps=4, training__micro_batch_size=1, training__save_steps=4,
+    )  # fmt: skip
+    extra = [] if stage == "ddp" else [f"deepspeed={stage}"]
+    _torchrun(r, *extra, timeout=420)
+    got = losses(tmp_path / stage)
+    assert len(got) == 4 and all(math.isfinite(x) for x in got), got
+    assert (tmp_path / stage / "adapter" / "adapter_model.safetensors").is_file()

@@ -244,6 +244,14 @@ def split_eval(
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
+def _image_tokens(sample: Sample, vision: VisionTokens | None) -> int:
+    """Tokens of the sample's image blocks (soft tokens and their boi/eoi markers)."""
+    if vision is None or not sample.images:
+        return 0
+    ids = (vision.image_token_id, vision.boi_id, vision.eoi_id)
+    return sum(1 for t in sample.input_ids if t in ids)
+
+
 def fit(
     samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, report: Report | None
 ) -> list[Sample]:
@@ -251,6 +259,15 @@ def fit(
     out = []
     for s in samples:
         if len(s) > cfg.max_seq_len:
+            image_tokens = _image_tokens(s, vision)
+            if image_tokens > cfg.max_seq_len:  # truncating would cut an image: never
+                if report is not None:
+                    report.dropped += 1
+                    report.dropped_at.append(
+                        f"{s.origin}: its images alone take {image_tokens} tokens > max_seq_len"
+                        f" {cfg.max_seq_len}; raise data.max_seq_len or use fewer images/crops"
+                    )
+                continue
             if cfg.truncation == "drop":
                 if report is not None:
                     report.dropped += 1

@@ -146,9 +146,18 @@ def _resolve(image: object, origin: str, image_root: Path | None, base: Path) ->
             origin, f"image URLs are not fetched ({image}); download it and give a path"
         )
     p = Path(image)
-    if not p.is_absolute():
-        p = (image_root or base) / p
-    return p
+    if p.is_absolute():
+        return p
+    if image_root is None:
+        return base / p
+    resolved = (image_root / p).resolve()
+    if not resolved.is_relative_to(image_root.resolve()):
+        raise SampleError(
+            origin,
+            f"image path {image} leaves data.image_root ({image_root}); give a path inside it"
+            " or an absolute path",
+        )
+    return resolved
 
 
 def _image_ref(path: Path, origin: str, pan_and_scan: bool, pas_args: dict) -> ImageRef:

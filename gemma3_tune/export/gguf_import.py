@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from ..errors import UserError
 from ..model.checkpoint import save_model
 from ..model.config import Gemma3Config
 from ..model.gemma3 import Gemma3
+from ..outputs import refuse_existing, staged_dir
 
 # GGUF tensor name -> HF name inside a text decoder layer (`model.layers.{i}.` prefix), and
 # whether it is a norm stored as 1 + w.
@@ -136,8 +135,7 @@ def import_gguf(
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():
         raise UserError(f"{gguf_path}: no such file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: exists and is not empty; pass --force to overwrite")
+    refuse_existing(out, force)
     try:
         reader = GGUFReader(str(gguf_path))
     except Exception as e:  # the gguf package raises bare ValueErrors on bad magic/versions
@@ -150,18 +148,9 @@ def import_gguf(
     missing = sorted(expected - set(state))
     if missing:
         raise UserError(f"{gguf_path}: missing tensors for {', '.join(missing[:3])}")
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_dir(out, force) as tmp:
         save_model(model, tmp, state_dict=state)
         _save_tokenizer(gguf_path, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.chmod(0o755)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

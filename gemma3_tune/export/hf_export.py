@@ -9,17 +9,17 @@ against the model they came from (adapter applied).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import Gemma3
+from ..outputs import refuse_existing, staged_dir, staged_file
 from .inference import apply_adapter, load_with_adapter, resolve_run
 
 # Gemma 3's chat template (what the -it checkpoints ship), for folders that lack one.
@@ -38,23 +38,6 @@ CHAT_TEMPLATE = (
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _staging(out: Path, force: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    tmp.chmod(0o755)
-    tmp.rename(out)
 
 
 def copy_tokenizer(src: Path, dest: Path) -> None:
@@ -113,14 +96,27 @@ def _dequantize_like_qlora(model: Gemma3) -> None:
                     child.weight.data = bnbf.dequantize_4bit(q, state).to(child.weight.dtype)
 
 
+def checkpoint_dir(run: Path, step: int) -> Path:
+    """checkpoint-N of a run, refused unless it was completely written."""
+    from ..train.checkpoints import is_complete
+
+    ckpt = run / f"checkpoint-{step}"
+    if not ckpt.is_dir():
+        raise UserError(f"--checkpoint {step}: {ckpt} does not exist")
+    if not is_complete(ckpt):
+        raise UserError(
+            f"--checkpoint {step}: {ckpt} was not completely written (the run was killed while"
+            " saving it); choose another checkpoint"
+        )
+    return ckpt
+
+
 def merged_model(src: Path, checkpoint: int | None = None) -> tuple[Gemma3, Path, Path | None, str]:
     """(model with the adapter folded in, base folder, adapter folder, method)."""
     base, adapter = resolve_run(src)
     method = "plain"
     if adapter is not None and checkpoint is not None:
-        adapter = src / f"checkpoint-{checkpoint}"
-        if not adapter.is_dir():
-            raise UserError(f"--checkpoint {checkpoint}: {adapter} does not exist")
+        adapter = checkpoint_dir(src, checkpoint)
     if (src / "recipe.yaml").is_file():
         import yaml
 
@@ -142,8 +138,7 @@ def export_merged(
     force: bool = False,
 ) -> Path:
     model, base, _, method = merged_model(src, checkpoint)
-    tmp = _staging(out, force)
-    try:
+    with staged_dir(out, force) as tmp:
         torch_dtype = DTYPES[dtype]
         save_model(model, tmp, dtype=torch_dtype)
         # Keep the original config.json (vision config and all), with the new dtype.
@@ -153,9 +148,6 @@ def export_merged(
         (tmp / "config.json").write_text(json.dumps(original, indent=2) + "\n")
         copy_tokenizer(base, tmp)
         diff = verify(model, tmp, torch_dtype)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"verified: reloaded logits within {diff:.2e} of the merged model ({method})",
         file=sys.stderr,
@@ -166,31 +158,66 @@ def export_merged(
 def export_adapter(
     src: Path, out: Path, checkpoint: int | None = None, force: bool = False, for_vllm: bool = False
 ) -> Path:
-    """The peft adapter, loadable with peft onto transformers' Gemma 3 (our module names are
-    transformers' own, so nothing is renamed)."""
+    """The peft adapter. As trained, it loads with peft onto transformers' Gemma 3 (our module
+    names are transformers' own). `for_vllm` renames it for vLLM (see vllm_adapter)."""
     base, adapter = resolve_run(src)
     if adapter is None:
         raise UserError(f"{src}: has no adapter (a full SFT run or a plain model); use --merge")
     if checkpoint is not None:
-        adapter = src / f"checkpoint-{checkpoint}"
+        adapter = checkpoint_dir(src, checkpoint)
     if (adapter / "projector.safetensors").is_file() and not (
         adapter / "adapter_config.json"
     ).is_file():
         raise UserError(f"{src}: a projector-only run has no LoRA adapter; use --merge")
-    tmp = _staging(out, force)
-    try:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy(adapter / name, tmp / name)
-        cfg = json.loads((tmp / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(base)
+    refuse_existing(out, force)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    if for_vllm:
+        cfg, weights = vllm_adapter(cfg, weights, src)
+    cfg["base_model_name_or_path"] = str(base)
+    with staged_dir(out, force) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         copy_tokenizer(base, tmp)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if cfg.get("modules_to_save"):
         print("note: the adapter carries the trained projector (modules_to_save)", file=sys.stderr)
     return out
+
+
+# vLLM's Gemma 3 names its submodules as the original checkpoints did: the multimodal model's
+# decoder is `language_model.model.*` (transformers 5 in memory: `model.language_model.*`).
+# Text-only Gemma 3 (270M, 1B) is `model.*` in both.
+VLLM_PREFIX = {"model.language_model.": "language_model.model."}
+VLLM_MAX_DEFAULT_RANK = 16  # vLLM's default --max-lora-rank
+
+
+def vllm_adapter(cfg: dict, weights: dict, src: Path) -> tuple[dict, dict]:
+    """Rename an adapter's modules to vLLM's Gemma 3 names and refuse what vLLM's LoRA cannot
+    apply: a trained projector (modules_to_save) and DoRA."""
+    if cfg.get("modules_to_save"):
+        raise UserError(
+            f"{src}: the adapter trains the multimodal projector, which vLLM's LoRA cannot load;"
+            " export --merge (or --format gguf) instead, or train with train_projector: false"
+        )
+    if cfg.get("use_dora"):
+        raise UserError(f"{src}: vLLM does not serve DoRA adapters; export --merge instead")
+    renamed = {}
+    for key, t in weights.items():
+        inner = key.removeprefix("base_model.model.")
+        for old, new in VLLM_PREFIX.items():
+            if inner.startswith(old):
+                inner = new + inner[len(old) :]
+        renamed["base_model.model." + inner] = t
+    # vLLM matches target_modules by module-name suffix; a regex string is not understood.
+    modules = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in renamed})
+    cfg = {**cfg, "target_modules": modules}
+    if cfg.get("r", 0) > VLLM_MAX_DEFAULT_RANK:
+        print(
+            f"note: LoRA rank {cfg['r']} > {VLLM_MAX_DEFAULT_RANK}: start vLLM with"
+            f" --max-lora-rank {cfg['r']}",
+            file=sys.stderr,
+        )
+    return cfg, renamed
 
 
 def export_gguf(
@@ -200,45 +227,49 @@ def export_gguf(
     checkpoint: int | None = None,
     force: bool = False,
 ) -> Path:
-    """Merge, write GGUF to a temporary file, read it back and compare every tensor, rename."""
+    """Merge and write GGUF: the text model at `out` and, for a vision model, the vision tower
+    and projector at `mmproj-<out name>` beside it (llama.cpp's --mmproj file). Each is written
+    to a temporary file, read back and compared tensor by tensor, then renamed."""
+    from .gguf_export import hf_to_gguf_name, write_gguf
+    from .gguf_mmproj import mmproj_name, vision_tensors, write_mmproj
+
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {out}: a GGUF export is one file; name it *.gguf")
+    mmproj = out.with_name(f"mmproj-{out.name}")
+    for target in (out, mmproj):
+        if target.is_dir():
+            raise UserError(f"--out {target}: is a folder; give a file name")
+        refuse_existing(target, force)
+    model, base, _, _ = merged_model(src, checkpoint)
+    with staged_file(out, force) as tmp:
+        write_gguf(model, base, tmp, gguf_dtype)
+        text = {"model." + k: v for k, v in model.text_model.state_dict().items()}
+        _verify_gguf(tmp, text, lambda k: hf_to_gguf_name(k), gguf_dtype)
+    if not model.config.is_multimodal:
+        return out
+    with staged_file(mmproj, force) as tmp:
+        write_mmproj(model, tmp, gguf_dtype)
+        blocks = model.config.vision.num_hidden_layers
+        _verify_gguf(tmp, vision_tensors(model), lambda k: mmproj_name(k, blocks), gguf_dtype)
+    print(f"wrote {mmproj} (vision tower + projector, for llama.cpp --mmproj)", file=sys.stderr)
+    return out
+
+
+def _verify_gguf(path: Path, tensors: dict, name_of, gguf_dtype: str) -> None:
+    """Every tensor read back from `path` equals ours (norms stored as 1 + w) within the
+    rounding of its stored type."""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from .gguf_export import hf_to_gguf_name, write_gguf
-
-    model, base, _, _ = merged_model(src, checkpoint)
-    if out.suffix != ".gguf":
-        raise UserError(f"--out {out}: a GGUF export is one file; name it *.gguf")
-    if out.exists() and not force:
-        raise UserError(f"--out {out}: exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    import os
-
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_gguf(model, base, tmp, gguf_dtype)
-        reader = GGUFReader(str(tmp))
-        written = {t.name: t for t in reader.tensors}
-        tol = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2}[gguf_dtype]
-        for key, ref in model.text_model.state_dict().items():
-            gname, is_norm = hf_to_gguf_name("model." + key)
-            t = written[gname]
-            got = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-            want = ref.float() + (1.0 if is_norm else 0.0)
-            err = (
-                (got.reshape(want.shape) - want).abs().max() / want.abs().max().clamp(min=1e-6)
-            ).item()
-            if err > tol:
-                raise UserError(f"GGUF verification failed on {gname}: relative error {err:.3g}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if model.config.is_multimodal:
-        print(
-            "note: the GGUF holds the text model only; vision weights are not in it",
-            file=sys.stderr,
-        )
-    return out
+    written = {t.name: t for t in GGUFReader(str(path)).tensors}
+    tol = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2}[gguf_dtype]
+    for key, ref in tensors.items():
+        gname, plus_one = name_of(key)
+        t = written[gname]
+        got = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        want = ref.float() + (1.0 if plus_one else 0.0)
+        scale = want.abs().max().clamp(min=1e-6)
+        err = ((got.reshape(want.shape) - want).abs().max() / scale).item()
+        if err > max(tol, 2e-3 if t.tensor_type == 1 else 0.0):  # type 1: f16
+            raise UserError(f"GGUF verification failed on {gname}: relative error {err:.3g}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..data.tokenizer import train_tiny_tokenizer
@@ -12,6 +10,7 @@ from ..model.checkpoint import save_model
 from ..model.config import preset
 from ..model.gemma3 import Gemma3
 from ..model.init import random_init
+from ..outputs import refuse_existing, staged_dir
 
 
 def init_model(name: str, out: str | Path, *, seed: int = 0, force: bool = False) -> Path:
@@ -19,14 +18,12 @@ def init_model(name: str, out: str | Path, *, seed: int = 0, force: bool = False
     sizes keep Gemma's ids (vocab 262144/262208) and the same small tokenizer (with byte
     fallback every text still encodes), which is enough for benchmarks."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: exists and is not empty; pass --force to overwrite")
+    refuse_existing(out, force)
     try:
         cfg = preset(name)
     except ValueError as e:
         raise UserError(str(e)) from None
-    tmp = Path(tempfile.mkdtemp(prefix=".init-"))
-    try:
+    with staged_dir(out, force) as tmp:
         ids = train_tiny_tokenizer(tmp, vocab_size=512, seed=seed)
         if name.startswith("tiny"):
             cfg = cfg.replace(
@@ -37,10 +34,4 @@ def init_model(name: str, out: str | Path, *, seed: int = 0, force: bool = False
             )
         model = random_init(Gemma3(cfg), seed)
         save_model(model, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), str(out))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

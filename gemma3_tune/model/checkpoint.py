@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Gemma3Config, config_from_hf, config_to_hf
@@ -99,7 +99,10 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid index (no weight_map)") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{index}: lists {missing[0]}, which is missing from {path}")
@@ -121,16 +124,21 @@ def load_state_dict(path: str | os.PathLike, config: Gemma3Config) -> dict[str, 
     tied: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for f in weight_files(path):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                if key in TIED_HEAD_KEYS:
-                    tied[key] = st.get_tensor(key)
-                    continue
-                ours = hf_to_ours(key, config.is_multimodal)
-                if ours is None:
-                    unknown.append(key)
-                else:
-                    out[ours] = st.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key in TIED_HEAD_KEYS:
+                        tied[key] = st.get_tensor(key)
+                        continue
+                    ours = hf_to_ours(key, config.is_multimodal)
+                    if ours is None:
+                        unknown.append(key)
+                    else:
+                        out[ours] = st.get_tensor(key)
+        except (SafetensorError, OSError) as e:  # truncated or corrupt file
+            raise CheckpointError(
+                f"{f}: not a readable safetensors file ({e}); copy or export it again"
+            ) from None
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} unknown weight(s), e.g. {', '.join(unknown[:3])}; "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .config import GLOBAL, Gemma3Config
 from .layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from .loss import IGNORE_INDEX, chunked_cross_entropy
@@ -93,6 +94,20 @@ class Attention(nn.Module):
         else:  # FlexAttention with a BlockMask
             out = _flex_attention()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+def check_image_blocks(is_img: Tensor, per_image: int) -> None:
+    """Every run of image tokens must be exactly one image's soft tokens: a block cut short
+    (say, by truncation) would silently pair text positions with the wrong features.
+    is_img: [B, T] bool."""
+    edges = F.pad(is_img.int(), (1, 1)).diff(dim=1)  # [B, T+1]: +1 at a block start, -1 after
+    lengths = (edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]  # row-major pairs
+    bad = lengths[lengths != per_image]
+    if bad.numel():
+        raise UserError(
+            f"an image block has {int(bad[0])} image tokens, but every image needs exactly"
+            f" {per_image}; was an image cut by truncation? (data.max_seq_len)"
+        )
 
 
 QUERY_CHUNK = 256  # queries per SDPA call when a long row is split (see sdpa_query_chunks)
@@ -250,6 +265,8 @@ class Gemma3(nn.Module):
         super().__init__()
         self.config = config
         self.attn_backend = attn_backend  # "sdpa", "flex", or "auto" (flex on CUDA)
+        # What image inputs training feeds: "pixels", or "features" from the feature cache.
+        self.vision_input = "pixels"
         self.model: TextModel | MultimodalModel = (
             MultimodalModel(config) if config.is_multimodal else TextModel(config)
         )
@@ -292,6 +309,23 @@ class Gemma3(nn.Module):
         return self.attn_backend
 
     # -- forward -------------------------------------------------------------------------------
+    def _no_images(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Zero images for an image-less batch when data-parallel ranks must stay in step.
+
+        Under ZeRO-3 every module's weights are gathered collectively, so a rank whose batch
+        has no image must still call the tower and projector, or the ranks that do wait for
+        it forever; under DDP and ZeRO-2 the trained projector must get a gradient (zero) on
+        every rank. An empty batch costs no compute: only the collectives run. With cached
+        features (`vision_input == "features"`) no rank runs the tower, so only the projector
+        is called. A single process skips all of this."""
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return None, None
+        v = self.config.vision
+        if self.vision_input == "features":
+            return None, x.new_zeros((0, self.config.mm_tokens_per_image, v.hidden_size))
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        return x.new_zeros((0, v.num_channels, v.image_size, v.image_size), dtype=dtype), None
+
     def vision_features(self, pixel_values: Tensor) -> Tensor:
         """`[N, 3, S, S]` pixels -> `[N, mm_tokens, Dv]` pooled SigLIP features: the frozen part
         of the image path, so it can be cached (gemma3_tune.data.feature_cache)."""
@@ -307,6 +341,8 @@ class Gemma3(nn.Module):
         ids = input_ids.masked_fill(is_img, c.pad_token_id) if is_img is not None else input_ids
         x = self.text_model.embed(ids)  # [B, T, D]
         image_features = None
+        if c.is_multimodal and pixel_values is None and vision_features is None:
+            pixel_values, vision_features = self._no_images(x)
         if vision_features is None and pixel_values is not None:
             if not c.is_multimodal:
                 raise ValueError("pixel_values given to a text-only Gemma 3 model")
@@ -315,6 +351,8 @@ class Gemma3(nn.Module):
             assert isinstance(self.model, MultimodalModel)
             image_features = self.model.multi_modal_projector(vision_features)  # [N, mm_tokens, D]
         n_slots = int(is_img.sum()) if is_img is not None else 0
+        if n_slots:
+            check_image_blocks(is_img, c.mm_tokens_per_image)
         if image_features is None:
             if n_slots:
                 raise ValueError(f"input has {n_slots} image tokens but no pixel_values were given")

@@ -68,7 +68,7 @@ class TrainingSection(_Strict):
     max_grad_norm: float = Field(default=1.0, ge=0, description="gradient clipping (0: off)")
     save_steps: int = Field(default=500, gt=0, description="checkpoint-N/ every N steps")
     save_total_limit: int | None = Field(
-        default=None, gt=0, description="keep at most N checkpoints"
+        default=None, gt=0, description="keep the N newest complete checkpoints"
     )
     eval_steps: int | None = Field(
         default=None, gt=0, description="eval every N steps (None: at the end)"
@@ -77,6 +77,9 @@ class TrainingSection(_Strict):
     seed: int = Field(default=42, description="seeds data order, packing, LoRA init, dropout")
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations: less memory, ~30% slower"
+    )
+    max_skipped_steps: int = Field(
+        default=5, gt=0, description="non-finite steps in a row before the run stops"
     )
     resume: bool = Field(default=False, description="continue from the newest complete checkpoint")
     force: bool = Field(default=False, description="allow writing into a non-empty output_dir")

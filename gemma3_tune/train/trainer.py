@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,12 @@ from ..data.images import preprocess
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
+from ..outputs import write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
+from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete
 from .data_check import load_data, model_dir
 from .distributed import init_distributed, load_model_zero3
+from .guards import NonFiniteGuard
 from .recipe import Recipe, recipe_to_yaml
 
 log = logging.getLogger("gemma3_tune")
@@ -76,6 +80,7 @@ class MetricsCallback(TrainerCallback):
         "tokens_per_second",
         "step_seconds",
         "peak_memory_gb",
+        "skipped_steps",
     )
 
     def __init__(self, out: Path):
@@ -193,10 +198,18 @@ def prepare_output_dir(recipe: Recipe) -> Path:
     return out
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint-N that finished saving (its trainer_state.json is written last)."""
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+def resume_point(out: Path) -> Path | None:
+    """The newest complete checkpoint; half-written ones are removed, and metrics.jsonl loses
+    the rows logged after the checkpoint (the resumed run logs those steps again)."""
+    for p in remove_incomplete(out):
+        print(f"removed {p.name}: it was not completely written", file=sys.stderr)
+    ckpt = newest_complete(out)
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        step = int(ckpt.name.removeprefix("checkpoint-")) if ckpt else 0
+        rows = [r for r in metrics.read_text().splitlines() if json.loads(r)["step"] <= step]
+        write_atomic(metrics, "".join(r + "\n" for r in rows))
+    return ckpt
 
 
 def deepspeed_config(recipe: Recipe) -> str | None:
@@ -237,7 +250,7 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CompleteCheckpoints rotates, after the marker is written
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
         logging_steps=t.logging_steps,
@@ -309,10 +322,12 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         print(parameter_table(model), file=sys.stderr)
 
     load_image, image_key = _image_loader(recipe, model, cfg)
+    unwrap(model).vision_input = "features" if image_key == "vision_features" else "pixels"
     collator = Collator(tok.pad_id, load_image, image_key)
     train_ds = _rows_dataset(data.train_rows)
     eval_ds = _rows_dataset(data.eval_rows)
     metrics = MetricsCallback(out)
+    guard = NonFiniteGuard(recipe.training.max_skipped_steps, recipe.model.dtype)
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(str(folder))
@@ -323,15 +338,18 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=hf_tok,
-        callbacks=[metrics],
+        callbacks=[metrics, CompleteCheckpoints(out, recipe.training.save_total_limit)],
         projector_lr=recipe.train_projector_lr,
         pad_id=tok.pad_id,
+        guard=guard,
     )
     resume = None
     if recipe.training.resume:
-        resume = newest_checkpoint(out)
+        resume = resume_point(out) if is_main_process() else newest_complete(out)
         if resume is None:
             print(f"no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
+        else:
+            print(f"resuming from {resume.name}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
     return out
@@ -344,16 +362,27 @@ def _make_trainer_class():
     class Gemma3Trainer(SFTTrainer):
         """SFTTrainer with our loss (the model's own, chunked) and a projector learning rate."""
 
-        def __init__(self, *a, projector_lr: float | None = None, pad_id: int = 0, **kw):
+        def __init__(
+            self,
+            *a,
+            projector_lr: float | None = None,
+            pad_id: int = 0,
+            guard: NonFiniteGuard | None = None,
+            **kw,
+        ):
             self.projector_lr = projector_lr
             self.pad_id = pad_id
+            self.guard = guard
             self.tokens_seen = 0  # real (non-padding) tokens, this process
             self._last = (time.perf_counter(), 0, 0)  # time, tokens, step at the last train log
             super().__init__(*a, **kw)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.tokens_seen += int((inputs["input_ids"] != self.pad_id).sum())
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.guard is not None:
+                self.guard.saw_loss(loss)
+            return loss
 
         def log(self, logs, start_time=None):
             """Adds tokens, tokens/s, s/step and peak memory to train logs (the progress bar
@@ -369,6 +398,7 @@ def _make_trainer_class():
                     tokens_per_second=round((tokens - tok0) / dt, 1),
                     step_seconds=round(dt / max(step - step0, 1), 4),
                     peak_memory_gb=round(peak_memory_gb(), 3),
+                    skipped_steps=self.guard.skipped if self.guard else 0,
                 )
                 self._last = (now, tokens, step)
             if "eval_loss" in logs:
@@ -386,37 +416,45 @@ def _make_trainer_class():
                 cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
                 groups = [{"params": rest}, {"params": proj, "lr": self.projector_lr}]
                 self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
-                return self.optimizer
-            return super().create_optimizer()
+            else:
+                super().create_optimizer()
+            if self.guard is not None:
+                self.guard.install(self.optimizer)
+            return self.optimizer
 
     return Gemma3Trainer
 
 
 def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
-    """adapter/ (peft) or model/ (full SFT). Every rank takes part: under ZeRO-3 the weights
-    are gathered from all of them; rank 0 writes."""
+    """adapter/ (peft) or model/ (full SFT), written under a temporary name and renamed when
+    complete. Every rank takes part: under ZeRO-3 the weights are gathered from all of them;
+    rank 0 writes."""
+    name = "model" if recipe.method == "full" else "adapter"
+    dest, tmp = out / name, out / f".{name}.partial"
+    main = trainer.is_world_process_zero()
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
     if recipe.method in ("lora", "qlora"):
-        dest = out / "adapter"
-        trainer.save_model(
-            str(dest)
-        )  # peft format (adapter_config.json + adapter_model.safetensors)
+        trainer.save_model(str(tmp))  # peft: adapter_config.json + adapter_model.safetensors
     else:
         engine = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
         state = trainer.accelerator.get_state_dict(engine)  # gathered under ZeRO-3
-        dest = out / ("model" if recipe.method == "full" else "adapter")
-        if trainer.is_world_process_zero():
+        if main:
             state = {k.removeprefix("module."): v for k, v in state.items()}
             if recipe.method == "full":
-                save_model(unwrap(trainer.model), dest, state_dict=state)
+                save_model(unwrap(trainer.model), tmp, state_dict=state)
             else:  # projector only
                 from safetensors.torch import save_file
 
-                dest.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir(parents=True, exist_ok=True)
                 proj = {
                     k: v.detach().cpu().contiguous() for k, v in state.items() if PROJECTOR in k
                 }
-                save_file(proj, str(dest / "projector.safetensors"), metadata={"format": "pt"})
-    if not trainer.is_world_process_zero():
+                save_file(proj, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
+    if not main:
         return
-    copy_tokenizer_files(base_folder, dest)
+    copy_tokenizer_files(base_folder, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
     print(f"saved {dest}", file=sys.stderr)

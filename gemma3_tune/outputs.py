@@ -1,0 +1,87 @@
+"""Writing outputs without ever leaving half of one, or replacing a user's without `--force`.
+
+Every command that writes a folder or file (init-model, import-gguf, export, quickstart) goes
+through here: refuse a non-empty target unless forced, build the result in a temporary sibling
+(same filesystem, so the final rename is atomic), then swap it in. A crash or a kill at any
+moment leaves either the old output or the new one, plus at worst a hidden `.name.tmp-*`
+sibling, never a mixture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError
+
+
+def refuse_existing(out: Path, force: bool, what: str = "--out") -> None:
+    """A non-empty folder, or any file, at `out` is only replaced with --force."""
+    taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if taken and not force:
+        raise UserError(f"{what} {out}: exists and is not empty; pass --force to replace it")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike, force: bool, what: str = "--out") -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out`; when the block succeeds it becomes `out`."""
+    out = Path(out)
+    refuse_existing(out, force, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        if out.exists() or out.is_symlink():
+            _remove(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def staged_file(out: str | os.PathLike, force: bool, what: str = "--out") -> Iterator[Path]:
+    """Yield a temporary file path beside `out`; when the block succeeds it replaces `out`."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{what} {out}: is a folder; give a file name")
+    refuse_existing(out, force, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a small file so that readers see the old content or the new, never a part."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)

@@ -1,0 +1,113 @@
+"""Checkpoints that are either complete or ignored, and rotation that never loses the last one.
+
+The HF Trainer writes `checkpoint-N/` file by file (weights, optimizer, scheduler, RNG states,
+trainer_state.json). A kill in the middle leaves a folder that looks like a checkpoint. So once
+every rank has finished writing, we add a marker, `COMPLETE.json`, written atomically (temp file,
+fsync, rename) and listing every file with its size. Resume only considers checkpoints whose
+marker is present and whose files still match it; the others are removed before training
+starts. Rotation (`save_total_limit`) is ours too, run after the marker is written: the
+Trainer's own rotation runs before any callback, so a kill between its deletion of the old
+checkpoint and our marker on the new one would leave nothing to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..outputs import write_atomic
+
+MARKER = "COMPLETE.json"
+PREFIX = "checkpoint-"
+
+
+def _step(p: Path) -> int:
+    try:
+        return int(p.name.removeprefix(PREFIX))
+    except ValueError:
+        return -1
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    return sorted((p for p in out.glob(f"{PREFIX}*") if p.is_dir() and _step(p) >= 0), key=_step)
+
+
+def _files(ckpt: Path) -> dict[str, int]:
+    return {
+        p.relative_to(ckpt).as_posix(): p.stat().st_size
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def mark_complete(ckpt: Path) -> None:
+    """Flush every file of the checkpoint to disk, then commit it with the marker."""
+    files = _files(ckpt)
+    for name in files:
+        fd = os.open(ckpt / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    write_atomic(ckpt / MARKER, json.dumps({"step": _step(ckpt), "files": files}, indent=1))
+
+
+def is_complete(ckpt: Path) -> bool:
+    try:
+        listed = json.loads((ckpt / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((ckpt / n).is_file() and (ckpt / n).stat().st_size == s for n, s in listed.items())
+
+
+def newest_complete(out: Path) -> Path | None:
+    done = [p for p in checkpoints(out) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def remove_incomplete(out: Path) -> list[Path]:
+    """Delete checkpoint folders a kill left half-written (no valid marker)."""
+    gone = [p for p in checkpoints(out) if not is_complete(p)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def rotate(out: Path, keep: int | None) -> list[Path]:
+    """Keep the `keep` newest complete checkpoints; never touch the newest complete one, and
+    never count a half-written one as a reason to delete a complete one."""
+    if keep is None:
+        return []
+    done = [p for p in checkpoints(out) if is_complete(p)]
+    old = done[: max(len(done) - max(keep, 1), 0)]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once all ranks wrote it, then applies save_total_limit."""
+
+    def __init__(self, out: Path, save_total_limit: int | None):
+        self.out, self.keep = out, save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's shard (ZeRO) is on disk before the marker
+        if state.is_world_process_zero:
+            ckpt = self.out / f"{PREFIX}{state.global_step}"
+            if ckpt.is_dir():
+                mark_complete(ckpt)
+                for p in rotate(self.out, self.keep):
+                    print(f"removed old checkpoint {p.name} (save_total_limit)", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return control
