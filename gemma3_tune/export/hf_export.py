@@ -137,6 +137,7 @@ def export_merged(
     checkpoint: int | None = None,
     force: bool = False,
 ) -> Path:
+    refuse_existing(out, force)  # before the (slow) merge
     model, base, _, method = merged_model(src, checkpoint)
     with staged_dir(out, force) as tmp:
         torch_dtype = DTYPES[dtype]
