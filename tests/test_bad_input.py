@@ -158,8 +158,12 @@ CASES = {
         ["training.micro_batch_size", "greater than 0"],
     ),
     "override_not_section": (
+        lambda t, m, v, r: ["train", str(_good(t, m)), "model.path.x=1"],
+        ["model.path.x=1", "not a section"],
+    ),
+    "override_into_a_value": (
         lambda t, m, v, r: ["train", str(_good(t, m)), "method.r=4"],
-        ["method is not a section"],
+        ["r.yaml (with overrides): method", "Input should be 'lora'"],
     ),
     "override_bad_choice": (
         lambda t, m, v, r: ["train", str(_good(t, m)), "method=lora2"],
@@ -172,7 +176,7 @@ CASES = {
     ),
     "model_no_config": (
         lambda t, m, v, r: ["train", str(_good(t, t))],
-        ["config.json: not found"],
+        ["model.path", "no config.json"],
     ),
     "model_config_not_json": (
         lambda t, m, v, r: _config_edit(t, m, text='{"model_type": "gemma3_text",\n oops}'),
@@ -235,7 +239,7 @@ CASES = {
     ),
     "data_unknown_format": (
         lambda t, m, v, r: _unknown_format(t, m),
-        ["d.txt", ".jsonl"],
+        ["d.txt", "unsupported data file type '.txt'", ".jsonl"],
     ),
     "image_escapes_root": (
         lambda t, m, v, r: _image_case(t, v, "../secret.png"),

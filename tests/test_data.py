@@ -184,7 +184,9 @@ def test_sample_whose_images_alone_do_not_fit_is_dropped_with_its_line(tmp_path,
     _write_jsonl(tmp_path / "v.jsonl", [_chat(1), two, _chat(2)])
     data = build(DataConfig(train=["v.jsonl"], max_seq_len=30), tok, cfg, tmp_path)
     assert (data.report.samples, data.report.dropped, data.report.truncated) == (2, 1, 0)
-    assert data.report.dropped_at[0].startswith("v.jsonl:2: its images alone take 36 tokens")
+    assert (
+        "v.jsonl:2: its images alone take 36 tokens > max_seq_len 30" in data.report.dropped_at[0]
+    )
     assert all(not s.images for r in data.train_rows for s in r)
 
 

@@ -16,6 +16,7 @@ from trainutil import chat_set, colour_set, write_recipe
 
 from gemma3_tune.cli import main
 from gemma3_tune.export.hf_export import merged_model
+from gemma3_tune.model.checkpoint import ours_to_hf
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,8 @@ def test_mmproj_gguf_tensors_equal_our_tower_and_projector(runs, tmp_path, capsy
     assert value("clip.vision.patch_size") == v.patch_size
 
     ours = {
-        k: t for k, t in model.model.state_dict().items()
-        if k.startswith(("vision_tower.", "multi_modal_projector."))
+        ours_to_hf(k, "published"): t for k, t in model.state_dict().items()
+        if ours_to_hf(k, "published").startswith(("vision_tower.", "multi_modal_projector."))
     }  # fmt: skip
     written = {t.name: t for t in reader.tensors}
     assert len(written) == len(ours)

@@ -59,6 +59,12 @@ def read_records(path: str | os.PathLike) -> Iterator[Record]:
     if path.suffix == ".json":
         yield from _read_json_array(path)
         return
+    if path.suffix not in (".jsonl", ".ndjson"):
+        raise SampleError(
+            str(path),
+            f"unsupported data file type {path.suffix or '(none)'!r}; use .jsonl, .json,"
+            " .parquet, .arrow or a datasets.save_to_disk folder",
+        )
     yield from _read_jsonl(path)
 
 

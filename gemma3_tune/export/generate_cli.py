@@ -9,6 +9,7 @@ import torch
 from ..data.template import Turn
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
+from ..model.checkpoint import read_config
 from ..model.config import preset
 from ..model.generate import kv_cache_bytes
 from .inference import load_with_adapter, reply, resolve_run
@@ -57,6 +58,8 @@ def run(args) -> int:
     base, adapter = resolve_run(args.model)
     adapter = args.adapter or adapter
     dtype = getattr(torch, args.dtype)
+    if args.image and not read_config(base).is_multimodal:  # before the (slow) load
+        raise UserError("--image given, but the model is text-only")
     print(f"loading {base}" + (f" + {adapter}" if adapter else ""), file=sys.stderr)
     model = load_with_adapter(base, adapter, dtype=dtype).eval()
     tok = Tokenizer(base)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.checkpoint import ours_to_hf
 from ..model.gemma3 import Gemma3
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]  # Gemma3ImageProcessor's normalisation
@@ -27,9 +28,10 @@ def vision_tensors(model: Gemma3) -> dict[str, torch.Tensor]:
     """Tower and projector weights under transformers' published names
     (`vision_tower.vision_model.*`, `multi_modal_projector.mm_input_projection.weight`)."""
     out = {}
-    for key, t in model.model.state_dict().items():
-        if key.startswith(("vision_tower.", "multi_modal_projector.")):
-            out[key.replace("mm_input_projection_weight", "mm_input_projection.weight")] = t
+    for key, t in model.state_dict().items():
+        name = ours_to_hf(key, "published")
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            out[name.replace("mm_input_projection_weight", "mm_input_projection.weight")] = t
     return out
 
 

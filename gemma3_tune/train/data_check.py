@@ -45,11 +45,12 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     except DataErrors as e:
         for err in e.errors:
             print(f"error: {err}", file=sys.stderr)
-        more = " (and more; raise data.max_errors to see them)" if e.more else ""
-        print(
-            f"error: {len(e.errors)} bad sample(s){more}; fix them and run data check again",
-            file=sys.stderr,
-        )
+        if len(e.errors) > 1 or e.more:  # one mistake, one line; several get a count
+            more = " (and more; raise data.max_errors to see them)" if e.more else ""
+            print(
+                f"error: {len(e.errors)} bad sample(s){more}; fix them and run data check again",
+                file=sys.stderr,
+            )
         return 2
     r = data.report
     out = sys.stdout

@@ -260,7 +260,7 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool):
         # peft keeps LoRA weights in fp32. DeepSpeed manages precision itself: tell it bf16.
         bf16=recipe.deepspeed is not None and resolve_dtype(recipe.model.dtype) == torch.bfloat16,
         fp16=False,
-        gradient_checkpointing=False,  # our model checkpoints its own layers (see below)
+        activation_checkpointing=False,  # our model checkpoints its own layers (see below)
         report_to=report_to,
         run_name=out.name,
         remove_unused_columns=False,
