@@ -156,9 +156,10 @@ def test_nan_in_the_weights_stops_the_run_with_one_line(tmp_path, tiny_dir, caps
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.count("step skipped") == 3
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: step 3: loss or gradients not finite for 3 steps in a row")
-    assert "training.lr" in last
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("error: step 3: loss or gradients not finite for 3 steps in a row")
+    assert "training.lr" in errors[0]
 
 
 def test_out_of_memory_gets_the_recipe_keys_to_change():

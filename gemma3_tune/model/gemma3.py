@@ -310,21 +310,24 @@ class Gemma3(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def _no_images(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Zero images for an image-less batch when data-parallel ranks must stay in step.
+        """Stand-in inputs for an image-less batch when data-parallel ranks must stay in step.
 
-        Under ZeRO-3 every module's weights are gathered collectively, so a rank whose batch
-        has no image must still call the tower and projector, or the ranks that do wait for
-        it forever; under DDP and ZeRO-2 the trained projector must get a gradient (zero) on
-        every rank. An empty batch costs no compute: only the collectives run. With cached
-        features (`vision_input == "features"`) no rank runs the tower, so only the projector
-        is called. A single process skips all of this."""
+        Under ZeRO-3 the tower and projector weights are gathered by collectives, in forward
+        and again in backward, so a rank whose batch has no image must still run them, or the
+        ranks that do wait for it (or pair the wrong collectives). It runs one black image:
+        an empty batch is not enough, as DeepSpeed's backward hooks then take a different
+        path on that rank (measured: a collective mismatch). Without partitioning (DDP, ZeRO-2)
+        the tower is skipped and only the projector runs, on one zero feature block, so a
+        trained projector gets its (zero) gradient on every rank. With cached features the
+        tower never runs on any rank. A single process skips all of this."""
         if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return None, None
         v = self.config.vision
-        if self.vision_input == "features":
-            return None, x.new_zeros((0, self.config.mm_tokens_per_image, v.hidden_size))
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        return x.new_zeros((0, v.num_channels, v.image_size, v.image_size), dtype=dtype), None
+        partitioned = any(hasattr(p, "ds_id") for p in self.vision_tower.parameters())  # ZeRO-3
+        if partitioned and self.vision_input == "pixels":
+            dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+            return x.new_zeros((1, v.num_channels, v.image_size, v.image_size), dtype=dtype), None
+        return None, x.new_zeros((1, self.config.mm_tokens_per_image, v.hidden_size))
 
     def vision_features(self, pixel_values: Tensor) -> Tensor:
         """`[N, 3, S, S]` pixels -> `[N, mm_tokens, Dv]` pooled SigLIP features: the frozen part
@@ -341,8 +344,10 @@ class Gemma3(nn.Module):
         ids = input_ids.masked_fill(is_img, c.pad_token_id) if is_img is not None else input_ids
         x = self.text_model.embed(ids)  # [B, T, D]
         image_features = None
+        stand_in = False
         if c.is_multimodal and pixel_values is None and vision_features is None:
             pixel_values, vision_features = self._no_images(x)
+            stand_in = pixel_values is not None or vision_features is not None
         if vision_features is None and pixel_values is not None:
             if not c.is_multimodal:
                 raise ValueError("pixel_values given to a text-only Gemma 3 model")
@@ -350,6 +355,8 @@ class Gemma3(nn.Module):
         if vision_features is not None:
             assert isinstance(self.model, MultimodalModel)
             image_features = self.model.multi_modal_projector(vision_features)  # [N, mm_tokens, D]
+        if stand_in:  # in the graph with weight 0: the projector gets a zero gradient
+            return x + image_features.sum().to(x.dtype) * 0
         n_slots = int(is_img.sum()) if is_img is not None else 0
         if n_slots:
             check_image_blocks(is_img, c.mm_tokens_per_image)
