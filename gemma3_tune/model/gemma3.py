@@ -265,8 +265,6 @@ class Gemma3(nn.Module):
         super().__init__()
         self.config = config
         self.attn_backend = attn_backend  # "sdpa", "flex", or "auto" (flex on CUDA)
-        # What image inputs training feeds: "pixels", or "features" from the feature cache.
-        self.vision_input = "pixels"
         self.model: TextModel | MultimodalModel = (
             MultimodalModel(config) if config.is_multimodal else TextModel(config)
         )
@@ -310,23 +308,18 @@ class Gemma3(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def _no_images(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Stand-in inputs for an image-less batch when data-parallel ranks must stay in step.
+        """A stand-in for an image-less batch when data-parallel ranks must stay in step.
 
-        Under ZeRO-3 the tower and projector weights are gathered by collectives, in forward
-        and again in backward, so a rank whose batch has no image must still run them, or the
-        ranks that do wait for it (or pair the wrong collectives). It runs one black image:
-        an empty batch is not enough, as DeepSpeed's backward hooks then take a different
-        path on that rank (measured: a collective mismatch). Without partitioning (DDP, ZeRO-2)
-        the tower is skipped and only the projector runs, on one zero feature block, so a
-        trained projector gets its (zero) gradient on every rank. With cached features the
-        tower never runs on any rank. A single process skips all of this."""
+        Under DDP and ZeRO-2 a trained projector must get a gradient on every rank, or the
+        gradient reduction fails (DDP) or pairs the wrong buckets (ZeRO-2). So a rank whose
+        batch has no image runs the projector on one block of zero features, added to the
+        embeddings with weight 0: a zero gradient, and the frozen tower is not run at all.
+        (ZeRO-3, where the tower's weights are gathered collectively, refuses data that mixes
+        image and text rows before training starts; see train.trainer.) A single process
+        skips this."""
         if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return None, None
         v = self.config.vision
-        partitioned = any(hasattr(p, "ds_id") for p in self.vision_tower.parameters())  # ZeRO-3
-        if partitioned and self.vision_input == "pixels":
-            dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-            return x.new_zeros((1, v.num_channels, v.image_size, v.image_size), dtype=dtype), None
         return None, x.new_zeros((1, self.config.mm_tokens_per_image, v.hidden_size))
 
     def vision_features(self, pixel_values: Tensor) -> Tensor:

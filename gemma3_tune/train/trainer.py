@@ -307,6 +307,14 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     if recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3():
         if recipe.method == "qlora":
             raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
+        mixed = {bool(im) for im in (sum((s.images for s in r), []) for r in data.train_rows)}
+        if len(mixed) == 2 and cfg.is_multimodal:
+            # Ranks that disagree about images desynchronise ZeRO-3's collectives in the
+            # backward pass (a measured collective mismatch; open, issue 9).
+            raise UserError(
+                "data.train: rows with and without images are not supported under ZeRO-3 yet;"
+                " use deepspeed: zero2 or plain DDP, or data where every row has an image"
+            )
         if recipe.train_projector:
             # peft trains a copy of the projector (modules_to_save), and a copy of a ZeRO-3
             # partitioned module is not a valid ZeRO-3 parameter (DeepSpeed asserts).
@@ -329,7 +337,6 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         print(parameter_table(model), file=sys.stderr)
 
     load_image, image_key = _image_loader(recipe, model, cfg)
-    unwrap(model).vision_input = "features" if image_key == "vision_features" else "pixels"
     collator = Collator(tok.pad_id, load_image, image_key)
     train_ds = _rows_dataset(data.train_rows)
     eval_ds = _rows_dataset(data.eval_rows)
