@@ -96,15 +96,20 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
+class ImageTokenError(UserError, ValueError):
+    """Image tokens that do not form whole images."""
+
+
 def check_image_blocks(is_img: Tensor, per_image: int) -> None:
-    """Every run of image tokens must be exactly one image's soft tokens: a block cut short
-    (say, by truncation) would silently pair text positions with the wrong features.
+    """Every run of image tokens must be whole images (`per_image` soft tokens each; our
+    template separates images with <end_of_image><start_of_image>, so a run is one image): a
+    block cut short, say by truncation, would silently pair positions with the wrong features.
     is_img: [B, T] bool."""
     edges = F.pad(is_img.int(), (1, 1)).diff(dim=1)  # [B, T+1]: +1 at a block start, -1 after
     lengths = (edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]  # row-major pairs
-    bad = lengths[lengths != per_image]
+    bad = lengths[lengths % per_image != 0]
     if bad.numel():
-        raise UserError(
+        raise ImageTokenError(
             f"an image block has {int(bad[0])} image tokens, but every image needs exactly"
             f" {per_image}; was an image cut by truncation? (data.max_seq_len)"
         )
