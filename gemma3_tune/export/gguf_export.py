@@ -90,17 +90,38 @@ def _vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[float], list[
     return tokens, scores, [int(t) for t in types]
 
 
+def file_type(dtype: str):
+    """general.file_type for an f32 / f16 / bf16 export."""
+    import gguf
+
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    }[dtype]
+
+
+def add_tensor(writer, name: str, t: torch.Tensor, kind: str) -> None:
+    """Add `t` stored as f32, f16 or bf16 (bf16 as raw 16-bit patterns)."""
+    import gguf
+
+    if kind == "f32":
+        writer.add_tensor(name, t.numpy().astype(np.float32))
+    elif kind == "f16":
+        writer.add_tensor(name, t.numpy().astype(np.float16))
+    else:
+        raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        writer.add_tensor(
+            name, raw, raw_shape=list(t.shape), raw_dtype=gguf.GGMLQuantizationType.BF16
+        )
+
+
 def write_gguf(
     model: Gemma3, tokenizer_dir: Path, path: Path, dtype: str = "f16", name: str = "gemma3-tune"
 ) -> None:
     import gguf
 
     c = model.config
-    qtype = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-    }[dtype]
     w = gguf.GGUFWriter(str(path), "gemma3")
     w.add_name(name)
     w.add_context_length(c.max_position_embeddings)
@@ -117,13 +138,7 @@ def write_gguf(
     if c.rope_scaling_factor != 1.0:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_scaling_factor)
-    w.add_file_type(
-        {
-            "f32": gguf.LlamaFileType.ALL_F32,
-            "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        }[dtype]
-    )
+    w.add_file_type(file_type(dtype))
 
     tokens, scores, types = _vocab(tokenizer_dir, c.vocab_size)
     w.add_tokenizer_model("llama")
@@ -152,13 +167,7 @@ def write_gguf(
         if is_norm:
             t = t + 1.0  # GGUF stores 1 + w
         # llama.cpp keeps 1-D tensors (norms) in f32 whatever the file type.
-        if t.dim() == 1 or dtype == "f32":
-            w.add_tensor(gname, t.numpy().astype(np.float32))
-        elif dtype == "f16":
-            w.add_tensor(gname, t.numpy().astype(np.float16))
-        else:  # bf16: raw 16-bit patterns
-            raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            w.add_tensor(gname, raw, raw_shape=list(t.shape), raw_dtype=qtype)
+        add_tensor(w, gname, t, "f32" if t.dim() == 1 else dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

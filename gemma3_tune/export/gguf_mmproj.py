@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..model.checkpoint import ours_to_hf
 from ..model.gemma3 import Gemma3
+from .gguf_export import add_tensor, file_type
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]  # Gemma3ImageProcessor's normalisation
 
@@ -55,13 +55,7 @@ def write_mmproj(model: Gemma3, path: Path, dtype: str = "f16", name: str = "gem
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
-    w.add_file_type(
-        {
-            "f32": gguf.LlamaFileType.ALL_F32,
-            "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        }[dtype]
-    )
+    w.add_file_type(file_type(dtype))
     w.add_clip_has_vision_encoder(True)
     w.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
     w.add_vision_projection_dim(c.hidden_size)
@@ -84,7 +78,7 @@ def write_mmproj(model: Gemma3, path: Path, dtype: str = "f16", name: str = "gem
     for hf_name, t in vision_tensors(model).items():
         gname, plus_one = mmproj_name(hf_name, v.num_hidden_layers)
         t = t.detach().float() + (1.0 if plus_one else 0.0)
-        w.add_tensor(gname, *_encode(t, _tensor_type(gname, t, dtype)))
+        add_tensor(w, gname, t, _tensor_type(gname, t, dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -97,15 +91,3 @@ def _tensor_type(gname: str, t: torch.Tensor, dtype: str) -> str:
     if gname.startswith("mm.input_projection"):
         return "f16"
     return dtype
-
-
-def _encode(t: torch.Tensor, kind: str) -> tuple:
-    """(array, kwargs) for GGUFWriter.add_tensor."""
-    import gguf
-
-    if kind == "f32":
-        return (t.numpy().astype(np.float32),)
-    if kind == "f16":
-        return (t.numpy().astype(np.float16),)
-    raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return raw, list(t.shape), gguf.GGMLQuantizationType.BF16
