@@ -375,8 +375,9 @@ def section_cache(args) -> str:
     head = (
         "Projector-only training (`method: none`, `train_projector: true`), one row of four"
         " images and a short caption, tiny decoder, AdamW; the step includes collation (image"
-        " decoding + preprocessing, or reading cached features). With the full 27-layer tower"
-        " the recompute column grows about 13x and the cached one does not change."
+        " decoding + preprocessing, or reading cached features). Not measured here: with all 27"
+        " layers the recompute column would grow with the layer count (about 13x) while the"
+        " cached one would not change."
     )
     return "\n".join([head, "", *rows])
 
