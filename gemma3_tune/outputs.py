@@ -33,6 +33,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished folder into place: whatever is at `out` goes, `tmp` becomes `out`."""
+    tmp.chmod(0o755)  # mkdtemp makes it 0700
+    if out.exists() or out.is_symlink():
+        _remove(out)
+    tmp.rename(out)
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike, force: bool, what: str = "--out") -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; when the block succeeds it becomes `out`."""
@@ -42,22 +50,24 @@ def staged_dir(out: str | os.PathLike, force: bool, what: str = "--out") -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if out.exists() or out.is_symlink():
-            _remove(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_existing_file(out: Path, force: bool, what: str = "--out") -> None:
+    """As refuse_existing, for an output that is one file (a folder there is never replaced)."""
+    if out.is_dir():
+        raise UserError(f"{what} {out}: is a folder; give a file name")
+    refuse_existing(out, force, what)
 
 
 @contextmanager
 def staged_file(out: str | os.PathLike, force: bool, what: str = "--out") -> Iterator[Path]:
     """Yield a temporary file path beside `out`; when the block succeeds it replaces `out`."""
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{what} {out}: is a folder; give a file name")
-    refuse_existing(out, force, what)
+    refuse_existing_file(out, force, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)

@@ -12,6 +12,7 @@ position embeddings in f32, and the input projection in f16 (f32 for an f32 expo
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -35,12 +36,16 @@ def vision_tensors(model: Gemma3) -> dict[str, torch.Tensor]:
     return out
 
 
-def mmproj_name(hf_name: str, n_blocks: int) -> tuple[str, bool]:
-    """(GGUF name, stored as 1 + w) for a published vision/projector tensor name."""
+@functools.cache
+def _name_map(n_blocks: int):
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, n_blocks)
-    g = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, n_blocks)
+
+
+def mmproj_name(hf_name: str, n_blocks: int) -> tuple[str, bool]:
+    """(GGUF name, stored as 1 + w) for a published vision/projector tensor name."""
+    g = _name_map(n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if g is None:
         raise ValueError(f"no mmproj GGUF name for {hf_name}")
     return g, hf_name.endswith("soft_emb_norm.weight")

@@ -19,7 +19,7 @@ from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import Gemma3
-from ..outputs import refuse_existing, staged_dir, staged_file
+from ..outputs import refuse_existing, refuse_existing_file, staged_dir, staged_file
 from .inference import apply_adapter, load_with_adapter, resolve_run
 
 # Gemma 3's chat template (what the -it checkpoints ship), for folders that lack one.
@@ -237,15 +237,13 @@ def export_gguf(
     if out.suffix != ".gguf":
         raise UserError(f"--out {out}: a GGUF export is one file; name it *.gguf")
     mmproj = out.with_name(f"mmproj-{out.name}")
-    for target in (out, mmproj):
-        if target.is_dir():
-            raise UserError(f"--out {target}: is a folder; give a file name")
-        refuse_existing(target, force)
+    for target in (out, mmproj):  # before the (slow) merge
+        refuse_existing_file(target, force)
     model, base, _, _ = merged_model(src, checkpoint)
     with staged_file(out, force) as tmp:
         write_gguf(model, base, tmp, gguf_dtype)
         text = {"model." + k: v for k, v in model.text_model.state_dict().items()}
-        _verify_gguf(tmp, text, lambda k: hf_to_gguf_name(k), gguf_dtype)
+        _verify_gguf(tmp, text, hf_to_gguf_name, gguf_dtype)
     if not model.config.is_multimodal:
         return out
     with staged_file(mmproj, force) as tmp:
@@ -260,7 +258,7 @@ def _verify_gguf(path: Path, tensors: dict, name_of, gguf_dtype: str) -> None:
     """Every tensor read back from `path` equals ours (norms stored as 1 + w) within the
     rounding of its stored type."""
     import numpy as np
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
     written = {t.name: t for t in GGUFReader(str(path)).tensors}
@@ -272,5 +270,5 @@ def _verify_gguf(path: Path, tensors: dict, name_of, gguf_dtype: str) -> None:
         want = ref.float() + (1.0 if plus_one else 0.0)
         scale = want.abs().max().clamp(min=1e-6)
         err = ((got.reshape(want.shape) - want).abs().max() / scale).item()
-        if err > max(tol, 2e-3 if t.tensor_type == 1 else 0.0):  # type 1: f16
+        if err > max(tol, 2e-3 if t.tensor_type == GGMLQuantizationType.F16 else 0.0):
             raise UserError(f"GGUF verification failed on {gname}: relative error {err:.3g}")

@@ -29,7 +29,7 @@ from ..data.images import preprocess
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
-from ..outputs import write_atomic
+from ..outputs import replace_dir, write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
 from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete
 from .data_check import load_data, model_dir
@@ -307,8 +307,8 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     if recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3():
         if recipe.method == "qlora":
             raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
-        mixed = {bool(im) for im in (sum((s.images for s in r), []) for r in data.train_rows)}
-        if len(mixed) == 2 and cfg.is_multimodal:
+        has_images = {any(s.images for s in row) for row in data.train_rows}
+        if len(has_images) == 2 and cfg.is_multimodal:
             # Ranks that disagree about images desynchronise ZeRO-3's collectives in the
             # backward pass (a measured collective mismatch; open, issue 9).
             raise UserError(
@@ -468,7 +468,5 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     if not main:
         return
     copy_tokenizer_files(base_folder, tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    replace_dir(tmp, dest)
     print(f"saved {dest}", file=sys.stderr)
