@@ -312,20 +312,44 @@ class Gemma3(nn.Module):
         return self.attn_backend
 
     # -- forward -------------------------------------------------------------------------------
-    def _no_images(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """A stand-in for an image-less batch when data-parallel ranks must stay in step.
+    def _stand_in(
+        self, x: Tensor, pixel_values: Tensor | None, vision_features: Tensor | None
+    ) -> Tensor | None:
+        """A zero-weighted term that keeps data-parallel ranks in step when only some of them
+        hold images. A single process never needs it (None).
 
-        Under DDP and ZeRO-2 a trained projector must get a gradient on every rank, or the
-        gradient reduction fails (DDP) or pairs the wrong buckets (ZeRO-2). So a rank whose
-        batch has no image runs the projector on one block of zero features, added to the
-        embeddings with weight 0: a zero gradient, and the frozen tower is not run at all.
-        (ZeRO-3, where the tower's weights are gathered collectively, refuses data that mixes
-        image and text rows before training starts; see train.trainer.) A single process
-        skips this."""
-        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-            return None, None
+        Under DDP and ZeRO-2 a trained projector must get a gradient on every rank at every
+        step, or the gradient reduction fails (DDP) or pairs the wrong buckets (ZeRO-2). A rank
+        without images runs the projector on one block of zero features; the frozen tower is
+        not run, so it costs nothing.
+
+        Under ZeRO-3 every module's weights are gathered collectively when it runs, so the
+        tower must run on every rank or on none. The ranks agree whether any of them runs it
+        this step (one all-reduce of a flag: 2 = tower and projector, 1 = projector on cached
+        features, 0 = neither); if so, a rank without pixels runs it on one zero image. Steps
+        where no rank holds an image skip the tower everywhere. The projector still runs on
+        every rank at every step: a trained parameter that gets no gradient in a step keeps
+        its previous step's gradient under ZeRO-3 (measured: the grad norm of an image-less
+        step included the last image step's projector gradient).
+
+        The result is added to the embeddings with weight 0: zero gradients, same values."""
+        dist = torch.distributed
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        mine = 2 if pixel_values is not None else 1 if vision_features is not None else 0
+        need = 1  # the projector runs everywhere, every step
+        if hasattr(self.text_model.embed_tokens.weight, "ds_id"):  # partitioned by ZeRO-3
+            flag = torch.tensor([mine], device=x.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            need = max(need, int(flag.item()))
+        if mine >= need:
+            return None
         v = self.config.vision
-        return None, x.new_zeros((1, self.config.mm_tokens_per_image, v.hidden_size))
+        if need == 2:
+            features = self.vision_features(x.new_zeros((1, 3, v.image_size, v.image_size)))
+        else:
+            features = x.new_zeros((1, self.config.mm_tokens_per_image, v.hidden_size))
+        return self.model.multi_modal_projector(features).sum().to(x.dtype) * 0
 
     def vision_features(self, pixel_values: Tensor) -> Tensor:
         """`[N, 3, S, S]` pixels -> `[N, mm_tokens, Dv]` pooled SigLIP features: the frozen part
@@ -342,10 +366,10 @@ class Gemma3(nn.Module):
         ids = input_ids.masked_fill(is_img, c.pad_token_id) if is_img is not None else input_ids
         x = self.text_model.embed(ids)  # [B, T, D]
         image_features = None
-        stand_in = False
-        if c.is_multimodal and pixel_values is None and vision_features is None:
-            pixel_values, vision_features = self._no_images(x)
-            stand_in = pixel_values is not None or vision_features is not None
+        if c.is_multimodal:
+            stand_in = self._stand_in(x, pixel_values, vision_features)
+            if stand_in is not None:  # in the graph with weight 0
+                x = x + stand_in
         if vision_features is None and pixel_values is not None:
             if not c.is_multimodal:
                 raise ValueError("pixel_values given to a text-only Gemma 3 model")
@@ -353,8 +377,6 @@ class Gemma3(nn.Module):
         if vision_features is not None:
             assert isinstance(self.model, MultimodalModel)
             image_features = self.model.multi_modal_projector(vision_features)  # [N, mm_tokens, D]
-        if stand_in:  # in the graph with weight 0: the projector gets a zero gradient
-            return x + image_features.sum().to(x.dtype) * 0
         n_slots = int(is_img.sum()) if is_img is not None else 0
         if n_slots:
             check_image_blocks(is_img, c.mm_tokens_per_image)

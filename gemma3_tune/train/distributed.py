@@ -36,8 +36,14 @@ def load_model_zero3(
     from safetensors import safe_open
 
     config = read_config(folder)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # The dtype comes from the config's bf16/fp16 flags (the Trainer fills them from the
+    # recipe). Passing `dtype=` as well is not safe: DeepSpeed 0.19 then picks bf16 on CPU
+    # whatever was asked (an operator-precedence slip in Init._set_dtype), so check.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Gemma3(config, attn_backend=attn_backend)
+    built = model.text_model.embed_tokens.weight.dtype
+    if built != dtype:
+        raise RuntimeError(f"ZeRO-3 built the model in {built}, the recipe asks for {dtype}")
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     seen = set()

@@ -307,21 +307,6 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     if recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3():
         if recipe.method == "qlora":
             raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
-        has_images = {any(s.images for s in row) for row in data.train_rows}
-        if len(has_images) == 2 and cfg.is_multimodal:
-            # Ranks that disagree about images desynchronise ZeRO-3's collectives in the
-            # backward pass (a measured collective mismatch; open, issue 9).
-            raise UserError(
-                "data.train: rows with and without images are not supported under ZeRO-3 yet;"
-                " use deepspeed: zero2 or plain DDP, or data where every row has an image"
-            )
-        if recipe.train_projector:
-            # peft trains a copy of the projector (modules_to_save), and a copy of a ZeRO-3
-            # partitioned module is not a valid ZeRO-3 parameter (DeepSpeed asserts).
-            raise UserError(
-                "train_projector: not supported with ZeRO-3 yet; use deepspeed: zero2 or plain"
-                " DDP (the projector is small), or keep it frozen under zero3"
-            )
         model = load_model_zero3(
             folder, dtype, args.hf_deepspeed_config.config, recipe.model.attn_backend
         )
