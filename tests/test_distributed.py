@@ -134,3 +134,26 @@ def test_mixed_image_and_text_ranks_zero(stage, mixed):
     assert ours.keys() == ddp.keys()
     for k in ddp:
         torch.testing.assert_close(ours[k], ddp[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_zero3_feature_cache_is_filled_before_training(mixed, tmp_path):
+    """Under ZeRO-3 a cache miss in one rank's collator would run the partitioned tower on that
+    rank alone and hang the others; the cache is filled (tower gathered once) before training.
+    Its entries equal a single process's (same key, so the tower's fingerprint was taken over
+    the whole weights, and the same features), and the run logs the single process's losses."""
+    from gemma3_tune.cli import main
+
+    d, r = mixed
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    assert main(["train", str(r), f"data.feature_cache={alone}", "training.grad_accum=2",
+                 f"training.output_dir={tmp_path / 'single'}"]) == 0  # fmt: skip
+    _torchrun(r, "deepspeed=zero3", f"data.feature_cache={shared}",
+              f"training.output_dir={tmp_path / 'z3'}", timeout=420)  # fmt: skip
+    entries = sorted(p.name for p in alone.iterdir())
+    assert len(entries) == 1 and sorted(p.name for p in shared.iterdir()) == entries
+    torch.testing.assert_close(
+        load_file(str(shared / entries[0]))["features"],
+        load_file(str(alone / entries[0]))["features"],
+        rtol=0, atol=1e-5,
+    )  # fmt: skip
+    assert losses(tmp_path / "z3") == pytest.approx(losses(d / "single"), rel=1e-5)

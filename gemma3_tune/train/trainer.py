@@ -11,6 +11,7 @@ Run directory: `checkpoint-N/`, `adapter/` (peft; a full HF folder in `model/` f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -149,7 +150,33 @@ def _rows_dataset(rows):
     return datasets.Dataset.from_list(records) if records else None
 
 
-def _image_loader(recipe: Recipe, model, cfg):
+def _gathered(params: list[torch.nn.Parameter]):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def _fill_cache(cache: FeatureCache, rows: list) -> None:
+    """Under ZeRO-3 the tower's weights are partitioned, and a tower run during training is a
+    collective every rank must join: a cache miss in one rank's collator would hang the
+    others. So, with the tower gathered once, the cache is filled before training: each rank
+    encodes its share of the images, then every rank completes what it cannot see (all of it
+    hits on a shared filesystem; a node with its own disk computes the rest)."""
+    refs = list({im.path: im for row in rows for sample in row for im in sample.images}.values())
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for ref in refs[rank::world]:
+        cache.features(ref)
+    dist.barrier()
+    for ref in refs:
+        cache.features(ref)
+
+
+def _missing_feature(pixels: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("feature cache: an image was not encoded before training (ZeRO-3)")
+
+
+def _image_loader(recipe: Recipe, model, cfg, data):
     """pixels per image, or cached SigLIP features when data.feature_cache is set."""
     from ..data.template import ImageRef
 
@@ -164,20 +191,26 @@ def _image_loader(recipe: Recipe, model, cfg):
     size = cfg.vision.image_size
     if d.feature_cache:
         base = unwrap(model)
-        tower_dtype = next(base.vision_tower.parameters()).dtype
-        device = next(base.vision_tower.parameters()).device
+        tower = list(base.vision_tower.parameters())
+        device = tower[0].device
 
         def encode(pixels):
-            return base.vision_features(pixels.to(device, tower_dtype)).float()
+            return base.vision_features(pixels.to(device, tower[0].dtype)).float()
 
-        cache = FeatureCache(
-            recipe.base_dir / d.feature_cache,
-            encode,
-            weights_fingerprint(base.vision_tower),
-            size,
-            d.pan_and_scan,
-            pas,
-        )
+        zero3 = hasattr(tower[0], "ds_id")
+        with _gathered(tower) if zero3 else contextlib.nullcontext():
+            cache = FeatureCache(
+                recipe.base_dir / d.feature_cache,
+                encode,
+                weights_fingerprint(base.vision_tower),
+                size,
+                d.pan_and_scan,
+                pas,
+            )
+            if zero3:
+                _fill_cache(cache, [*data.train_rows, *data.eval_rows])
+        if zero3:
+            cache.encode = _missing_feature
         return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
     return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
 
@@ -321,7 +354,7 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     if is_main_process():
         print(parameter_table(model), file=sys.stderr)
 
-    load_image, image_key = _image_loader(recipe, model, cfg)
+    load_image, image_key = _image_loader(recipe, model, cfg, data)
     collator = Collator(tok.pad_id, load_image, image_key)
     train_ds = _rows_dataset(data.train_rows)
     eval_ds = _rows_dataset(data.eval_rows)
