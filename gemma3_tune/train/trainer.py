@@ -150,12 +150,6 @@ def _rows_dataset(rows):
     return datasets.Dataset.from_list(records) if records else None
 
 
-def _gathered(params: list[torch.nn.Parameter]):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
-
-
 def _fill_cache(cache: FeatureCache, rows: list) -> None:
     """Under ZeRO-3 the tower's weights are partitioned, and a tower run during training is a
     collective every rank must join: a cache miss in one rank's collator would hang the
@@ -197,8 +191,13 @@ def _image_loader(recipe: Recipe, model, cfg, data):
         def encode(pixels):
             return base.vision_features(pixels.to(device, tower[0].dtype)).float()
 
-        zero3 = hasattr(tower[0], "ds_id")
-        with _gathered(tower) if zero3 else contextlib.nullcontext():
+        zero3 = hasattr(tower[0], "ds_id")  # DeepSpeed marks the parameters it partitions
+        gather = contextlib.nullcontext()
+        if zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(tower)
+        with gather:
             cache = FeatureCache(
                 recipe.base_dir / d.feature_cache,
                 encode,
