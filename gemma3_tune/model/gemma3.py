@@ -346,7 +346,9 @@ class Gemma3(nn.Module):
             return None
         v = self.config.vision
         if need == 2:
-            features = self.vision_features(x.new_zeros((1, 3, v.image_size, v.image_size)))
+            features = self.vision_features(
+                x.new_zeros((1, v.num_channels, v.image_size, v.image_size))
+            )
         else:
             features = x.new_zeros((1, self.config.mm_tokens_per_image, v.hidden_size))
         return self.model.multi_modal_projector(features).sum().to(x.dtype) * 0

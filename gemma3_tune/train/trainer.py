@@ -208,8 +208,7 @@ def _image_loader(recipe: Recipe, model, cfg, data):
             )
             if zero3:
                 _fill_cache(cache, [*data.train_rows, *data.eval_rows])
-        if zero3:
-            cache.encode = _missing_feature
+                cache.encode = _missing_feature  # every image is cached now
         return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
     return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
 
