@@ -104,3 +104,28 @@ def test_query_chunked_sdpa_equals_one_dense_call(window):
     grads = [torch.autograd.grad(out.pow(2).sum(), (q, k, v)) for out in (dense, chunked)]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_flops_count_the_pairs_the_mask_allows():
+    """flops.visible_pairs per layer type equals the True entries of the dense mask of a packed
+    row (documents apart, window on sliding layers), and the step total adds up by hand."""
+    from gemma3_tune.model.config import GLOBAL, preset
+    from gemma3_tune.model.flops import linear_params, train_step_flops, visible_pairs
+    from gemma3_tune.model.masks import token_info, visible
+
+    docs = [5, 40, 17, 3]
+    pos = torch.cat([torch.arange(n) for n in docs])[None]
+    info = token_info(torch.zeros_like(pos), pos, None)
+    for window in (None, 16, 4):
+        assert int(visible(info, info, window).sum()) == sum(visible_pairs(n, window) for n in docs)
+    c = preset("tiny")  # 6 layers: 5 sliding (window 16) + 1 global; D 64, H 4, Dh 16, K 2
+    assert linear_params(c) == 6 * (2 * 64 * 16 * 6 + 3 * 64 * 128) + 512 * 64
+    t = sum(docs)
+    pairs_sliding = int(visible(info, info, 16).sum())
+    pairs_global = int(visible(info, info, None).sum())
+    attn = 12 * 16 * 4 * (5 * pairs_sliding + pairs_global)
+    assert c.layer_types.count(GLOBAL) == 1
+    assert (
+        train_step_flops(c, docs, adapter_params=1000) == 4 * linear_params(c) * t + 6000 * t + attn
+    )
+    assert train_step_flops(c, docs, full=True) == 6 * linear_params(c) * t + attn

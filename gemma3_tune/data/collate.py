@@ -1,8 +1,14 @@
 """Turning rows of samples into model batches.
 
 A row is one or more samples laid end to end (packed) or a single sample. Every batch is
-right-padded to its longest row; the padding is a document of its own (positions from 0),
-with `<pad>` ids and no loss, so it never touches real tokens.
+right-padded to its longest row, or, with `bucket_to` set, up to the next length bucket; the
+padding is a document of its own (positions from 0), with `<pad>` ids and no loss, so it never
+touches real tokens.
+
+Why buckets: a compiled model (torch.compile, FlexAttention) specialises on the batch length.
+Unpacked chat batches have a new length almost every step; padded up to 128, 256, 512, ...
+(capped at max_seq_len) they take at most ceil(log2(max_seq_len / 128)) + 1 lengths, so the
+compiled code is reused after the first few steps.
 """
 
 from __future__ import annotations
@@ -12,6 +18,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .template import IGNORE, Sample
+
+SMALLEST_BUCKET = 128
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    """The smallest of 128, 256, 512, ... that holds n tokens, capped at max_len (a row longer
+    than max_len keeps its length: the data pipeline never makes one)."""
+    b = SMALLEST_BUCKET
+    while b < n:
+        b *= 2
+    return max(n, min(b, max_len))
 
 
 def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
@@ -30,6 +47,7 @@ class Collator:
     pixel_values [N, 3, S, S] or (from the feature cache) vision_features [N, mm_tokens, Dv]}.
 
     `load_image(image_ref) -> Tensor[views, ...]` is called for each image in row order.
+    `bucket_to` (max_seq_len) pads every batch to a length bucket (see `bucket_length`).
     """
 
     def __init__(
@@ -37,16 +55,16 @@ class Collator:
         pad_id: int,
         load_image: Callable | None = None,
         image_key: str = "pixel_values",
-        pad_to_multiple_of: int = 1,
+        bucket_to: int | None = None,
     ):
         self.pad_id = pad_id
         self.load_image = load_image
         self.image_key = image_key
-        self.multiple = pad_to_multiple_of
+        self.bucket_to = bucket_to
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
-        t = -(-longest // self.multiple) * self.multiple
+        t = longest if self.bucket_to is None else bucket_length(longest, self.bucket_to)
         ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
         pos = torch.zeros((len(rows), t), dtype=torch.long)

@@ -118,6 +118,7 @@ def check_image_blocks(is_img: Tensor, per_image: int) -> None:
 QUERY_CHUNK = 256  # queries per SDPA call when a long row is split (see sdpa_query_chunks)
 
 
+@torch.compiler.disable  # data-dependent slicing: a compiled layer runs it eagerly, between graphs
 def sdpa_query_chunks(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, chunk: int = QUERY_CHUNK
 ) -> Tensor:
@@ -156,8 +157,13 @@ _FLEX = None
 
 
 def _flex_attention():
-    """flex_attention, compiled once on GPU (eager elsewhere: forward only on CPU)."""
+    """flex_attention, compiled once on GPU (eager elsewhere: forward only on CPU). Inside a
+    compiled layer it is traced with the layer, so the raw function is returned there."""
     global _FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -434,6 +440,18 @@ class Gemma3(nn.Module):
                 loss * count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
             )
         return Output(loss=loss)
+
+    def compile_layers(self) -> None:
+        """Regional compilation: each decoder and SigLIP layer is compiled in place (its
+        parameter names do not change), so RMSNorm, GeGLU, RoPE and the residual adds fuse.
+        Layers of one kind share their compiled code, so a model compiles one graph per kind
+        (plus one with a dynamic length when the batch length first changes), not per layer.
+        Works on a peft-wrapped model too: LoRA modules are traced inside the layer."""
+        for layer in self.text_model.layers:
+            layer.compile()
+        if self.vision_tower is not None:
+            for layer in self.vision_tower.encoder.layers:
+                layer.compile()
 
     def new_cache(self) -> KVCache:
         n = self.config.num_hidden_layers

@@ -86,4 +86,5 @@ def flex_block_mask(info: TokenInfo, window: int | None):
         return allowed
 
     bsz, t = pos.shape
-    return create_block_mask(mask_mod, bsz, None, t, t, device=pos.device)
+    # Compiled on CUDA: eager create_block_mask materialises the dense [B, T, T] mask.
+    return create_block_mask(mask_mod, bsz, None, t, t, device=pos.device, _compile=pos.is_cuda)

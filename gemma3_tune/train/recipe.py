@@ -26,8 +26,8 @@ class ModelSection(_Strict):
     path: str = Field(
         description="HF-format Gemma 3 folder, or gguf:gemma3-270m (the embedded model)"
     )
-    dtype: Literal["bfloat16", "float32", "float16"] = Field(
-        default="bfloat16", description="weights and compute"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        default="auto", description="weights and compute; auto: bfloat16 on CUDA, float32 on CPU"
     )
     attn_backend: Literal["auto", "sdpa", "flex"] = Field(
         default="auto", description="flex on CUDA by default"
@@ -77,6 +77,10 @@ class TrainingSection(_Strict):
     seed: int = Field(default=42, description="seeds data order, packing, LoRA init, dropout")
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations: less memory, ~30% slower"
+    )
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="torch.compile each decoder and SigLIP layer; auto: on with CUDA",
     )
     max_skipped_steps: int = Field(
         default=5, gt=0, description="non-finite steps in a row before the run stops"

@@ -308,8 +308,23 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool):
     )
 
 
-def train(recipe: Recipe, recipe_path: str = "") -> Path:
+def compile_enabled(recipe: Recipe, zero3: bool) -> bool:
+    """training.compile: auto is on with CUDA (see BENCHMARKS.md for CPU, where it does not
+    pay); never under ZeRO-3, whose parameter-gathering hooks torch.compile cannot trace."""
+    want = recipe.training.compile
+    if want is True and zero3:
+        raise UserError(
+            "training.compile: true cannot be combined with ZeRO-3 (its weight-gathering hooks"
+            " do not trace); set training.compile=false or use deepspeed: zero2"
+        )
+    if want == "auto":
+        return torch.cuda.is_available() and not zero3
+    return bool(want)
 
+
+def build_trainer(recipe: Recipe):
+    """Everything up to `trainer.train()`: data, model, method, compile, collator, trainer.
+    Returns (trainer, output dir, base model folder)."""
     from ..data.dataset import DataErrors
 
     out = prepare_output_dir(recipe)
@@ -335,7 +350,9 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dtype = resolve_dtype(recipe.model.dtype)
     torch.manual_seed(recipe.training.seed)
-    if recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3():
+    zero3 = recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3()
+    compiled = compile_enabled(recipe, zero3)
+    if zero3:
         if recipe.method == "qlora":
             raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
         model = load_model_zero3(
@@ -349,11 +366,17 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         model.gradient_checkpointing_enable()
     torch.manual_seed(recipe.training.seed)  # LoRA init must not depend on how the model was built
     model = apply_method(model, recipe)
+    if compiled:
+        unwrap(model).compile_layers()
     if is_main_process():
         print(parameter_table(model), file=sys.stderr)
 
     load_image, image_key = _image_loader(recipe, model, cfg, data)
-    collator = Collator(tok.pad_id, load_image, image_key)
+    # Compiled code and FlexAttention specialise on the batch length: pad to a few buckets.
+    # Eager SDPA does not, so there each batch pads only to its longest row (less compute).
+    flex = unwrap(model)._backend(torch.device(device)) == "flex"
+    bucket_to = recipe.data.max_seq_len if (compiled or flex) else None
+    collator = Collator(tok.pad_id, load_image, image_key, bucket_to=bucket_to)
     train_ds = _rows_dataset(data.train_rows)
     eval_ds = _rows_dataset(data.eval_rows)
     metrics = MetricsCallback(out)
@@ -373,6 +396,11 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         pad_id=tok.pad_id,
         guard=guard,
     )
+    return trainer, out, folder
+
+
+def train(recipe: Recipe, recipe_path: str = "") -> Path:
+    trainer, out, folder = build_trainer(recipe)
     resume = None
     if recipe.training.resume:
         resume = resume_point(out) if is_main_process() else newest_complete(out)
