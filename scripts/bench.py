@@ -6,10 +6,12 @@
 Sections (each answers one question a user asks before choosing a toolkit):
   lora     LoRA step on the real Gemma 3 270M: seconds per step and peak RSS, ours vs
            transformers + peft, each in its own process on the same weights and tokens.
+  compile  our 270M LoRA step with compiled decoder layers vs eager (training.compile).
   packing  real tokens / tokens computed: our packing vs naive padding vs TRL's pack_dataset.
   cache    image-heavy projector training with the vision-feature cache vs recomputing SigLIP.
   kv       KV-cache bytes at 8K/32K/128K for 4B/27B: 5 local : 1 global vs all global.
-  gpu      1B-shape LoRA at 8K in bf16, FlexAttention vs transformers (sdpa); CUDA only.
+  gpu      LoRA/QLoRA steps on 1B and 4B shapes up to 32K, ours vs transformers + peft, and
+           tokens/s of real `gemma3-tune train` runs; CUDA only.
 
 Each measurement runs in a fresh subprocess (`python scripts/bench.py _worker ...`), so peak
 RSS is that run's own and nothing is shared between ours and the baseline but the files.
@@ -131,7 +133,7 @@ def lora_worker(impl: str, model_dir: str, seq: int, dtype: str, steps: int, lab
     input_ids = torch.tensor([ids])
     label_t = torch.tensor([ids if labels == "all" else lab])
     cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    if impl == "ours":
+    if impl in ("ours", "ours-compiled"):
         from gemma3_tune.model.checkpoint import load_model
         from gemma3_tune.train.adapters import target_regex
 
@@ -144,6 +146,8 @@ def lora_worker(impl: str, model_dir: str, seq: int, dtype: str, steps: int, lab
             model_dir, dtype=torch_dtype, attn_implementation="sdpa"
         )
     model = peft.get_peft_model(model, cfg)
+    if impl == "ours-compiled":
+        model.get_base_model().compile_layers()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     losses: list[float] = []
@@ -155,8 +159,10 @@ def lora_worker(impl: str, model_dir: str, seq: int, dtype: str, steps: int, lab
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
 
+    t0 = time.perf_counter()
     times = timed_steps(step, steps)
     return {
+        "first_step_s": time.perf_counter() - t0 - sum(times),  # warm-up, compile included
         "step_s": statistics.median(times),
         "peak_gib": peak_rss_gib(),
         "first_loss": losses[0],
@@ -219,6 +225,40 @@ def _lora_row(seq: int, dtype: str, labels: str, ours: dict, base: dict) -> str:
         f" | {ratio('peak_gib')} | {side(ours, 'first_loss', '{:.5f}')}"
         f" / {side(base, 'first_loss', '{:.5f}')} |"
     )
+
+
+def section_compile(args) -> str:
+    """Our LoRA step with each decoder layer compiled (inductor's C++ backend) vs eager."""
+    from gemma3_tune.export.embedded import embedded_model_dir
+
+    model_dir = embedded_model_dir("gemma3-270m")
+    rows = [
+        "| tokens | eager s/step | compiled s/step | speed-up | compiled first step (compile)"
+        " | eager peak RSS | compiled peak RSS | first loss eager / compiled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seq in args.seq:
+        common = [model_dir, str(seq), "fp32", str(args.steps), "assistant"]
+        eager = run_worker(["lora", "ours", *common])
+        comp = run_worker(["lora", "ours-compiled", *common])
+        print(f"compile {seq}: eager {eager} | compiled {comp}", flush=True)
+        if "error" in eager or "error" in comp:
+            rows.append(f"| {seq} | {eager.get('error', '')} | {comp.get('error', '')} | | | | | |")
+            continue
+        rows.append(
+            f"| {seq} | {eager['step_s']:.2f} | {comp['step_s']:.2f}"
+            f" | {eager['step_s'] / comp['step_s']:.2f}x | {comp['first_step_s']:.1f} s"
+            f" | {eager['peak_gib']:.2f} GiB | {comp['peak_gib']:.2f} GiB"
+            f" | {eager['first_loss']:.5f} / {comp['first_loss']:.5f} |"
+        )
+    head = (
+        "Our LoRA step on the real Gemma 3 270M (r=16, all decoder linears, fp32, AdamW, loss on"
+        " assistant tokens), eager against `training.compile: true` (each decoder layer compiled"
+        f" in place), each in its own process; {args.steps} timed steps after one warm-up"
+        " (median). The compiled first step includes compilation with an empty inductor cache"
+        " only on the first run on a machine (later runs reuse ~/.cache or /tmp)."
+    )
+    return "\n".join([head, "", *rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,77 +440,187 @@ def section_kv(args) -> str:
 # Section 5: GPU
 
 
-def gpu_worker(impl: str, seq: int, steps: int) -> dict:
-    """1B-shape random weights, LoRA r=16, bf16, one row of `seq` tokens."""
+GPU_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM / H200 (no sparsity)
+
+# name: (preset, tokens per document, documents, gradient checkpointing, method)
+GPU_CASES = {
+    "1b-8k": ("1b", 8192, 1, False, "lora"),
+    "1b-16x512": ("1b", 512, 16, False, "lora"),
+    "4b-8k": ("4b", 8192, 1, False, "lora"),
+    "1b-32k-gc": ("1b", 32768, 1, True, "lora"),
+    "4b-4k-qlora": ("4b", 4096, 1, False, "qlora"),
+}
+
+
+def _hf_text_model(cfg, dev, method: str, tmp: Path):
+    """transformers' Gemma3ForCausalLM with our preset's shape, random weights, sdpa."""
+    import transformers
+
+    from gemma3_tune.model.config import config_to_hf
+
+    hc = config_to_hf(cfg, "bfloat16")
+    hc.pop("architectures")
+    hcfg = transformers.Gemma3TextConfig(**hc)
+    if method != "qlora":
+        hcfg._attn_implementation = "sdpa"
+        with dev:
+            return transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16)
+    # 4-bit needs from_pretrained: save random bf16 weights once, load them quantized.
+    transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16).save_pretrained(tmp / "hf")
+    q = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        tmp / "hf", quantization_config=q, attn_implementation="sdpa", device_map={"": 0}
+    )
+
+
+def gpu_worker(impl: str, case: str, steps: int) -> dict:
+    """One case of GPU_CASES: random weights, LoRA r=16 on all decoder linears, bf16, AdamW,
+    loss on every token. Ours packs the documents into one row (FlexAttention, compiled
+    layers); transformers gets one row per document (it leaks across packed documents)."""
     import peft
 
     from gemma3_tune.model.config import preset
+    from gemma3_tune.model.flops import train_step_flops
     from gemma3_tune.model.gemma3 import Gemma3
-    from gemma3_tune.train.adapters import target_regex
+    from gemma3_tune.train.adapters import quantize_decoder, target_regex
 
-    cfg = preset("1b")
+    name, doc, n_docs, gc, method = GPU_CASES[case]
+    cfg = preset(name)
+    if cfg.is_multimodal:  # text-only benchmark: the 4B's decoder alone
+        cfg = cfg.replace(vision=None)
     torch.manual_seed(0)
     dev = torch.device("cuda")
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    with tempfile.TemporaryDirectory() as tmp:
+        if impl == "ours":
+            with dev:
+                model = Gemma3(cfg, attn_backend="flex").to(torch.bfloat16)
+            if method == "qlora":
+                quantize_decoder(model, torch.bfloat16)
+            lora.target_modules = target_regex("all-linear")
+            ids = torch.randint(10, 200000, (1, doc * n_docs), device=dev)
+            pos = torch.arange(doc, device=dev).repeat(n_docs)[None]
+        else:
+            model = _hf_text_model(cfg, dev, method, Path(tmp))
+            ids = torch.randint(10, 200000, (n_docs, doc), device=dev)
+            pos = None
+        if gc:
+            model.gradient_checkpointing_enable()
+        model = peft.get_peft_model(model, lora)
     if impl == "ours":
-        with dev:
-            model = Gemma3(cfg, attn_backend="flex").to(torch.bfloat16)
-        lora.target_modules = target_regex("all-linear")
-    else:
-        import transformers
-
-        from gemma3_tune.model.config import config_to_hf
-
-        hc = config_to_hf(cfg, "bfloat16")
-        hc.pop("architectures")
-        hcfg = transformers.Gemma3TextConfig(**hc)
-        hcfg._attn_implementation = "sdpa"
-        with dev:
-            model = transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16)
-    model = peft.get_peft_model(model, lora)
+        model.get_base_model().compile_layers()
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(10, 200000, (1, seq), device=dev)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
 
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        kw = {} if pos is None else {"position_ids": pos}
+        model(input_ids=ids, labels=ids, **kw).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step()  # two warm-up steps (compilation), then the median of `steps`
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = timed_steps(step, steps, torch.cuda.synchronize)
     s = statistics.median(times)
-    n_params = sum(p.numel() for p in model.parameters())
-    # Training FLOPs: 6 N T for matmuls (LoRA still backpropagates through the frozen weights:
-    # 4 N T would ignore the activation gradients' cost) plus causal attention.
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq * seq / 2
-    flops = 6 * n_params * seq + attn
-    peak = 989e12  # dense bf16 tensor-core peak of an H100 SXM / H200 (no sparsity)
+    tokens = doc * n_docs
+    flops = train_step_flops(cfg, [doc] * n_docs, adapter_params=sum(p.numel() for p in trainable))
     return {
         "step_s": s,
-        "tokens_s": seq / s,
-        "mfu": flops / s / peak,
+        "tokens_s": tokens / s,
+        "mfu": flops / s / GPU_PEAK,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB,
     }
+
+
+def _chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    """Chats with log-normal token counts (median ~350), as in section packing."""
+    rng = random.Random(seed)
+    words = "the a model data token train answer question value result".split()
+    with path.open("w") as f:
+        for length in chat_lengths(n, seed):
+            reply = " ".join(rng.choice(words) for _ in range(max(4, length - 20)))
+            msgs = [
+                {"role": "user", "content": f"Question {rng.randint(0, 10**6)}?"},
+                {"role": "assistant", "content": reply},
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def gpu_cli_rows(args) -> list[str]:
+    """tokens/s of a real `gemma3-tune train` run (1B preset, variable-length chats, LoRA r=16,
+    bf16), unpacked and packed: the median of metrics.jsonl's tokens_per_second after the
+    first 5 steps (compilation)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        cli = [sys.executable, "-m", "gemma3_tune"]
+        subprocess.run(
+            [*cli, "init-model", "--preset", "1b", "--out", str(t / "1b")], check=True, env=env
+        )
+        data = _chat_jsonl(t / "chats.jsonl", 4000)
+        for packing, micro in ((False, 4), (True, 1)):
+            out = t / f"run-{packing}"
+            cmd = [
+                *cli, "train", str(ROOT / "recipes" / "chat-lora-1b.yaml"),
+                f"model.path={t / '1b'}", f"data.train={data}", "data.eval=null", "data.eval_split=0",
+                "data.max_seq_len=8192", f"data.packing={str(packing).lower()}",
+                f"training.micro_batch_size={micro}", "training.grad_accum=1",
+                f"training.max_steps={args.gpu_cli_steps}", "training.save_steps=100000",
+                "training.eval_steps=null", "training.gradient_checkpointing=false",
+                f"training.output_dir={out}",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            label = f"`gemma3-tune train`, 1B, {'packed 8K rows' if packing else f'unpacked, micro-batch {micro}'}"
+            if proc.returncode != 0:
+                rows.append(
+                    f"| {label} | exit {proc.returncode}: {proc.stderr.strip()[-200:]} | | | |"
+                )
+                continue
+            logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")][5:]
+            peak = max(r.get("peak_memory_gb") or 0 for r in logs)
+            rows.append(f"| {label} | {statistics.median(tps):,.0f} | | | {peak:.1f} GiB |")
+    return rows
 
 
 def section_gpu(args) -> str:
     if not torch.cuda.is_available():
         return "Not run: no CUDA device on this machine."
-    rows = ["| impl | tokens/s | MFU | peak memory |", "|---|---|---|---|"]
-    for impl, label in (("ours", "gemma3-tune (FlexAttention)"), ("hf", "transformers (sdpa)")):
-        r = run_worker(["gpu", impl, str(args.gpu_seq), str(args.steps)])
-        print(f"gpu {impl}: {r}", flush=True)
-        if "error" in r:
-            rows.append(f"| {label} | {r['error']} | | |")
-            continue
-        rows.append(
-            f"| {label} | {r['tokens_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} GiB |"
+    rows = [
+        "| case | ours tokens/s | transformers + peft tokens/s | ratio | ours MFU | peak GiB ours / theirs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in args.gpu_cases:
+        r = {impl: run_worker(["gpu", impl, case, str(args.steps)]) for impl in ("ours", "hf")}
+        print(f"gpu {case}: {r}", flush=True)
+        ours, hf = r["ours"], r["hf"]
+
+        def cell(x: dict, key: str, fmt: str) -> str:
+            return x["error"] if "error" in x else fmt.format(x[key])
+
+        ratio = (
+            "" if "error" in ours or "error" in hf else f"{ours['tokens_s'] / hf['tokens_s']:.2f}x"
         )
+        rows.append(
+            f"| {case} | {cell(ours, 'tokens_s', '{:,.0f}')} | {cell(hf, 'tokens_s', '{:,.0f}')}"
+            f" | {ratio} | {cell(ours, 'mfu', '{:.1%}')}"
+            f" | {cell(ours, 'peak_gib', '{:.1f}')} / {cell(hf, 'peak_gib', '{:.1f}')} |"
+        )
+    if args.gpu_cli_steps:
+        rows += gpu_cli_rows(args)
     return (
-        f"1B shape, random weights, LoRA r=16 on all decoder linears, bf16, one row of"
-        f" {args.gpu_seq} tokens, loss on every token. MFU against 989 TFLOP/s dense bf16.\n\n"
-        + "\n".join(rows)
+        "Random weights of the preset's shape (4B: its decoder alone), LoRA r=16 on all decoder"
+        " linears, bf16, AdamW, loss on every token; ours: FlexAttention, compiled layers, the"
+        " documents packed in one row; transformers (sdpa) + peft: one row per document."
+        f" {args.steps} timed steps after two warm-up steps (median). MFU (honest: 4 FLOPs per"
+        " frozen weight and token, 6 per LoRA weight, attention over visible keys only, see"
+        " `gemma3_tune/model/flops.py`) against 989 TFLOP/s dense bf16.\n\n" + "\n".join(rows)
     )
 
 
@@ -478,10 +628,11 @@ def section_gpu(args) -> str:
 
 SECTIONS = {
     "lora": ("LoRA step on the real Gemma 3 270M", section_lora),
+    "compile": ("Compiled decoder layers on CPU (270M LoRA step)", section_compile),
     "packing": ("Packing efficiency", section_packing),
     "cache": ("Vision-feature cache", section_cache),
     "kv": ("KV cache: 5 local : 1 global vs all global", section_kv),
-    "gpu": ("GPU: 1B-shape LoRA at 8K, bf16", section_gpu),
+    "gpu": ("GPU: LoRA and QLoRA steps, bf16, ours vs transformers + peft", section_gpu),
 }
 
 
@@ -494,8 +645,8 @@ def worker(argv: list[str]) -> None:
         shape, mode, steps = rest
         out = cache_worker(shape, mode, int(steps))
     elif kind == "gpu":
-        impl, seq, steps = rest
-        out = gpu_worker(impl, int(seq), int(steps))
+        impl, case, steps = rest
+        out = gpu_worker(impl, case, int(steps))
     else:
         raise SystemExit(f"unknown worker {kind}")
     print(json.dumps(out))
@@ -516,7 +667,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--packing-samples", type=int, default=20000)
     p.add_argument("--packing-seq", type=_ints, default=[2048, 4096])
-    p.add_argument("--gpu-seq", type=int, default=8192)
+    p.add_argument(
+        "--gpu-cases", type=lambda s: s.split(","), default=list(GPU_CASES), help="section gpu"
+    )
+    p.add_argument(
+        "--gpu-cli-steps", type=int, default=30, help="section gpu: steps of each CLI run (0: skip)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args()

@@ -51,3 +51,21 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [k for k, _, _ in describe_keys() if f"`{k}`" not in readme]
     assert not missing, missing
+
+
+def test_dtype_auto_is_valid_and_the_default(tmp_path):
+    """model.dtype: auto (bf16 on CUDA, fp32 on CPU) validates and is what an unset key means."""
+    import torch
+
+    from gemma3_tune.train.trainer import resolve_dtype
+
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {path: m}\ndata: {train: d.jsonl}\n")
+    assert load_recipe(p).model.dtype == "auto"
+    assert load_recipe(p, ["model.dtype=auto"]).model.dtype == "auto"
+    want = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert resolve_dtype("auto") == want
+    assert load_recipe(p).training.compile == "auto"
+    assert load_recipe(p, ["training.compile=false"]).training.compile is False
+    with pytest.raises(UserError, match="training.compile"):
+        load_recipe(p, ["training.compile=sometimes"])
