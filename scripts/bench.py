@@ -536,6 +536,75 @@ def gpu_worker(impl: str, case: str, steps: int) -> dict:
     }
 
 
+def loss_worker(impl: str, hidden: int, tokens: int, steps: int) -> dict:
+    """Fused linear cross-entropy over Gemma 3's 262k vocabulary, bf16, forward + backward to
+    the hidden states (the tied head is frozen under LoRA): ours (chunked, labelled rows only)
+    vs Liger's and Apple's cut-cross-entropy kernels, which the [gpu] extra would bring."""
+    from gemma3_tune.model.loss import chunked_cross_entropy
+
+    dev, vocab = torch.device("cuda"), 262144
+    torch.manual_seed(0)
+    w = torch.randn(vocab, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
+    h = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, vocab, (tokens,), device=dev)
+    if impl == "ours":
+        fn = chunked_cross_entropy
+    elif impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        fn = lambda h, w, y: liger(w, h, y)  # noqa: E731
+    else:
+        from cut_cross_entropy import linear_cross_entropy
+
+        fn = linear_cross_entropy
+    with torch.no_grad():  # fp32 reference, 1024 rows at a time (full logits would be 32 GiB)
+        ref = (
+            sum(
+                torch.nn.functional.cross_entropy(
+                    h[i : i + 1024].float() @ w.float().T, y[i : i + 1024], reduction="sum"
+                )
+                for i in range(0, tokens, 1024)
+            )
+            / tokens
+        )
+
+    def step() -> None:
+        h.grad = None
+        fn(h, w, y).backward()
+
+    loss = fn(h, w, y).item()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = timed_steps(step, steps, torch.cuda.synchronize)
+    return {
+        "ms": 1000 * statistics.median(times),
+        "extra_gib": (torch.cuda.max_memory_allocated() - base) / GIB,
+        "loss_error": abs(loss - ref.item()),
+    }
+
+
+def gpu_loss_rows(args) -> list[str]:
+    rows = [
+        "",
+        "| linear cross-entropy, 262k vocab, bf16, fwd+bwd | ours (chunked) | Liger | cut-cross-entropy |",
+        "|---|---|---|---|",
+    ]
+    for hidden, tokens in ((1152, 8192), (2560, 8192), (2560, 32768)):
+        cells = []
+        for impl in ("ours", "liger", "cce"):
+            r = run_worker(["loss", impl, str(hidden), str(tokens), str(args.steps)])
+            print(f"gpu loss {impl} {hidden} {tokens}: {r}", flush=True)
+            cells.append(
+                r["error"]
+                if "error" in r
+                else f"{r['ms']:.1f} ms, +{r['extra_gib']:.2f} GiB, |Δloss| {r['loss_error']:.1e}"
+            )
+        rows.append(f"| D {hidden}, {tokens} tokens | " + " | ".join(cells) + " |")
+    return rows
+
+
 def _chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     """Chats with log-normal token counts (median ~350), as in section packing."""
     rng = random.Random(seed)
@@ -612,7 +681,9 @@ def section_gpu(args) -> str:
             f" | {ratio} | {cell(ours, 'mfu', '{:.1%}')}"
             f" | {cell(ours, 'peak_gib', '{:.1f}')} / {cell(hf, 'peak_gib', '{:.1f}')} |"
         )
+    rows += gpu_loss_rows(args)
     if args.gpu_cli_steps:
+        rows += ["", "| run | tokens/s | | | peak GiB |", "|---|---|---|---|---|"]
         rows += gpu_cli_rows(args)
     return (
         "Random weights of the preset's shape (4B: its decoder alone), LoRA r=16 on all decoder"
@@ -647,6 +718,9 @@ def worker(argv: list[str]) -> None:
     elif kind == "gpu":
         impl, case, steps = rest
         out = gpu_worker(impl, case, int(steps))
+    elif kind == "loss":
+        impl, hidden, tokens, steps = rest
+        out = loss_worker(impl, int(hidden), int(tokens), int(steps))
     else:
         raise SystemExit(f"unknown worker {kind}")
     print(json.dumps(out))
