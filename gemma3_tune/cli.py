@@ -66,6 +66,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .train.data_check import prepare_only
+
+    return prepare_only(args.recipe, args.overrides)
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .train.data_check import run
 
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted.key=value")
     c.add_argument("--json", action="store_true", help="end with one JSON line of counts")
     c.set_defaults(func=cmd_data_check)
+    c = dsub.add_parser(
+        "prepare", help="tokenize and pack into the data cache now (later runs start from it)"
+    )
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*", help="dotted.key=value")
+    c.set_defaults(func=cmd_data_prepare)
     return p
 
 

@@ -12,6 +12,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Prepared data goes to a session folder, not the user's ~/.cache."""
+    os.environ["GEMMA3_TUNE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

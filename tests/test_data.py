@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from gemma3_tune.data import dataset, prepare
 from gemma3_tune.data.collate import Collator, concat_row
-from gemma3_tune.data.dataset import DataConfig, build, truncate
+from gemma3_tune.data.dataset import DataConfig, truncate
 from gemma3_tune.data.packing import efficiency, pack
 from gemma3_tune.data.template import IGNORE, Sample
 from gemma3_tune.data.tokenizer import Tokenizer
@@ -25,6 +26,35 @@ def _chat(i: int) -> dict:
             {"role": "assistant", "content": "answer " * (i % 7 + 1)},
         ]
     }
+
+
+@pytest.fixture(autouse=True)
+def _small_parts(monkeypatch):
+    """Cut JSONL files into ~300-byte parts so even these small files go through several
+    worker processes."""
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 300)
+
+
+def rows_of(data) -> list:
+    return [[(s.input_ids, s.labels, s.origin, s.images) for s in r] for r in data]
+
+
+def build(dc: DataConfig, tok, cfg, base, seed: int = 0):
+    """Both paths: today's in-memory `dataset.build` and the parallel, cached `prepare`, which
+    must give identical rows, report and example. Returns the prepared data."""
+    want = dataset.build(dc, tok, cfg, base, seed)
+    dc = dc.model_copy(update={"num_proc": 2})
+    got = prepare.prepare(dc, tok.folder, cfg, base, seed)
+    assert rows_of(got.train_rows) == rows_of(want.train_rows)
+    assert rows_of(got.eval_rows) == rows_of(want.eval_rows)
+    assert got.report.summary() == want.report.summary()
+    assert (got.report.truncated_at, got.report.dropped_at) == (
+        want.report.truncated_at,
+        want.report.dropped_at,
+    )
+    assert list(got.report.lengths) == list(want.report.lengths)
+    assert (got.example and got.example.origin) == (want.example and want.example.origin)
+    return got
 
 
 def _write_jsonl(path, rows):

@@ -10,11 +10,11 @@ file and line, in the report.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .packing import efficiency, pack
@@ -65,6 +65,13 @@ class DataConfig(BaseModel):
         default=None, description="folder caching frozen SigLIP features"
     )
     max_errors: int = Field(default=20, gt=0, description="bad samples listed before giving up")
+    cache_dir: str | None = Field(
+        default=None,
+        description="prepared (tokenized, packed) data cache; None: ~/.cache/gemma3-tune/data",
+    )
+    num_proc: int | None = Field(
+        default=None, gt=0, description="processes that tokenize; None: every core"
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -99,6 +106,14 @@ class Report:
     dropped_at: list[str] = field(default_factory=list)  # origins of dropped samples
     truncated_at: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list, repr=False)
+
+    def note(self, dropped: bool, where: str) -> None:
+        if dropped:
+            self.dropped += 1
+            self.dropped_at.append(where)
+        else:
+            self.truncated += 1
+            self.truncated_at.append(where)
 
     def summary(self) -> dict:
         return {
@@ -252,53 +267,53 @@ def _image_tokens(sample: Sample, vision: VisionTokens | None) -> int:
     return sum(1 for t in sample.input_ids if t in ids)
 
 
+def fit_one(
+    sample: Sample, cfg: DataConfig, vision: VisionTokens | None
+) -> tuple[Sample | None, str]:
+    """One sample against max_seq_len: (the sample, cut if needed, or None if dropped; a note
+    saying what happened, "" when it fits)."""
+    if len(sample) <= cfg.max_seq_len:
+        return sample, ""
+    image_tokens = _image_tokens(sample, vision)
+    if image_tokens > cfg.max_seq_len:  # truncating would cut an image: never
+        return None, (
+            f"{sample.origin}: its images alone take {image_tokens} tokens > max_seq_len"
+            f" {cfg.max_seq_len}; raise data.max_seq_len or use fewer images/crops"
+        )
+    if cfg.truncation == "drop":
+        return None, f"{sample.origin}: {len(sample)} tokens > max_seq_len {cfg.max_seq_len}"
+    cut = truncate(sample, cfg.max_seq_len, vision)
+    if cut.trainable == 0:
+        return None, f"{sample.origin}: nothing left to train on after truncation"
+    return cut, f"{sample.origin}: {len(sample)} -> {len(cut)} tokens"
+
+
 def fit(
     samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, report: Report | None
 ) -> list[Sample]:
     """Apply truncation / dropping for samples over max_seq_len, counting each."""
     out = []
     for s in samples:
-        if len(s) > cfg.max_seq_len:
-            image_tokens = _image_tokens(s, vision)
-            if image_tokens > cfg.max_seq_len:  # truncating would cut an image: never
-                if report is not None:
-                    report.dropped += 1
-                    report.dropped_at.append(
-                        f"{s.origin}: its images alone take {image_tokens} tokens > max_seq_len"
-                        f" {cfg.max_seq_len}; raise data.max_seq_len or use fewer images/crops"
-                    )
-                continue
-            if cfg.truncation == "drop":
-                if report is not None:
-                    report.dropped += 1
-                    report.dropped_at.append(
-                        f"{s.origin}: {len(s)} tokens > max_seq_len {cfg.max_seq_len}"
-                    )
-                continue
-            cut = truncate(s, cfg.max_seq_len, vision)
-            if cut.trainable == 0:
-                if report is not None:
-                    report.dropped += 1
-                    report.dropped_at.append(
-                        f"{s.origin}: nothing left to train on after truncation"
-                    )
-                continue
-            if report is not None:
-                report.truncated += 1
-                report.truncated_at.append(f"{s.origin}: {len(s)} -> {len(cut)} tokens")
-            s = cut
-        out.append(s)
+        kept, note = fit_one(s, cfg, vision)
+        if note and report is not None:
+            report.note(kept is None, note)
+        if kept is not None:
+            out.append(kept)
     return out
 
 
-def to_rows(samples: list[Sample], cfg: DataConfig, seed: int) -> list[list[Sample]]:
+def row_indices(lengths: list[int], cfg: DataConfig, seed: int) -> list[list[int]]:
+    """Rows as lists of sample positions: packed (best fit decreasing), or one sample per row
+    in a seeded order."""
     if not cfg.packing:
-        order = list(range(len(samples)))
+        order = list(range(len(lengths)))
         random.Random(seed).shuffle(order)
-        return [[samples[i]] for i in order]
-    return [
-        [samples[i] for i in row] for row in pack([len(s) for s in samples], cfg.max_seq_len, seed)
-    ]
+        return [[i] for i in order]
+    return pack(lengths, cfg.max_seq_len, seed)
+
+
+def to_rows(samples: list[Sample], cfg: DataConfig, seed: int) -> list[list[Sample]]:
+    return [[samples[i] for i in row] for row in row_indices([len(s) for s in samples], cfg, seed)]
 
 
 def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int = 0) -> Data:
@@ -336,11 +351,12 @@ def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int =
     )
 
 
-def histogram(lengths: list[int], max_len: int, bins: int = 8) -> list[tuple[int, int, int]]:
-    """(low, high, count) buckets over 0..max_len."""
+def histogram(lengths, max_len: int, bins: int = 8) -> list[tuple[int, int, int]]:
+    """(low, high, count) buckets over 0..max_len. lengths: a list or a numpy array."""
     width = max(1, -(-max_len // bins))
-    counts = Counter(min(n // width, bins - 1) for n in lengths)
-    return [(b * width, min((b + 1) * width, max_len), counts.get(b, 0)) for b in range(bins)]
+    which = np.minimum(np.asarray(lengths, dtype=np.int64) // width, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    return [(b * width, min((b + 1) * width, max_len), int(counts[b])) for b in range(bins)]
 
 
 def render_mask(

@@ -68,10 +68,21 @@ def read_records(path: str | os.PathLike) -> Iterator[Record]:
     yield from _read_jsonl(path)
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def _read_jsonl(
+    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[Record]:
+    """Lines of a JSONL file; with `start`/`end` (byte offsets at line starts) only that part,
+    whose first line is line `first_line` (parallel preparation reads a file in such parts)."""
     any_line = False
+    whole = start == 0 and (end is None or end >= path.stat().st_size)
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        f.seek(start)
+        lineno = first_line - 1
+        while end is None or f.tell() < end:
+            raw = f.readline()
+            if not raw:
+                break
+            lineno += 1
             origin = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
@@ -90,7 +101,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
                 yield Record(
                     origin, SampleError(origin, f"broken JSON ({e.msg} at column {e.colno})")
                 )
-    if not any_line:
+    if whole and not any_line:
         raise SampleError(str(path), "empty file: no samples")
 
 

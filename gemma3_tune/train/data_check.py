@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..data.dataset import DataErrors, build, histogram, render_mask
+from ..data.dataset import DataErrors, histogram, render_mask
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.checkpoint import read_config
@@ -28,14 +28,45 @@ def model_dir(recipe: Recipe) -> Path:
 
 
 def load_data(recipe: Recipe):
-    """Tokenizer, model config and built data for a recipe (DataErrors propagate)."""
+    """Tokenizer, model config and prepared data for a recipe: from the cache when these
+    inputs were prepared before, else prepared now (DataErrors propagate)."""
+    from ..data.prepare import prepare
+
     folder = model_dir(recipe)
     try:
         tok = Tokenizer(folder)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"model.path: {e}") from None
     cfg = read_config(folder)
-    return tok, cfg, build(recipe.data, tok, cfg, recipe.base_dir, recipe.training.seed)
+    data = prepare(recipe.data, folder, cfg, recipe.base_dir, recipe.training.seed)
+    return tok, cfg, data
+
+
+def _print_errors(e: DataErrors) -> int:
+    for err in e.errors:
+        print(f"error: {err}", file=sys.stderr)
+    if len(e.errors) > 1 or e.more:  # one mistake, one line; several get a count
+        more = " (and more; raise data.max_errors to see them)" if e.more else ""
+        print(
+            f"error: {len(e.errors)} bad sample(s){more}; fix them and run data check again",
+            file=sys.stderr,
+        )
+    return 2
+
+
+def prepare_only(recipe_path: str, overrides: list[str]) -> int:
+    """`gemma3-tune data prepare`: build the cache ahead of training (as `axolotl preprocess`)."""
+    recipe = load_recipe(recipe_path, overrides)
+    try:
+        _, _, data = load_data(recipe)
+    except DataErrors as e:
+        return _print_errors(e)
+    how = "prepared now" if data.built else "already prepared"
+    print(
+        f"data: {data.folder} ({how}; {data.report.samples} samples, {data.report.rows} rows,"
+        f" rows digest {data.digest()})"
+    )
+    return 0
 
 
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
@@ -43,17 +74,11 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     try:
         tok, cfg, data = load_data(recipe)
     except DataErrors as e:
-        for err in e.errors:
-            print(f"error: {err}", file=sys.stderr)
-        if len(e.errors) > 1 or e.more:  # one mistake, one line; several get a count
-            more = " (and more; raise data.max_errors to see them)" if e.more else ""
-            print(
-                f"error: {len(e.errors)} bad sample(s){more}; fix them and run data check again",
-                file=sys.stderr,
-            )
-        return 2
+        return _print_errors(e)
     r = data.report
     out = sys.stdout
+    how = "prepared now" if data.built else "from the cache"
+    print(f"prepared data      {data.folder} ({how})", file=out)
     print(f"samples            {r.samples}  (+{r.eval_samples} eval)", file=out)
     print(f"tokens             {r.tokens}", file=out)
     print(f"trainable tokens   {r.trainable_tokens}", file=out)
@@ -77,5 +102,5 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
         img = cfg.image_token_id if cfg.is_multimodal else None
         print(render_mask(data.example, tok, color, img), file=out)
     if as_json:
-        print(json.dumps(r.summary()), file=out)
+        print(json.dumps({**r.summary(), "cache": str(data.folder)}), file=out)
     return 0

@@ -140,23 +140,33 @@ def plot_losses(metrics: Path, out: Path) -> None:
 
 
 def _rows_dataset(rows):
+    """Rows for the Trainer as a `datasets.Dataset` (TRL wants one) holding only the row
+    numbers; each row's tokens are read from the prepared, memory-mapped data when the
+    DataLoader asks for it (`set_transform`), so nothing is copied up front."""
+    if not len(rows):
+        return None
     import datasets
 
-    records = []
-    for row in rows:
-        r = concat_row(row)
-        r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
-        records.append(r)
-    return datasets.Dataset.from_list(records) if records else None
+    def fetch(batch: dict) -> dict:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "image_refs": []}
+        for i in batch["row"]:
+            r = concat_row(rows[i])
+            r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
+            for k in out:
+                out[k].append(r[k])
+        return out
+
+    ds = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
+    ds.set_transform(fetch)
+    return ds
 
 
-def _fill_cache(cache: FeatureCache, rows: list) -> None:
+def _fill_cache(cache: FeatureCache, refs: list) -> None:
     """Under ZeRO-3 the tower's weights are partitioned, and a tower run during training is a
     collective every rank must join: a cache miss in one rank's collator would hang the
     others. So, with the tower gathered once, the cache is filled before training: each rank
     encodes its share of the images, then every rank completes what it cannot see (all of it
     hits on a shared filesystem; a node with its own disk computes the rest)."""
-    refs = list({im.path: im for row in rows for sample in row for im in sample.images}.values())
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     for ref in refs[rank::world]:
@@ -207,7 +217,7 @@ def _image_loader(recipe: Recipe, model, cfg, data):
                 pas,
             )
             if zero3:
-                _fill_cache(cache, [*data.train_rows, *data.eval_rows])
+                _fill_cache(cache, data.image_refs())
                 cache.encode = _missing_feature  # every image is cached now
         return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
     return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
