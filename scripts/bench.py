@@ -9,7 +9,7 @@ Sections (each answers one question a user asks before choosing a toolkit):
   compile  our 270M LoRA step with compiled decoder layers vs eager (training.compile).
   packing  real tokens / tokens computed: our packing vs naive padding vs TRL's pack_dataset.
   cache    image-heavy projector training with the vision-feature cache vs recomputing SigLIP.
-  prep     preparing 100k and 1M chats: wall time, peak RSS, cached restart; vs the old path.
+  prep     preparing 100k and 1M chats: wall time, peak memory, cached restart; vs the old path.
   kv       KV-cache bytes at 8K/32K/128K for 4B/27B: 5 local : 1 global vs all global.
   gpu      LoRA/QLoRA steps on 1B and 4B shapes up to 32K, ours vs transformers + peft, and
            tokens/s of real `gemma3-tune train` runs; CUDA only.
@@ -703,8 +703,10 @@ def section_gpu(args) -> str:
 # Section: data preparation at scale
 
 
-def tree_rss_gib(pid: int) -> float:
-    """RSS of a process and all its descendants (worker processes included), from /proc."""
+def tree_pss_gib(pid: int) -> float:
+    """Memory of a process and all its descendants (worker processes included): the sum of
+    their PSS (proportional set size: a page shared by k processes counts 1/k in each, so
+    forked workers sharing the parent's pages are not counted k times, as an RSS sum would)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -717,8 +719,8 @@ def tree_rss_gib(pid: int) -> float:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:
             continue
@@ -726,13 +728,13 @@ def tree_rss_gib(pid: int) -> float:
 
 
 def timed_tree(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of the whole process tree (sampled every 0.2 s)."""
+    """Wall time and peak memory (PSS) of the whole process tree (sampled every 0.2 s)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0.0
     while proc.poll() is None:
-        peak = max(peak, tree_rss_gib(proc.pid))
+        peak = max(peak, tree_pss_gib(proc.pid))
         time.sleep(0.2)
     out, err = proc.communicate()
     wall = time.perf_counter() - t
@@ -760,7 +762,7 @@ def section_prep(args) -> str:
     model_dir = str(embedded_model_dir("gemma3-270m"))
     cli = [sys.executable, "-m", "gemma3_tune"]
     rows = [
-        "| conversations | tokens | path | wall time | peak RSS (process tree) | cached restart of `data check` |",
+        "| conversations | tokens | path | wall time | peak memory (PSS, process tree) | cached restart of `data check` |",
         "|---|---|---|---|---|---|",
     ]
     help_s = timed_tree([*cli, "--help"])["wall_s"]
@@ -812,9 +814,9 @@ def section_prep(args) -> str:
         "Synthetic chats from `scripts/make_synthetic_chats.py` (seed 0: log-normal lengths,"
         " 1-3 exchanges, some system prompts), the real Gemma 3 270M tokenizer, max_seq_len"
         f" 2048, packing on, {os.cpu_count()} worker processes. Wall time includes the CLI's"
-        f" start-up (`gemma3-tune --help` alone: {help_s:.1f} s). Peak RSS sums the main process"
-        " and its workers (sampled every 0.2 s; memory-mapped pages count in each process that"
-        " touches them). 'before' is the path every run took until now (tokenize into Python"
+        f" start-up (`gemma3-tune --help` alone: {help_s:.1f} s). Peak memory sums the PSS of the"
+        " main process and its workers, sampled every 0.2 s (a page shared by k processes counts"
+        " 1/k in each; an RSS sum would count the forked workers' shared pages k times). 'before' is the path every run took until now (tokenize into Python"
         " lists, no cache), in the same run.\n\n" + "\n".join(rows)
     )
 

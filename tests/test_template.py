@@ -119,3 +119,55 @@ def test_both_tokenizer_files_give_the_same_ids(tiny_vision_dir, tmp_path):
     text = "<start_of_turn>user\nHow many  apples? 12<end_of_turn>\n<start_of_image> ☃"
     assert sp.encode(text) == js.encode(text)
     assert sp.ids == js.ids
+
+
+ADVERSARIAL = [
+    "a  b", "x > </y", "> </ >  </", "<b> </b>", "a\n b", " lead", "trail ", "  two lead",
+    "tab\tx y", "a   b    c", "x.\n\ny z", "a ▁ b", "a▁b ▁▁c", " ", "  ", "", "émoji 🤖 x y",
+    "日本語 テキスト です", "1 2 3 45 678", "{\"name\": \"x\", \"age\": 12}", "it's a b-c d_e",
+]  # fmt: skip
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    alphabet = list("abcdefghij kl  mn>.</\n\t,?!12") + ["▁", "é", "🤖", "the", "answer", " "]
+    return ADVERSARIAL + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(n)
+    ]
+
+
+def _word_path_equals_plain(tok: Tokenizer, texts: list[str]) -> None:
+    assert tok._words is not None  # the fast path is on for this tokenizer.json
+    for text in texts:
+        want = tok._tk.encode(text, add_special_tokens=False).ids  # the whole text at once
+        assert tok._encode_plain(text) == want, repr(text)
+        assert tok._encode_plain(text) == want, repr(text)  # memoised words too
+
+
+def test_word_by_word_encoding_equals_whole_text(tiny_vision_dir, tmp_path):
+    """The memoised word-by-word path gives the ids of tokenizing the whole text (tiny
+    tokenizer.json, same layout as Gemma 3's), on adversarial and random texts."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_vision_dir / name, tmp_path / name)
+    _word_path_equals_plain(Tokenizer(tmp_path), _texts(3000))
+
+
+@pytest.mark.slow
+def test_real_tokenizer_word_by_word_equals_whole_text(real_270m):
+    """The same on the real Gemma 3 vocabulary (its one entry with an inner `▁`, `>▁</`, is
+    in the adversarial texts), plus the quickstart data's replies."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parent.parent / "data" / "quickstart"
+    texts = [
+        m["content"]
+        for f in sorted(data.glob("*.jsonl"))
+        for line in f.read_text().splitlines()[:200]
+        for m in json.loads(line)["messages"]
+    ]
+    _word_path_equals_plain(Tokenizer(real_270m[1]), _texts(3000) + texts)

@@ -50,7 +50,7 @@ class Sample:
 
     @property
     def trainable(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 @dataclass
