@@ -7,6 +7,9 @@
 #      node1 slots=8
 #      node2 slots=8
 #      scripts/launch_multinode.sh deepspeed hostfile recipes/zero3-multinode-27b.yaml
+#    Without ssh (schedulers such as Slurm start one launcher per node): set NODE_RANK and
+#    MASTER_ADDR (and MASTER_PORT) on every node and run the same line there; DeepSpeed's
+#    --no_ssh --node_rank mode starts only that node's workers.
 #
 # 2) torchrun on every node (NODE_RANK=0..N-1, MASTER_ADDR = the first node's address):
 #      NNODES=2 NODE_RANK=0 MASTER_ADDR=node1 scripts/launch_multinode.sh torchrun recipes/zero3-multinode-27b.yaml
@@ -21,6 +24,11 @@ shift
 case "$mode" in
   deepspeed)
     hostfile="$1"; shift
+    if [ -n "${NODE_RANK:-}" ]; then
+      exec "$ROOT/.venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" \
+        --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first node}" \
+        --master_port "${MASTER_PORT:-29500}" --module gemma3_tune train "$@"
+    fi
     exec "$ROOT/.venv/bin/deepspeed" --hostfile "$hostfile" --module gemma3_tune train "$@"
     ;;
   torchrun)

@@ -78,6 +78,8 @@ class Collator:
             if self.load_image is not None:
                 pixels += [self.load_image(img) for img in r.get("image_refs", [])]
         batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        if all("row" in r for r in rows):  # training rows say which they are (trainer.py)
+            batch["row_ids"] = torch.tensor([r["row"] for r in rows])
         if pixels:
             batch[self.image_key] = torch.cat(pixels)
         return batch

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import Gemma3
 from ..outputs import refuse_existing, refuse_existing_file, staged_dir, staged_file
-from .inference import apply_adapter, load_with_adapter, resolve_run
+from .inference import apply_adapter, load_with_adapter, recipe_base, resolve_run
 
 # Gemma 3's chat template (what the -it checkpoints ship), for folders that lack one.
 CHAT_TEMPLATE = (
@@ -111,8 +111,49 @@ def checkpoint_dir(run: Path, step: int) -> Path:
     return ckpt
 
 
+def _run_method(src: Path) -> str | None:
+    if not (src / "recipe.yaml").is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load((src / "recipe.yaml").read_text()).get("method", "lora")
+
+
+def full_checkpoint_model(run: Path, ckpt: Path) -> Gemma3:
+    """The weights of a full-SFT checkpoint, on CPU, whatever wrote it: DeepSpeed ZeRO
+    partitions (the fp32 master weights, gathered by DeepSpeed's zero_to_fp32, no GPU needed),
+    or the Trainer's model.safetensors."""
+    from ..model.checkpoint import read_config
+
+    model = Gemma3(read_config(recipe_base(run)))
+    latest = ckpt / "latest"
+    if latest.is_file() and (ckpt / latest.read_text().strip()).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    elif (ckpt / "model.safetensors").is_file():
+        state = load_file(str(ckpt / "model.safetensors"))
+    else:
+        raise UserError(f"{ckpt}: no model weights (model.safetensors or DeepSpeed ZeRO states)")
+    state = {k.removeprefix("module."): v.float() for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = [k for k in missing if "vision_tower" not in k]
+    if unexpected or frozen:
+        raise UserError(
+            f"{ckpt}: its weights do not fit the model (missing {frozen[:3]},"
+            f" unexpected {unexpected[:3]})"
+        )
+    if missing:  # only the frozen tower, which ZeRO does not save as trained state: the base's
+        tower = load_model(recipe_base(run), dtype=torch.float32).vision_tower
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+    return model.float()
+
+
 def merged_model(src: Path, checkpoint: int | None = None) -> tuple[Gemma3, Path, Path | None, str]:
     """(model with the adapter folded in, base folder, adapter folder, method)."""
+    if checkpoint is not None and _run_method(src) == "full":  # model/ may not exist yet
+        model = full_checkpoint_model(src, checkpoint_dir(src, checkpoint))
+        return model.eval(), recipe_base(src), None, "full"
     base, adapter = resolve_run(src)
     method = "plain"
     if adapter is not None and checkpoint is not None:

@@ -17,6 +17,16 @@ from ..model.gemma3 import Gemma3
 from ..model.generate import generate
 
 
+def recipe_base(run: Path) -> Path:
+    """The base model folder a run's recipe.yaml names."""
+    import yaml
+
+    from ..train.data_check import model_dir
+    from ..train.recipe import Recipe
+
+    return model_dir(Recipe.model_validate(yaml.safe_load((run / "recipe.yaml").read_text())))
+
+
 def resolve_run(src: Path) -> tuple[Path, Path | None]:
     """(base model folder, adapter folder or None) for a run directory or a model folder."""
     src = Path(src)
@@ -27,13 +37,7 @@ def resolve_run(src: Path) -> tuple[Path, Path | None]:
         raise UserError(
             f"{src}: neither a model folder (config.json) nor a run directory (recipe.yaml)"
         )
-    import yaml
-
-    from ..train.data_check import model_dir
-    from ..train.recipe import Recipe
-
-    r = Recipe.model_validate(yaml.safe_load(recipe.read_text()))
-    base = model_dir(r)
+    base = recipe_base(src)
     if (src / "model" / "config.json").is_file():  # full SFT
         return src / "model", None
     if (src / "adapter").is_dir():

@@ -46,8 +46,9 @@ def _files(ckpt: Path) -> dict[str, int]:
     }
 
 
-def mark_complete(ckpt: Path) -> None:
-    """Flush every file of the checkpoint to disk, then commit it with the marker."""
+def mark_complete(ckpt: Path, world_size: int = 1) -> None:
+    """Flush every file of the checkpoint to disk, then commit it with the marker (which also
+    records how many processes wrote it: resuming on another number converts ZeRO states)."""
     files = _files(ckpt)
     for name in files:
         fd = os.open(ckpt / name, os.O_RDONLY)
@@ -55,7 +56,16 @@ def mark_complete(ckpt: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    write_atomic(ckpt / MARKER, json.dumps({"step": _step(ckpt), "files": files}, indent=1))
+    marker = {"step": _step(ckpt), "world_size": world_size, "files": files}
+    write_atomic(ckpt / MARKER, json.dumps(marker, indent=1))
+
+
+def written_by(ckpt: Path) -> int | None:
+    """The number of processes that wrote a complete checkpoint (None: not recorded)."""
+    try:
+        return json.loads((ckpt / MARKER).read_text()).get("world_size")
+    except (OSError, ValueError):
+        return None
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -105,7 +115,7 @@ class CompleteCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = self.out / f"{PREFIX}{state.global_step}"
             if ckpt.is_dir():
-                mark_complete(ckpt)
+                mark_complete(ckpt, args.world_size)
                 for p in rotate(self.out, self.keep):
                     print(f"removed old checkpoint {p.name} (save_total_limit)", file=sys.stderr)
         if dist.is_available() and dist.is_initialized():

@@ -8,6 +8,7 @@ streams the checkpoint one tensor at a time into the gathered parameter.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,13 +21,60 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(use_deepspeed: bool) -> None:
-    """DeepSpeed needs its process group before the model is built; gloo on CPU, nccl on GPU."""
+def init_distributed(use_deepspeed: bool, timeout_s: int = 1800) -> None:
+    """DeepSpeed needs its process group before the model is built; gloo on CPU, nccl on GPU.
+    (Without DeepSpeed the Trainer creates it, with the same `ddp_timeout`.)"""
     if not use_deepspeed or world_size() == 1 and "RANK" not in os.environ:
         return
+    from datetime import timedelta
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def zero_to_universal(ckpt: Path, wrote: int, now: int, wait_seconds: float = 3600) -> None:
+    """Make a DeepSpeed checkpoint written by `wrote` processes loadable by `now` of them:
+    DeepSpeed's `ds_to_universal` gathers each parameter's ZeRO fragments (weights and Adam
+    moments) into per-parameter files, which any world size can load again. Global rank 0
+    converts, into a temporary folder renamed when done, and writes `latest_universal` last;
+    the other ranks wait for that file. Done once per checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    done = ckpt / "latest_universal"
+    if done.is_file():
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        deadline = time.monotonic() + wait_seconds
+        while not done.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {wait_seconds:.0f} s for rank 0 to convert {ckpt}")
+            time.sleep(0.5)
+        return
+    tag = (ckpt / "latest").read_text().strip()  # e.g. global_step3
+    print(
+        f"{ckpt.name} was written by {wrote} processes, resuming with {now}: converting its"
+        " ZeRO states to DeepSpeed's universal checkpoint",
+        file=sys.stderr,
+    )
+    tmp, final = ckpt / f".{tag}_universal.partial", ckpt / f"{tag}_universal"
+    for stale in (tmp, final):
+        if stale.exists():
+            shutil.rmtree(stale)
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(ckpt / tag), "--output_folder", str(tmp),
+        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    os.rename(tmp, final)
+    (ckpt / ".latest_universal.tmp").write_text(final.name)
+    os.replace(ckpt / ".latest_universal.tmp", done)
 
 
 def load_model_zero3(

@@ -86,6 +86,11 @@ class TrainingSection(_Strict):
         default=5, gt=0, description="non-finite steps in a row before the run stops"
     )
     resume: bool = Field(default=False, description="continue from the newest complete checkpoint")
+    ddp_timeout: int = Field(
+        default=1800,
+        gt=0,
+        description="seconds a rank waits for the others in a collective before the job fails",
+    )
     force: bool = Field(default=False, description="allow writing into a non-empty output_dir")
 
 

@@ -32,9 +32,9 @@ from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..outputs import replace_dir, write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
-from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete
+from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete, written_by
 from .data_check import load_data, model_dir
-from .distributed import init_distributed, load_model_zero3
+from .distributed import init_distributed, load_model_zero3, world_size, zero_to_universal
 from .guards import NonFiniteGuard
 from .recipe import Recipe, recipe_to_yaml
 
@@ -148,12 +148,14 @@ def _rows_dataset(rows):
     import datasets
 
     def fetch(batch: dict) -> dict:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "image_refs": []}
+        keys = ("input_ids", "labels", "position_ids", "image_refs")
+        out: dict[str, list] = {k: [] for k in keys}
         for i in batch["row"]:
             r = concat_row(rows[i])
             r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
-            for k in out:
+            for k in keys:
                 out[k].append(r[k])
+        out["row"] = batch["row"]  # which row: the collator passes it on as row_ids
         return out
 
     ds = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
@@ -253,10 +255,21 @@ def resume_point(out: Path) -> Path | None:
     return ckpt
 
 
-def deepspeed_config(recipe: Recipe) -> str | None:
+def deepspeed_config(recipe: Recipe, load_universal: bool = False) -> str | dict | None:
     ds = recipe.deepspeed
     if ds is None:
         return None
+    path = _deepspeed_config_path(recipe)
+    if not load_universal:
+        return path
+    cfg = json.loads(Path(path).read_text())
+    cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def _deepspeed_config_path(recipe: Recipe) -> str:
+    ds = recipe.deepspeed
+    assert ds is not None
     shipped = Path(__file__).parent / "deepspeed" / f"{ds}.json"
     if shipped.is_file():
         return str(shipped)
@@ -269,7 +282,7 @@ def deepspeed_config(recipe: Recipe) -> str | None:
     return str(p)
 
 
-def build_args(recipe: Recipe, out: Path, has_eval: bool):
+def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool = False):
     from trl import SFTConfig
 
     t = recipe.training
@@ -309,11 +322,12 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool):
         max_length=None,
         packing=False,
         dataloader_num_workers=0,
-        deepspeed=deepspeed_config(recipe),
+        deepspeed=deepspeed_config(recipe, load_universal),
         save_only_model=False,
         disable_tqdm=not is_main_process(),
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        ddp_timeout=t.ddp_timeout,
         logging_first_step=True,
     )
 
@@ -349,8 +363,17 @@ def build_trainer(recipe: Recipe):
     if not data.train_rows:
         raise UserError("data.train: no samples left to train on")
     folder = model_dir(recipe)
-    init_distributed(recipe.deepspeed is not None)
-    args = build_args(recipe, out, bool(data.eval_rows))  # before the model: it sets up DeepSpeed
+    init_distributed(recipe.deepspeed is not None, recipe.training.ddp_timeout)
+    resume = find_resume(recipe, out)
+    # A ZeRO checkpoint is partitioned by world size: on another one, load it through
+    # DeepSpeed's universal format (converted once, by global rank 0).
+    universal = False
+    if resume is not None and recipe.deepspeed is not None:
+        wrote = written_by(resume)
+        universal = wrote is not None and wrote != world_size()
+        if universal:
+            zero_to_universal(resume, wrote, world_size())
+    args = build_args(recipe, out, bool(data.eval_rows), universal)  # sets up DeepSpeed
     # Every rank has checked output_dir by now (process groups rendezvous above): write into it.
     if is_main_process():
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -406,21 +429,38 @@ def build_trainer(recipe: Recipe):
         pad_id=tok.pad_id,
         guard=guard,
     )
+    trainer.resume_checkpoint = resume
     return trainer, out, folder
+
+
+def find_resume(recipe: Recipe, out: Path) -> Path | None:
+    if not recipe.training.resume:
+        return None
+    resume = resume_point(out) if is_main_process() else newest_complete(out)
+    if resume is None:
+        print(f"no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
+    else:
+        print(f"resuming from {resume.name}", file=sys.stderr)
+    return resume
 
 
 def train(recipe: Recipe, recipe_path: str = "") -> Path:
     trainer, out, folder = build_trainer(recipe)
-    resume = None
-    if recipe.training.resume:
-        resume = resume_point(out) if is_main_process() else newest_complete(out)
-        if resume is None:
-            print(f"no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
-        else:
-            print(f"resuming from {resume.name}", file=sys.stderr)
+    resume = trainer.resume_checkpoint
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
     return out
+
+
+TRACE_ROWS = "GEMMA3_TUNE_TRACE_ROWS"
+
+
+def _trace_rows(step: int, rows: torch.Tensor) -> None:
+    """With $GEMMA3_TUNE_TRACE_ROWS=PREFIX, each rank appends `step row...` for every
+    micro-batch it trains on to PREFIX.RANK: an audit of the data order (resume tests use it)."""
+    path = f"{os.environ[TRACE_ROWS]}.{os.environ.get('RANK', '0')}"
+    with open(path, "a") as f:
+        f.write(" ".join(str(x) for x in [step, *rows.tolist()]) + "\n")
 
 
 def _make_trainer_class():
@@ -446,6 +486,9 @@ def _make_trainer_class():
             super().__init__(*a, **kw)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            rows = inputs.pop("row_ids", None)
+            if TRACE_ROWS in os.environ and rows is not None:
+                _trace_rows(self.state.global_step + 1, rows)
             self.tokens_seen += int((inputs["input_ids"] != self.pad_id).sum())
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self.guard is not None:
@@ -474,6 +517,7 @@ def _make_trainer_class():
             super().log(logs, start_time)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs.pop("row_ids", None)  # eval batches carry it too; the model does not need it
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         def create_optimizer(self, model=None):
