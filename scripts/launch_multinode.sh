@@ -25,11 +25,11 @@ case "$mode" in
   deepspeed)
     hostfile="$1"; shift
     if [ -n "${NODE_RANK:-}" ]; then
-      exec "$ROOT/.venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" \
+      exec "$ROOT/.venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" --no_local_rank \
         --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first node}" \
         --master_port "${MASTER_PORT:-29500}" --module gemma3_tune train "$@"
     fi
-    exec "$ROOT/.venv/bin/deepspeed" --hostfile "$hostfile" --module gemma3_tune train "$@"
+    exec "$ROOT/.venv/bin/deepspeed" --hostfile "$hostfile" --no_local_rank --module gemma3_tune train "$@"
     ;;
   torchrun)
     GPUS="${GPUS_PER_NODE:-$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"

@@ -64,14 +64,24 @@ def _wait(procs, timeout: int = 600) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir):
-    """The reference: one node with 2 processes (DDP), 6 steps, checkpoints at 3 and 6."""
+    """The references: one node with 2 processes, DDP and ZeRO-3, 6 steps, checkpoints at 3
+    and 6."""
     d = tmp_path_factory.mktemp("nodes")
     data = chat_set(d / "chat.jsonl", n=32)
     r = write_recipe(
-        d / "r.yaml", tiny_dir, data, d / "one-node",
+        d / "r.yaml", tiny_dir, data, d / "one-node-ddp",
         training__max_steps=6, training__micro_batch_size=1, training__save_steps=3,
     )  # fmt: skip
     _wait(_start(r, nnodes=1, per_node=2))
+    _wait(
+        _start(
+            r,
+            f"training.output_dir={d / 'one-node-zero3'}",
+            "deepspeed=zero3",
+            nnodes=1,
+            per_node=2,
+        )
+    )
     return d, r
 
 
@@ -86,10 +96,11 @@ def test_two_nodes_equal_one_node_with_two_processes(stage, runs):
         hostfile = d / "hostfile"
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     errs = _wait(_start(r, f"training.output_dir={out}", *extra, caches=caches, hostfile=hostfile))
-    want, got = losses(d / "one-node"), losses(out)
+    ref = d / ("one-node-ddp" if stage == "ddp" else "one-node-zero3")
+    want, got = losses(ref), losses(out)
     assert len(got) == len(want) == 6
     assert got == pytest.approx(want, rel=1e-5)
-    a = load_file(str(d / "one-node" / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

@@ -69,3 +69,13 @@ def test_dtype_auto_is_valid_and_the_default(tmp_path):
     assert load_recipe(p, ["training.compile=false"]).training.compile is False
     with pytest.raises(UserError, match="training.compile"):
         load_recipe(p, ["training.compile=sometimes"])
+
+
+def test_ddp_timeout_reaches_the_process_group_settings(tmp_path):
+    from gemma3_tune.train.trainer import build_args
+
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {path: m}\ndata: {train: d.jsonl}\n")
+    assert load_recipe(p).training.ddp_timeout == 1800
+    args = build_args(load_recipe(p, ["training.ddp_timeout=77"]), tmp_path / "out", False)
+    assert args.ddp_timeout == 77
