@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .model.checkpoint import CheckpointError
+# Only light imports here: `--help`, a recipe typo or a schema error must answer in about a
+# second, so torch, transformers and the trainer load inside the commands that need them.
+from .errors import CheckpointError, UserError
 
 
 def cmd_init_model(args: argparse.Namespace) -> None:
@@ -46,9 +47,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(
             "--for vllm applies to --adapter-only; a merged export (--merge) loads in vLLM as is"
         )
+    if args.quantize and args.format != "gguf":
+        raise UserError("--quantize applies to --format gguf; HF folders keep --dtype weights")
     if args.format == "gguf":
         out = hf_export.export_gguf(
-            args.src, args.out, args.gguf_dtype, args.checkpoint, args.force
+            args.src, args.out, args.gguf_dtype, args.checkpoint, args.force, args.quantize
         )
     elif args.adapter_only:
         out = hf_export.export_adapter(
@@ -128,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="HF weights"
     )
     s.add_argument("--gguf-dtype", choices=["f16", "bf16", "f32"], default="f16")
+    s.add_argument(
+        "--quantize",
+        choices=["q8_0"],
+        default=None,
+        help="GGUF: store the text model's matrices quantized (q4_k_m: llama.cpp's llama-quantize)",
+    )
     s.add_argument(
         "--checkpoint",
         type=int,

@@ -104,3 +104,31 @@ def test_cli_refuses_overwrite_and_bad_folder(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "x.gguf" in err and err.count("\n") == 1
+
+
+def _assert_carries_chat_template(folder) -> None:
+    """chat_template.jinja and tokenizer_config.json's chat_template, which transformers
+    applies to the same ids as our template renders, and transformers_version in config.json."""
+    from importlib.metadata import version
+
+    from gemma3_tune.data.template import Turn, render
+    from gemma3_tune.data.tokenizer import Tokenizer
+
+    assert (folder / "chat_template.jinja").is_file()
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["transformers_version"] == version("transformers")
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How many apples?"},
+        {"role": "assistant", "content": "Twelve."},
+    ]
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    got = hf.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    turns = [Turn(m["role"], [m["content"]]) for m in msgs]
+    assert list(got) == render(turns, Tokenizer(folder), None).input_ids
+
+
+def test_every_folder_we_write_carries_the_chat_template(tmp_path):
+    assert main(["init-model", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    _assert_carries_chat_template(tmp_path / "m")

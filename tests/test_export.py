@@ -57,9 +57,9 @@ def test_merged_export_matches_transformers_plus_peft(run, tiny_vision_dir):
     assert (merged_hf - with_peft).abs().max().item() <= 1e-4
     assert (ours - merged_hf).abs().max().item() <= 1e-4
     assert (merged_hf - base).abs().max().item() > 1e-2  # training moved the logits
-    assert (d / "merged" / "tokenizer.json").is_file() and (
-        d / "merged" / "chat_template.jinja"
-    ).is_file()
+    from test_checkpoint import _assert_carries_chat_template
+
+    _assert_carries_chat_template(d / "merged")
 
 
 def test_export_refuses_to_overwrite_and_writes_atomically(run, capsys):
@@ -91,6 +91,44 @@ def test_gguf_export_of_tiny_reads_back(run, tmp_path):
     if merged is not None:
         norm = np.array(names["output_norm.weight"].data)
         assert np.allclose(norm, merged.text_model.norm.weight.detach().numpy() + 1.0, atol=1e-6)
+
+
+def _q8_0_by_hand(w):
+    """Q8_0 as ggml's quantize_row_q8_0 defines it: blocks of 32 along a row, d = max|x| / 127,
+    q = x * (1 / d) rounded half away from zero into int8, d stored as f16; read back as
+    q * f16(d)."""
+    import numpy as np
+
+    blocks = w.reshape(-1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    x = blocks * inv
+    q = np.sign(x) * np.floor(np.abs(x) + 0.5)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(w.shape)
+
+
+def test_gguf_q8_0_export(run, tmp_path, capsys):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    from gemma3_tune.export.hf_export import merged_model
+
+    d = run
+    out = tmp_path / "tiny-q8.gguf"
+    argv = ["export", str(d / "run"), "--format", "gguf", "--quantize", "q8_0", "--out", str(out)]
+    assert main(argv) == 0
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    model = merged_model(d / "run")[0]
+    q = tensors["blk.0.attn_q.weight"]
+    assert q.tensor_type == GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+    w = model.text_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    got = np.array(dequantize(q.data, q.tensor_type)).reshape(w.shape)
+    np.testing.assert_allclose(got, _q8_0_by_hand(w), rtol=0, atol=1e-6)
+    assert 0 < np.abs(got - w).max() <= np.abs(w).max() / 127  # really quantized, within a step
+    assert main(["export", str(d / "run"), "--quantize", "q8_0", "--out", str(tmp_path / "x")]) == 2
+    assert "--quantize applies to --format gguf" in capsys.readouterr().err
 
 
 def test_generate_cli_cache_equals_no_cache_and_images(run, tiny_vision_dir, capsys):

@@ -28,7 +28,10 @@ def real(real_270m):
 
 
 def test_import_gguf_config(real):
+    from test_checkpoint import _assert_carries_chat_template
+
     _, folder = real
+    _assert_carries_chat_template(folder)
     cfg = load_model(folder, device="meta").config
     assert (
         cfg.hidden_size,

@@ -102,3 +102,25 @@ def test_resume_on_another_world_size(stage, recipe):
         b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
         for k in a:  # optimizer state carried over: a reset AdamW would land far from this
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_resume_refuses_another_global_batch(tmp_path):
+    """On another world size the data order continues only with the same global batch: a
+    resume that would change it is refused with the grad_accum that keeps it."""
+    import yaml
+
+    from gemma3_tune.errors import UserError
+    from gemma3_tune.train.checkpoints import mark_complete, written_by
+    from gemma3_tune.train.recipe import load_recipe
+    from gemma3_tune.train.trainer import check_global_batch
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    mark_complete(ckpt, world_size=2, global_batch=4)  # 2 processes x micro 1 x accum 2
+    assert written_by(ckpt) == (2, 4)
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "d.jsonl"}}))
+    check_global_batch(load_recipe(p, ["training.grad_accum=4"]), ckpt, 4)  # 1 x 1 x 4: fine
+    with pytest.raises(UserError, match="global batch of 4 .* set training.grad_accum=4"):
+        check_global_batch(load_recipe(p, ["training.grad_accum=2"]), ckpt, 4)

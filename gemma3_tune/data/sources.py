@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import pan_and_scan_crops
 from .template import ImageRef, Turn
 
 ROLE_ALIASES = {
@@ -181,7 +180,7 @@ def _image_ref(path: Path, origin: str, pan_and_scan: bool, pas_args: dict) -> I
     """Check the image opens (header only) and count its Pan & Scan views."""
     from PIL import Image
 
-    from .images import MAX_IMAGE_PIXELS
+    from .images import MAX_IMAGE_PIXELS, pan_and_scan_crops  # torch: only for images
 
     if not path.is_file():
         raise SampleError(

@@ -17,7 +17,9 @@ tokenizing the whole rendered string.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from .tokenizer import Tokenizer
@@ -140,3 +142,33 @@ def render(
         text("\n", train_on == "all")
     flush()
     return Sample(ids, labels, images)
+
+
+# Gemma 3's chat template (what the -it checkpoints ship), for folders that lack one.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
+    "messages[0]['content'] + '\n\n' if messages[0]['content'] is string else "
+    "messages[0]['content'][0]['text'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    '{%- else -%}{%- set first_user_prefix = "" -%}{%- set loop_messages = messages -%}{%- endif -%}'
+    "{%- for message in loop_messages -%}{%- if message['role'] == 'assistant' -%}{%- set role = "
+    "\"model\" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + "
+    "role + '\n' + (first_user_prefix if loop.first else \"\") }}{%- if message['content'] is string "
+    "-%}{{ message['content'] | trim }}{%- else -%}{%- for item in message['content'] -%}{%- if "
+    "item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}{{ "
+    "item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+
+
+def ensure_chat_template(folder: Path) -> None:
+    """Give a model folder Gemma 3's chat template the way published checkpoints carry it:
+    `chat_template.jinja` (transformers 5, vLLM) and `chat_template` in tokenizer_config.json
+    (older readers). A template the folder already has is kept, and written to both places."""
+    cfg_file, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    template = cfg.get("chat_template") or (jinja.read_text() if jinja.is_file() else CHAT_TEMPLATE)
+    if not jinja.is_file():
+        jinja.write_text(template)
+    if cfg_file.is_file() and not cfg.get("chat_template"):
+        cfg["chat_template"] = template
+        cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -98,14 +98,21 @@ def file_type(dtype: str):
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[dtype]
 
 
 def add_tensor(writer, name: str, t: torch.Tensor, kind: str) -> None:
-    """Add `t` stored as f32, f16 or bf16 (bf16 as raw 16-bit patterns)."""
+    """Add `t` stored as f32, f16, bf16 (raw 16-bit patterns) or q8_0 (blocks of 32 values
+    sharing one f16 scale, quantized by the gguf package as llama.cpp's converter does)."""
     import gguf
 
-    if kind == "f32":
+    if kind == "q8_0":
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(
+            name, gguf.quants.quantize(t.numpy().astype(np.float32), q8), raw_dtype=q8
+        )
+    elif kind == "f32":
         writer.add_tensor(name, t.numpy().astype(np.float32))
     elif kind == "f16":
         writer.add_tensor(name, t.numpy().astype(np.float16))
@@ -153,7 +160,7 @@ def write_gguf(
     w.add_unk_token_id(3)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    from .hf_export import CHAT_TEMPLATE
+    from ..data.template import CHAT_TEMPLATE
 
     w.add_chat_template(CHAT_TEMPLATE)
 

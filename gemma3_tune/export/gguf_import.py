@@ -158,5 +158,8 @@ def _save_tokenizer(gguf_path: Path, out: Path) -> None:
     """transformers converts the GGUF vocabulary to a fast tokenizer (tokenizer.json)."""
     from transformers import AutoTokenizer
 
+    from ..data.template import ensure_chat_template
+
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out))
+    ensure_chat_template(out)

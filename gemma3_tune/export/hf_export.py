@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
@@ -22,30 +23,12 @@ from ..model.gemma3 import Gemma3
 from ..outputs import refuse_existing, refuse_existing_file, staged_dir, staged_file
 from .inference import apply_adapter, load_with_adapter, recipe_base, resolve_run
 
-# Gemma 3's chat template (what the -it checkpoints ship), for folders that lack one.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
-    "messages[0]['content'] + '\n\n' if messages[0]['content'] is string else "
-    "messages[0]['content'][0]['text'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
-    '{%- else -%}{%- set first_user_prefix = "" -%}{%- set loop_messages = messages -%}{%- endif -%}'
-    "{%- for message in loop_messages -%}{%- if message['role'] == 'assistant' -%}{%- set role = "
-    "\"model\" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + "
-    "role + '\n' + (first_user_prefix if loop.first else \"\") }}{%- if message['content'] is string "
-    "-%}{{ message['content'] | trim }}{%- else -%}{%- for item in message['content'] -%}{%- if "
-    "item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}{{ "
-    "item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
-)
-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def copy_tokenizer(src: Path, dest: Path) -> None:
     copy_tokenizer_files(src, dest)
-    cfg_file = dest / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    if not cfg.get("chat_template") and not (dest / "chat_template.jinja").is_file():
-        (dest / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    ensure_chat_template(dest)
 
 
 def probe_ids(model: Gemma3, n: int = 24) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -268,10 +251,12 @@ def export_gguf(
     gguf_dtype: str = "f16",
     checkpoint: int | None = None,
     force: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Merge and write GGUF: the text model at `out` and, for a vision model, the vision tower
     and projector at `mmproj-<out name>` beside it (llama.cpp's --mmproj file). Each is written
-    to a temporary file, read back and compared tensor by tensor, then renamed."""
+    to a temporary file, read back and compared tensor by tensor, then renamed. `quantize`
+    (q8_0) stores the text model's matrices quantized; the mmproj file keeps `gguf_dtype`."""
     from .gguf_export import hf_to_gguf_name, write_gguf
     from .gguf_mmproj import mmproj_name, vision_tensors, write_mmproj
 
@@ -282,9 +267,9 @@ def export_gguf(
         refuse_existing_file(target, force)
     model, base, _, _ = merged_model(src, checkpoint)
     with staged_file(out, force) as tmp:
-        write_gguf(model, base, tmp, gguf_dtype)
+        write_gguf(model, base, tmp, quantize or gguf_dtype)
         text = {"model." + k: v for k, v in model.text_model.state_dict().items()}
-        _verify_gguf(tmp, text, hf_to_gguf_name, gguf_dtype)
+        _verify_gguf(tmp, text, hf_to_gguf_name, quantize or gguf_dtype)
     if not model.config.is_multimodal:
         return out
     with staged_file(mmproj, force) as tmp:
@@ -303,7 +288,8 @@ def _verify_gguf(path: Path, tensors: dict, name_of, gguf_dtype: str) -> None:
     from gguf.quants import dequantize
 
     written = {t.name: t for t in GGUFReader(str(path)).tensors}
-    tol = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2}[gguf_dtype]
+    # q8_0: each block of 32 is rounded to 1/127 of its largest value (half a step at most)
+    tol = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2, "q8_0": 5e-3}[gguf_dtype]
     for key, ref in tensors.items():
         gname, plus_one = name_of(key)
         t = written[gname]

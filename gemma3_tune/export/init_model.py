@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.template import ensure_chat_template
 from ..data.tokenizer import train_tiny_tokenizer
 from ..errors import UserError
 from ..model.checkpoint import save_model
@@ -34,4 +35,5 @@ def init_model(name: str, out: str | Path, *, seed: int = 0, force: bool = False
             )
         model = random_init(Gemma3(cfg), seed)
         save_model(model, tmp)
+        ensure_chat_template(tmp)
     return out

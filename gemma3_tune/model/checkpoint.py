@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
 from .config import Gemma3Config, config_from_hf, config_to_hf
 from .gemma3 import Gemma3
 
@@ -47,10 +48,6 @@ TEXT_FROM_HF: list[tuple[str, str]] = [
 ]
 # Tied LM-head copies: accepted (checked equal to the embeddings) and dropped.
 TIED_HEAD_KEYS = {"lm_head.weight", "language_model.lm_head.weight"}
-
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded; the message names the file and the fix."""
 
 
 def hf_to_ours(key: str, multimodal: bool) -> str | None:

@@ -306,7 +306,7 @@ def config_to_hf(c: Gemma3Config, dtype: str = "float32") -> dict:
     """A config.json that transformers 5 loads as Gemma3ForCausalLM or ...ForConditionalGeneration."""
     text = _text_to_hf(c)
     if not c.is_multimodal:
-        return {"architectures": ["Gemma3ForCausalLM"], **text, "dtype": dtype}
+        return {"architectures": ["Gemma3ForCausalLM"], **text, "dtype": dtype, **_written_by()}
     v = c.vision
     assert v is not None
     return {
@@ -338,7 +338,19 @@ def config_to_hf(c: Gemma3Config, dtype: str = "float32") -> dict:
         "bos_token_id": c.bos_token_id,
         "tie_word_embeddings": True,
         "dtype": dtype,
+        **_written_by(),
     }
+
+
+def _written_by() -> dict:
+    """`transformers_version`, as transformers writes it: without it, transformers (5.19 in
+    vLLM, say) warns on every load that the tokenizer's regex pattern may be wrong."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"transformers_version": version("transformers")}
+    except PackageNotFoundError:
+        return {}
 
 
 def pool_kernel(c: Gemma3Config) -> int:

@@ -46,7 +46,7 @@ def _files(ckpt: Path) -> dict[str, int]:
     }
 
 
-def mark_complete(ckpt: Path, world_size: int = 1) -> None:
+def mark_complete(ckpt: Path, world_size: int = 1, global_batch: int | None = None) -> None:
     """Flush every file of the checkpoint to disk, then commit it with the marker (which also
     records how many processes wrote it: resuming on another number converts ZeRO states)."""
     files = _files(ckpt)
@@ -56,16 +56,19 @@ def mark_complete(ckpt: Path, world_size: int = 1) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    marker = {"step": _step(ckpt), "world_size": world_size, "files": files}
+    marker = {"step": _step(ckpt), "world_size": world_size, "global_batch": global_batch}
+    marker["files"] = files
     write_atomic(ckpt / MARKER, json.dumps(marker, indent=1))
 
 
-def written_by(ckpt: Path) -> int | None:
-    """The number of processes that wrote a complete checkpoint (None: not recorded)."""
+def written_by(ckpt: Path) -> tuple[int | None, int | None]:
+    """(processes, global batch) of the run that wrote a complete checkpoint (None: not
+    recorded, as in checkpoints from before these fields)."""
     try:
-        return json.loads((ckpt / MARKER).read_text()).get("world_size")
+        marker = json.loads((ckpt / MARKER).read_text())
     except (OSError, ValueError):
-        return None
+        return None, None
+    return marker.get("world_size"), marker.get("global_batch")
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -115,7 +118,8 @@ class CompleteCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = self.out / f"{PREFIX}{state.global_step}"
             if ckpt.is_dir():
-                mark_complete(ckpt, args.world_size)
+                batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+                mark_complete(ckpt, args.world_size, batch * args.world_size)
                 for p in rotate(self.out, self.keep):
                     print(f"removed old checkpoint {p.name} (save_total_limit)", file=sys.stderr)
         if dist.is_available() and dist.is_initialized():

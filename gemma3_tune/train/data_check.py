@@ -9,7 +9,6 @@ from pathlib import Path
 from ..data.dataset import DataErrors, histogram, render_mask
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
-from ..model.checkpoint import read_config
 from .recipe import Recipe, load_recipe
 
 
@@ -31,6 +30,7 @@ def load_data(recipe: Recipe):
     """Tokenizer, model config and prepared data for a recipe: from the cache when these
     inputs were prepared before, else prepared now (DataErrors propagate)."""
     from ..data.prepare import prepare
+    from ..model.checkpoint import read_config
 
     folder = model_dir(recipe)
     try:

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from ..data.collate import Collator, concat_row
 from ..data.feature_cache import FeatureCache, weights_fingerprint
 from ..data.images import preprocess
+from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
@@ -368,9 +369,10 @@ def build_trainer(recipe: Recipe):
     # A ZeRO checkpoint is partitioned by world size: on another one, load it through
     # DeepSpeed's universal format (converted once, by global rank 0).
     universal = False
-    if resume is not None and recipe.deepspeed is not None:
-        wrote = written_by(resume)
-        universal = wrote is not None and wrote != world_size()
+    if resume is not None:
+        wrote, batch = written_by(resume)
+        check_global_batch(recipe, resume, batch)
+        universal = recipe.deepspeed is not None and wrote is not None and wrote != world_size()
         if universal:
             zero_to_universal(resume, wrote, world_size())
     args = build_args(recipe, out, bool(data.eval_rows), universal)  # sets up DeepSpeed
@@ -442,6 +444,26 @@ def find_resume(recipe: Recipe, out: Path) -> Path | None:
     else:
         print(f"resuming from {resume.name}", file=sys.stderr)
     return resume
+
+
+def check_global_batch(recipe: Recipe, ckpt: Path, batch: int | None) -> None:
+    """Resuming continues the data order at step x global batch: on another number of
+    processes that holds only if micro_batch_size x grad_accum x processes is unchanged."""
+    t = recipe.training
+    now = t.micro_batch_size * t.grad_accum * world_size()
+    if batch is None or batch == now:
+        return
+    per = t.micro_batch_size * world_size()
+    fix = (
+        f"set training.grad_accum={batch // per}"
+        if batch % per == 0
+        else "choose micro_batch_size and grad_accum whose product with the processes matches"
+    )
+    raise UserError(
+        f"training.resume: {ckpt.name} was trained with a global batch of {batch} rows"
+        f" (micro_batch_size x grad_accum x processes), this run has {now}; {fix} to continue"
+        " the same data order"
+    )
 
 
 def train(recipe: Recipe, recipe_path: str = "") -> Path:
@@ -566,5 +588,7 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     if not main:
         return
     copy_tokenizer_files(base_folder, tmp)
+    if recipe.method == "full":  # a whole model folder: it carries the chat template too
+        ensure_chat_template(tmp)
     replace_dir(tmp, dest)
     print(f"saved {dest}", file=sys.stderr)
