@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 from gemma3_tune.cli import main as cli  # noqa: E402
 from gemma3_tune.data.tokenizer import Tokenizer  # noqa: E402
 from gemma3_tune.errors import UserError  # noqa: E402
-from gemma3_tune.export.embedded import embedded_model_dir  # noqa: E402
 from gemma3_tune.export.inference import chat_ids, load_with_adapter  # noqa: E402
+from gemma3_tune.model.embedded import embedded_model_dir  # noqa: E402
 from gemma3_tune.model.generate import generate_batch  # noqa: E402
 from gemma3_tune.outputs import refuse_existing  # noqa: E402
 

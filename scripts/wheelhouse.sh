@@ -77,4 +77,4 @@ for i, ws in enumerate(groups, 1):
         shutil.move(str(w), d / w.name)
     print(f"{d}: {len(ws)} wheels, {sizes[i - 1] / 2**20:.1f} MB")
 EOF
-rm -rf "$flat"
+rm -rf "$flat" "$ROOT/build"  # pip wheel of the project leaves a build/ folder

@@ -16,7 +16,7 @@ def model_dir(recipe: Recipe) -> Path:
     """The model folder a recipe names (`gguf:gemma3-270m` is the embedded real model)."""
     ref = recipe.model.path
     if ref.startswith("gguf:"):
-        from ..export.embedded import embedded_model_dir
+        from ..model.embedded import embedded_model_dir
 
         return embedded_model_dir(ref.removeprefix("gguf:"))
     p = Path(ref)

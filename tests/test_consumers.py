@@ -1,0 +1,192 @@
+"""Real consumers of our exports (`pytest -m consumers`, run by scripts/test_consumers.sh):
+vLLM (CPU build), llama.cpp (llama-cpp-python) and transformers greedy-decode the quickstart's
+fine-tuned Gemma 3 270M to exactly the tokens our own KV-cache decoder gives, on held-out
+prompts. vLLM and llama.cpp live in venvs of their own (their torch and numpy pins differ from
+ours); the script points $GEMMA3_TUNE_VLLM_PYTHON and $GEMMA3_TUNE_LLAMACPP_PYTHON at them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+N_PROMPTS, NEW_TOKENS = 8, 40
+pytestmark = [
+    pytest.mark.consumers,
+    pytest.mark.skipif(
+        not any(
+            os.environ.get(v) for v in ("GEMMA3_TUNE_VLLM_PYTHON", "GEMMA3_TUNE_LLAMACPP_PYTHON")
+        ),
+        reason="real consumers run through scripts/test_consumers.sh",
+    ),
+]
+
+
+def _python(var: str) -> str:
+    exe = os.environ.get(var)
+    if not exe:
+        pytest.skip(f"${var} is not set (scripts/test_consumers.sh sets it)")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The quickstart's LoRA run on the real 270M (24 steps, ~3 min), its merged fp32 folder,
+    its vLLM adapter, f16/bf16 GGUFs, the held-out prompts' ids and our greedy replies."""
+    from gemma3_tune.cli import main
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.export.inference import chat_ids
+    from gemma3_tune.model import load_model
+    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.model.generate import generate_batch
+
+    d = tmp_path_factory.mktemp("consumers")
+    base = embedded_model_dir("gemma3-270m")
+    run = d / "run"
+    assert main(["train", str(ROOT / "recipes/quickstart.yaml"), f"training.output_dir={run}"]) == 0
+    assert main(["export", str(run), "--out", str(d / "merged"), "--dtype", "float32"]) == 0
+    assert (
+        main(["export", str(run), "--adapter-only", "--for", "vllm", "--out", str(d / "lora")]) == 0
+    )
+    for dt in ("f16", "bf16"):
+        out = d / f"model-{dt}.gguf"
+        assert (
+            main(["export", str(run), "--format", "gguf", "--gguf-dtype", dt, "--out", str(out)])
+            == 0
+        )
+    rows = (ROOT / "data/quickstart/eval.jsonl").read_text().splitlines()[:N_PROMPTS]
+    prompts = [json.loads(r)["messages"][0]["content"] for r in rows]
+    tok = Tokenizer(base)
+    model = load_model(d / "merged").eval()
+    ids = [chat_ids(tok, model, p)[0][0].tolist() for p in prompts]
+    stop = {tok.end_of_turn, tok.eos_id}
+    with torch.no_grad():
+        ours = generate_batch(
+            model, ids, max_new_tokens=NEW_TOKENS, stop_ids=stop, pad_id=tok.pad_id
+        )
+    assert sum(len(o) > 5 for o in ours) == N_PROMPTS  # real replies, not empty ones
+    return {
+        "dir": d,
+        "base": base,
+        "prompts": prompts,
+        "ids": ids,
+        "ours": ours,
+        "stop": sorted(stop),
+    }
+
+
+def _consumer(python: str, script: str, job: dict, timeout: int = 1200) -> list[list[int]]:
+    """Run `script` in another venv with the job as JSON on stdin; it prints one JSON line of
+    replies (token ids, cut at the first stop token)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: no spawn
+    done = subprocess.run(
+        [python, "-c", script], input=json.dumps(job), capture_output=True, text=True,
+        timeout=timeout, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cut(tokens: list[int], stop: list[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[:i]
+    return tokens
+
+
+VLLM = """
+import json, sys
+from vllm import LLM, SamplingParams
+job = json.load(sys.stdin)
+kw = {"enable_lora": True, "max_lora_rank": 16} if job.get("lora") else {}
+llm = LLM(model=job["model"], dtype="float32", max_model_len=512, enforce_eager=True, **kw)
+sp = SamplingParams(temperature=0, max_tokens=job["n"], stop_token_ids=job["stop"])
+req = None
+if job.get("lora"):
+    from vllm.lora.request import LoRARequest
+    req = LoRARequest("tuned", 1, job["lora"])
+outs = llm.generate([{"prompt_token_ids": p} for p in job["ids"]], sp, lora_request=req)
+chat = llm.chat([{"role": "user", "content": job["chat"]}], sp, lora_request=req)
+print(json.dumps([list(o.outputs[0].token_ids) for o in outs] + [list(chat[0].prompt_token_ids)]))
+"""
+
+
+@pytest.mark.parametrize("how", ["merged", "base+adapter"])
+def test_vllm_greedy_tokens_equal_ours(how, tuned):
+    python = _python("GEMMA3_TUNE_VLLM_PYTHON")
+    d = tuned["dir"]
+    job = {"ids": tuned["ids"], "n": NEW_TOKENS, "stop": tuned["stop"], "chat": tuned["prompts"][0]}
+    if how == "merged":
+        job["model"] = str(d / "merged")
+    else:
+        job["model"], job["lora"] = str(tuned["base"]), str(d / "lora")
+    *got, chat_prompt = _consumer(python, VLLM, job)
+    assert [_cut(g, tuned["stop"]) for g in got] == tuned["ours"]
+    # llm.chat used the folder's own chat template: the same prompt ids as ours
+    assert chat_prompt == tuned["ids"][0]
+
+
+LLAMA_CPP = """
+import json, sys
+from llama_cpp import Llama
+job = json.load(sys.stdin)
+llm = Llama(model_path=job["model"], n_ctx=512, n_threads=2, verbose=False)
+replies = []
+for ids in job["ids"]:
+    llm.reset()
+    out = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        if t in job["stop"] or len(out) == job["n"]:
+            break
+        out.append(t)
+    replies.append(out)
+print(json.dumps(replies))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_llama_cpp_greedy_tokens_equal_ours(dtype, tuned):
+    python = _python("GEMMA3_TUNE_LLAMACPP_PYTHON")
+    job = {
+        "model": str(tuned["dir"] / f"model-{dtype}.gguf"),
+        "ids": tuned["ids"], "n": NEW_TOKENS, "stop": tuned["stop"],
+    }  # fmt: skip
+    got = _consumer(python, LLAMA_CPP, job)
+    if dtype == "f16":
+        assert got == tuned["ours"]
+    else:  # bf16 weights round differently from our fp32: most replies, not all, agree
+        assert sum(g == o for g, o in zip(got, tuned["ours"], strict=True)) >= N_PROMPTS // 2
+
+
+@pytest.mark.parametrize("how", ["merged", "base+adapter"])
+def test_transformers_greedy_tokens_equal_ours(how, tuned):
+    import transformers
+
+    d = tuned["dir"]
+    if how == "merged":
+        model = transformers.AutoModelForCausalLM.from_pretrained(d / "merged", dtype=torch.float32)
+    else:
+        import peft
+
+        from gemma3_tune.cli import main
+
+        assert main(["export", str(d / "run"), "--adapter-only", "--out", str(d / "peft")]) == 0
+        base = transformers.AutoModelForCausalLM.from_pretrained(tuned["base"], dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(base, d / "peft")
+    model.eval()
+    got = []
+    for ids in tuned["ids"]:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                eos_token_id=tuned["stop"], pad_token_id=0,
+            )  # fmt: skip
+        got.append(_cut(out[0, len(ids) :].tolist(), tuned["stop"]))
+    assert got == tuned["ours"]
