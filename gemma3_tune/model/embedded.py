@@ -26,6 +26,7 @@ def embedded_model_dir(name: str) -> Path:
         )
     folder = cache_root() / name
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        _refresh(folder)
         return folder
     try:
         import importlib
@@ -40,3 +41,18 @@ def embedded_model_dir(name: str) -> Path:
     gguf = pkg.assemble(cache_root() / f"{name}.gguf")
     import_gguf(gguf, folder, force=True)
     return folder
+
+
+def _refresh(folder: Path) -> None:
+    """A folder converted by an older version lacks what every folder we write now carries
+    (the chat template, `transformers_version`): add it in place rather than convert again."""
+    import json
+
+    from ..data.template import ensure_chat_template
+    from ..outputs import write_atomic
+    from .config import _written_by
+
+    ensure_chat_template(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if "transformers_version" not in cfg and _written_by():
+        write_atomic(folder / "config.json", json.dumps({**cfg, **_written_by()}, indent=2) + "\n")
