@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainutil import chat_set, colour_set, losses, write_recipe
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainutil import chat_set, colour_set, free_port, losses, write_recipe
 
 
 def _torchrun(recipe: Path, *overrides: str, timeout: int = 900, ok: bool = True) -> str:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "gemma3_tune", "train", str(recipe), *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,16 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainutil import chat_set, losses, write_recipe
+from trainutil import chat_set, free_port, losses, write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "scripts" / "launch_multinode.sh"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(
@@ -33,7 +26,7 @@ def _start(
 ):
     """One launcher process per node (torchrun, or DeepSpeed's launcher without ssh when a
     hostfile is given); node i's data cache is caches[i] (node-local disks)."""
-    port, procs = _port(), []
+    port, procs = free_port(), []
     for node in range(nnodes):
         env = {
             **os.environ,

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trainutil import free_port
 
 from gemma3_tune.data import dataset, prepare
 from gemma3_tune.data.dataset import DataConfig, DataErrors
@@ -126,17 +126,11 @@ def _recipe(tmp_path: Path, model: Path, data: Path, cache: Path) -> Path:
     return p
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_prepare_once_and_map_the_same_rows(tmp_path, tiny_dir):
     recipe = _recipe(tmp_path, tiny_dir, _chats(tmp_path / "c.jsonl", 300), tmp_path / "cache")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_port()), "-m", "gemma3_tune", "data", "prepare", str(recipe),
+        "--master_port", str(free_port()), "-m", "gemma3_tune", "data", "prepare", str(recipe),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainutil import chat_set, losses, write_recipe
+from trainutil import chat_set, free_port, losses, write_recipe
 
 ROWS, STEPS = 12, 6  # 12 rows, global batch 2: one epoch in 6 steps; checkpoints at 3 and 6
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(recipe: Path, out: Path, procs: int, *overrides: str) -> None:
@@ -32,7 +25,7 @@ def _run(recipe: Path, out: Path, procs: int, *overrides: str) -> None:
     accum = 2 // procs
     args = [str(recipe), f"training.output_dir={out}", f"training.grad_accum={accum}", *overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-           "--master_port", str(_port()), "-m", "gemma3_tune", "train", *args]  # fmt: skip
+           "--master_port", str(free_port()), "-m", "gemma3_tune", "train", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GEMMA3_TUNE_TRACE_ROWS": str(out / "trace")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

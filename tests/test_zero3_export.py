@@ -5,24 +5,17 @@ whose weights the run also saved itself, gathered, as model/ or adapter/)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from trainutil import chat_set, write_recipe
+from trainutil import chat_set, free_port, write_recipe
 
 from gemma3_tune.cli import main
 from gemma3_tune.export.hf_export import probe_ids
 from gemma3_tune.export.inference import load_with_adapter
 from gemma3_tune.model import load_model
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -34,7 +27,7 @@ def test_zero3_checkpoint_exports_the_live_weights(method, tmp_path, tiny_dir):
         training__max_steps=4, training__save_steps=2, training__micro_batch_size=1,
     )  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_port()), "-m", "gemma3_tune", "train", str(r)]  # fmt: skip
+           "--master_port", str(free_port()), "-m", "gemma3_tune", "train", str(r)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,10 @@ def write_recipe(path: Path, model: Path, data: Path, out: Path, **over) -> Path
 def losses(run: Path) -> list[float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process-group rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
