@@ -190,3 +190,48 @@ def test_transformers_greedy_tokens_equal_ours(how, tuned):
             )  # fmt: skip
         got.append(_cut(out[0, len(ids) :].tolist(), tuned["stop"]))
     assert got == tuned["ours"]
+
+
+MTMD = """
+import json, sys
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import MTMDChatHandler
+job = json.load(sys.stdin)
+handler = MTMDChatHandler(clip_model_path=job["mmproj"], verbose=False)
+llm = Llama(model_path=job["model"], chat_handler=handler, n_ctx=512, verbose=False)
+out = llm.create_chat_completion(messages=[{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "file://" + job["image"]}},
+    {"type": "text", "text": "What colour is this?"}]}], max_tokens=5, temperature=0)
+print(json.dumps([out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"]]))
+"""
+
+
+def test_llama_cpp_runs_our_vision_gguf_with_mmproj(tmp_path):
+    """llama.cpp's multimodal path (mtmd) loads our text GGUF with its mmproj file (tiny-vision:
+    16 soft tokens per image), encodes an image and decodes after it."""
+    from PIL import Image
+
+    from gemma3_tune.cli import main
+
+    python = _python("GEMMA3_TUNE_LLAMACPP_PYTHON")
+    assert main(["init-model", "--preset", "tiny-vision", "--out", str(tmp_path / "tv")]) == 0
+    out = tmp_path / "tv.gguf"
+    argv = [
+        "export",
+        str(tmp_path / "tv"),
+        "--format",
+        "gguf",
+        "--gguf-dtype",
+        "f32",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    job = {
+        "model": str(out),
+        "mmproj": str(tmp_path / "mmproj-tv.gguf"),
+        "image": str(tmp_path / "red.png"),
+    }
+    prompt_tokens, completion_tokens = _consumer(python, MTMD, job)
+    assert completion_tokens == 5 and prompt_tokens > 16  # the image's 16 soft tokens included
