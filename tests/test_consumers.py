@@ -235,3 +235,41 @@ def test_llama_cpp_runs_our_vision_gguf_with_mmproj(tmp_path):
     }
     prompt_tokens, completion_tokens = _consumer(python, MTMD, job)
     assert completion_tokens == 5 and prompt_tokens > 16  # the image's 16 soft tokens included
+
+
+LOGITS = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+job = json.load(sys.stdin)
+rows = []
+for path in job["models"]:
+    llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(job["ids"])
+    rows.append(np.asarray(llm.scores[len(job["ids"]) - 1]).tolist())
+print(json.dumps(rows))
+"""
+
+
+def test_llama_cpp_reads_our_f32_and_q8_0_gguf(tmp_path):
+    """llama.cpp reads our GGUFs back: with an f32 KV cache its logits for the f32 file equal
+    ours (1e-3), and those of the q8_0 file (--quantize q8_0) stay within Q8_0's rounding."""
+    from gemma3_tune.cli import main
+    from gemma3_tune.model import load_model
+
+    python = _python("GEMMA3_TUNE_LLAMACPP_PYTHON")
+    assert main(["init-model", "--preset", "tiny", "--out", str(tmp_path / "t")]) == 0
+    paths = [tmp_path / "t-f32.gguf", tmp_path / "t-q8.gguf"]
+    base = ["export", str(tmp_path / "t"), "--format", "gguf"]
+    assert main([*base, "--gguf-dtype", "f32", "--out", str(paths[0])]) == 0
+    assert main([*base, "--quantize", "q8_0", "--out", str(paths[1])]) == 0
+    ids = [2, 105, 30, 41, 77, 9, 200, 311, 106, 107, 105]
+    f32, q8 = (
+        torch.tensor(r)
+        for r in _consumer(python, LOGITS, {"models": [str(p) for p in paths], "ids": ids})
+    )
+    with torch.no_grad():
+        ours = load_model(tmp_path / "t").eval()(torch.tensor([ids])).logits[0, -1]
+    assert (f32 - ours).abs().max().item() <= 1e-3
+    spread = ours.abs().max().item()
+    assert 0 < (q8 - ours).abs().max().item() <= 0.05 * spread
