@@ -95,3 +95,15 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     finally:
         if os.path.exists(name):
             os.unlink(name)
+
+
+def wait_for_file(path: Path, seconds: float, what: str) -> None:
+    """Block until another process has written `path` (its last step), or fail naming `what`
+    it was waiting for: how ranks wait for the one that prepares shared files."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f} s for {what}")
+        time.sleep(0.5)

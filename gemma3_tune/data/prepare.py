@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import wait_for_file
 from .dataset import (
     DataConfig,
     DataErrors,
@@ -518,13 +519,7 @@ def prepare(
     if _complete(folder):
         return _load(folder, built=False)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        deadline = time.monotonic() + wait_seconds
-        while not _complete(folder):  # local rank 0 is preparing it
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"waited {wait_seconds:.0f} s for local rank 0 to prepare {folder}"
-                )
-            time.sleep(0.5)
+        wait_for_file(folder / COMPLETE, wait_seconds, f"local rank 0 to prepare {folder}")
         return _load(folder, built=False)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)

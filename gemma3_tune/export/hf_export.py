@@ -138,13 +138,9 @@ def merged_model(src: Path, checkpoint: int | None = None) -> tuple[Gemma3, Path
         model = full_checkpoint_model(src, checkpoint_dir(src, checkpoint))
         return model.eval(), recipe_base(src), None, "full"
     base, adapter = resolve_run(src)
-    method = "plain"
+    method = _run_method(src) or "plain"
     if adapter is not None and checkpoint is not None:
         adapter = checkpoint_dir(src, checkpoint)
-    if (src / "recipe.yaml").is_file():
-        import yaml
-
-        method = yaml.safe_load((src / "recipe.yaml").read_text()).get("method", "lora")
     if method == "qlora":
         model = load_model(base, dtype=torch.float32)
         _dequantize_like_qlora(model)

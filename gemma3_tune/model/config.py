@@ -306,7 +306,12 @@ def config_to_hf(c: Gemma3Config, dtype: str = "float32") -> dict:
     """A config.json that transformers 5 loads as Gemma3ForCausalLM or ...ForConditionalGeneration."""
     text = _text_to_hf(c)
     if not c.is_multimodal:
-        return {"architectures": ["Gemma3ForCausalLM"], **text, "dtype": dtype, **_written_by()}
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            **text,
+            "dtype": dtype,
+            **transformers_version_field(),
+        }
     v = c.vision
     assert v is not None
     return {
@@ -338,11 +343,11 @@ def config_to_hf(c: Gemma3Config, dtype: str = "float32") -> dict:
         "bos_token_id": c.bos_token_id,
         "tie_word_embeddings": True,
         "dtype": dtype,
-        **_written_by(),
+        **transformers_version_field(),
     }
 
 
-def _written_by() -> dict:
+def transformers_version_field() -> dict:
     """`transformers_version`, as transformers writes it: without it, transformers (5.19 in
     vLLM, say) warns on every load that the tokenizer's regex pattern may be wrong."""
     from importlib.metadata import PackageNotFoundError, version

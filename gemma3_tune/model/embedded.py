@@ -50,9 +50,12 @@ def _refresh(folder: Path) -> None:
 
     from ..data.template import ensure_chat_template
     from ..outputs import write_atomic
-    from .config import _written_by
+    from .config import transformers_version_field
 
     ensure_chat_template(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    if "transformers_version" not in cfg and _written_by():
-        write_atomic(folder / "config.json", json.dumps({**cfg, **_written_by()}, indent=2) + "\n")
+    if "transformers_version" not in cfg and transformers_version_field():
+        write_atomic(
+            folder / "config.json",
+            json.dumps({**cfg, **transformers_version_field()}, indent=2) + "\n",
+        )

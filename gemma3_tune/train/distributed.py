@@ -44,17 +44,14 @@ def zero_to_universal(ckpt: Path, wrote: int, now: int, wait_seconds: float = 36
     the other ranks wait for that file. Done once per checkpoint."""
     import subprocess
     import sys
-    import time
+
+    from ..outputs import wait_for_file
 
     done = ckpt / "latest_universal"
     if done.is_file():
         return
     if int(os.environ.get("RANK", "0")) != 0:
-        deadline = time.monotonic() + wait_seconds
-        while not done.is_file():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {wait_seconds:.0f} s for rank 0 to convert {ckpt}")
-            time.sleep(0.5)
+        wait_for_file(done, wait_seconds, f"rank 0 to convert {ckpt}")
         return
     tag = (ckpt / "latest").read_text().strip()  # e.g. global_step3
     print(
