@@ -110,6 +110,21 @@ def test_bad_sample_one_line_error(case, tmp_path, tiny_vision_dir, capsys, monk
     assert first.startswith("error: ") and "d.jsonl:2: " in first and message in first, first
 
 
+def test_broken_json_column_is_within_the_line(tmp_path, tiny_dir, capsys):
+    """A line missing its closing brace: the column is where that line ends (its length + 1,
+    counted by hand here), not column 1 of the next line, and the line's start is shown."""
+    good = json.dumps(OK)
+    broken = good[:-1]  # no closing "}"
+    mid = '{"messages": [}'  # the "}" is character 15
+    for bad, column in ((broken, len(broken) + 1), (mid, 15)):
+        (tmp_path / "d.jsonl").write_text(good + "\n" + bad + "\n" + good + "\n")
+        assert main(["data", "check", str(_recipe(tmp_path, tiny_dir))]) == 2
+        first = capsys.readouterr().err.splitlines()[0]
+        assert "d.jsonl:2: broken JSON (" in first and f"at column {column}):" in first, first
+        shown = first.split("):", 1)[1].strip()
+        assert bad.startswith(shown.removesuffix("...")) and len(shown) <= 60, shown
+
+
 def test_empty_file(tmp_path, tiny_dir, capsys):
     (tmp_path / "d.jsonl").write_text("\n")
     assert main(["data", "check", str(_recipe(tmp_path, tiny_dir))]) == 2

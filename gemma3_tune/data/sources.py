@@ -94,14 +94,20 @@ def _read_jsonl(
             if not line.strip():
                 continue
             any_line = True
+            line = line.rstrip("\r\n")  # columns count within the line, not into the next
             try:
                 yield Record(origin, json.loads(line))
             except json.JSONDecodeError as e:
-                yield Record(
-                    origin, SampleError(origin, f"broken JSON ({e.msg} at column {e.colno})")
-                )
+                yield Record(origin, SampleError(origin, _broken_json(e, line)))
     if whole and not any_line:
         raise SampleError(str(path), "empty file: no samples")
+
+
+def _broken_json(e: json.JSONDecodeError, line: str) -> str:
+    """ "broken JSON (why at column N): <the line's start>": the column is within the line."""
+    start = line.strip()
+    start = start if len(start) <= 60 else start[:57] + "..."
+    return f"broken JSON ({e.msg} at column {e.colno}): {start}"
 
 
 def _read_json_array(path: Path) -> Iterator[Record]:
@@ -120,9 +126,9 @@ def _read_json_array(path: Path) -> Iterator[Record]:
         if e.msg == "Extra data":
             yield from _read_jsonl(path)
             return
-        raise SampleError(
-            f"{path}:{e.lineno}", f"broken JSON ({e.msg} at column {e.colno})"
-        ) from None
+        lines = text.splitlines()
+        line = lines[e.lineno - 1] if e.lineno <= len(lines) else ""
+        raise SampleError(f"{path}:{e.lineno}", _broken_json(e, line)) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
