@@ -5,6 +5,11 @@ through here: refuse a non-empty target unless forced, build the result in a tem
 (same filesystem, so the final rename is atomic), then swap it in. A crash or a kill at any
 moment leaves either the old output or the new one, plus at worst a hidden `.name.tmp-*`
 sibling, never a mixture.
+
+Permissions: what we write gets the modes a plain `open()`/`mkdir()` would give under the
+user's umask (0644/0755 under umask 022). mkstemp/mkdtemp, and safetensors' own writer, make
+0600/0700 files whatever the umask, which a server running as another uid cannot read; so
+every output is passed through `plain_modes` before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -17,6 +22,40 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(directory: bool = False) -> int:
+    """The mode `open()` (0o666) or `mkdir()` (0o777) gives under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path`, and everything under it when it is a folder, the plain modes (see above)."""
+    files, dirs = plain_mode(), plain_mode(directory=True)
+    if not path.is_dir():
+        os.chmod(path, files)
+        return
+    os.chmod(path, dirs)
+    for root, dirnames, filenames in os.walk(path):
+        for name in dirnames:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), dirs)
+        for name in filenames:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), files)
 
 
 def refuse_existing(out: Path, force: bool, what: str = "--out") -> None:
@@ -35,7 +74,7 @@ def _remove(path: Path) -> None:
 
 def replace_dir(tmp: Path, out: Path) -> None:
     """Swap a finished folder into place: whatever is at `out` goes, `tmp` becomes `out`."""
-    tmp.chmod(0o755)  # mkdtemp makes it 0700
+    plain_modes(tmp)  # mkdtemp makes it 0700, safetensors its files 0600
     if out.exists() or out.is_symlink():
         _remove(out)
     tmp.rename(out)
@@ -74,7 +113,7 @@ def staged_file(out: str | os.PathLike, force: bool, what: str = "--out") -> Ite
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        plain_modes(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -90,7 +129,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(name, 0o644)
+        os.chmod(name, plain_mode())
         os.replace(name, path)
     finally:
         if os.path.exists(name):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..outputs import plain_mode
 from .images import preprocess
 from .template import ImageRef
 
@@ -68,5 +69,6 @@ class FeatureCache:
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         os.close(fd)
         save_file({"features": feats}, tmp)
+        os.chmod(tmp, plain_mode())  # mkstemp and safetensors make 0600 files
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written entry
         return feats

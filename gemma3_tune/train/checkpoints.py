@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..outputs import write_atomic
+from ..outputs import plain_modes, write_atomic
 
 MARKER = "COMPLETE.json"
 PREFIX = "checkpoint-"
@@ -49,6 +49,7 @@ def _files(ckpt: Path) -> dict[str, int]:
 def mark_complete(ckpt: Path, world_size: int = 1, global_batch: int | None = None) -> None:
     """Flush every file of the checkpoint to disk, then commit it with the marker (which also
     records how many processes wrote it: resuming on another number converts ZeRO states)."""
+    plain_modes(ckpt)  # the Trainer's safetensors files are 0600 whatever the umask
     files = _files(ckpt)
     for name in files:
         fd = os.open(ckpt / name, os.O_RDONLY)
