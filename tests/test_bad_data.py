@@ -183,3 +183,85 @@ def test_good_data_check_json_line(tmp_path, tiny_vision_dir, capsys):
     }
     assert summary["trainable_tokens"] > 0 and 0 < summary["packing_efficiency"] <= 1
     assert "[[hello<end_of_turn>]]" in out  # the rendered sample shows its loss mask
+
+
+def _long_and_short(tmp_path, n_long: int, n_short: int, words: int = 60) -> list[dict]:
+    """n_short chats of a few tokens and n_long chats of about `words` tokens, long ones first
+    (so the first sample in file order is one that max_seq_len 32 drops)."""
+    long = {
+        "messages": [
+            {"role": "user", "content": "tell me more"},
+            {"role": "assistant", "content": " ".join(f"w{i}" for i in range(words))},
+        ]
+    }
+    rows = [long] * n_long + [OK] * n_short
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _drop_recipe(tmp_path, model_dir, extra: str = "") -> str:
+    r = _recipe(tmp_path, model_dir)
+    r.write_text(r.read_text() + f"  max_seq_len: 32\n  truncation: drop\n{extra}")
+    return str(r)
+
+
+def test_mostly_dropped_data_is_refused_unless_allowed(tmp_path, tiny_dir, capsys):
+    """49 of 54 dropped: data check and train both refuse (one line naming the keys) before a
+    model is loaded; with data.allow_drop they go on, warn, and show a kept sample."""
+    _long_and_short(tmp_path, 49, 5)
+    recipe = _drop_recipe(tmp_path, tiny_dir)
+    assert main(["data", "check", recipe, "--json"]) == 2
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    assert (summary["samples"], summary["dropped"]) == (5, 49)
+    err = cap.err.strip().splitlines()
+    assert err[0].startswith("warning: 49 of 54 samples dropped and 0 truncated (91%;"), err
+    assert err[1] == (
+        "error: data: 49 of 54 samples (91%) are over data.max_seq_len 32 and would be dropped;"
+        " raise data.max_seq_len or set data.truncation: truncate, or set data.allow_drop: true"
+        " to train on the rest"
+    )
+    out = tmp_path / "run"
+    assert main(["train", recipe, f"training.output_dir={out}", "training.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data: 49 of 54 samples (91%)") and "Traceback" not in err
+
+    allowed = _drop_recipe(tmp_path, tiny_dir, "  allow_drop: true\n")
+    assert main(["data", "check", allowed]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.startswith("warning: 49 of 54 samples dropped")
+    # the rendered sample is the first kept one (line 50), not line 1, which was dropped
+    assert "first sample (" in cap.out and "d.jsonl:50)" in cap.out, cap.out
+
+
+def test_truncation_warning_counts_samples_and_tokens(tmp_path, tiny_dir, capsys):
+    """1 of 40 samples over the limit is 2.5% of samples, no warning by count; but it loses
+    most of its tokens, and when those are over 5% of all tokens the warning fires."""
+    from gemma3_tune.data.dataset import DataConfig, build
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.model.checkpoint import read_config
+
+    tok, cfg = Tokenizer(tiny_dir), read_config(tiny_dir)
+    for words, warn in ((15, False), (300, True)):
+        _long_and_short(tmp_path, 1, 39, words=words)
+        # the long chat's full length, rendered with room to spare: the reference count
+        full = build(
+            DataConfig(train=str(tmp_path / "d.jsonl"), max_seq_len=4096), tok, cfg, tmp_path
+        )
+        lengths = sorted(full.report.lengths)
+        total, longest = sum(lengths), lengths[-1]
+        r = _recipe(tmp_path, tiny_dir)
+        r.write_text(r.read_text() + "  max_seq_len: 32\n  packing: false\n")
+        assert main(["data", "check", str(r), "--json"]) == 0
+        cap = capsys.readouterr()
+        summary = json.loads(cap.out.strip().splitlines()[-1])
+        lost = longest - 32
+        assert lost > 0
+        assert (summary["truncated"], summary["lost_tokens"]) == (1, lost)
+        assert summary["tokens"] == total - lost
+        line = (
+            f"warning: 0 of 40 samples dropped and 1 truncated (2%; {lost:,} of {total:,} tokens,"
+            f" {lost / total:.0%}) at data.max_seq_len 32; raise data.max_seq_len"
+        )
+        assert (lost / total > 0.05) == warn
+        assert cap.err.strip() == (line if warn else ""), cap.err

@@ -48,7 +48,8 @@ class DataConfig(BaseModel):
         default=True, description="pack samples into full rows (best fit decreasing)"
     )
     truncation: Literal["truncate", "drop"] = Field(
-        default="truncate", description="samples over max_seq_len"
+        default="truncate",
+        description="samples over max_seq_len: cut the end (never inside an image), or drop",
     )
     train_on: Literal["assistant", "last", "all"] = Field(
         default="assistant", description="which tokens get loss"
@@ -63,6 +64,10 @@ class DataConfig(BaseModel):
     )
     feature_cache: str | None = Field(
         default=None, description="folder caching frozen SigLIP features"
+    )
+    allow_drop: bool = Field(
+        default=False,
+        description="train even when over half the samples are too long and dropped",
     )
     max_errors: int = Field(default=20, gt=0, description="bad samples listed before giving up")
     cache_dir: str | None = Field(
@@ -100,6 +105,7 @@ class Report:
     images: int = 0
     truncated: int = 0
     dropped: int = 0
+    lost_tokens: int = 0  # tokens of dropped samples plus tokens cut by truncation
     rows: int = 0
     packing_efficiency: float = 1.0
     eval_samples: int = 0
@@ -107,7 +113,8 @@ class Report:
     truncated_at: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list, repr=False)
 
-    def note(self, dropped: bool, where: str) -> None:
+    def note(self, dropped: bool, where: str, lost: int) -> None:
+        self.lost_tokens += lost
         if dropped:
             self.dropped += 1
             self.dropped_at.append(where)
@@ -123,6 +130,7 @@ class Report:
             "images": self.images,
             "truncated": self.truncated,
             "dropped": self.dropped,
+            "lost_tokens": self.lost_tokens,
             "rows": self.rows,
             "packing_efficiency": round(self.packing_efficiency, 4),
             "eval_samples": self.eval_samples,
@@ -296,7 +304,7 @@ def fit(
     for s in samples:
         kept, note = fit_one(s, cfg, vision)
         if note and report is not None:
-            report.note(kept is None, note)
+            report.note(kept is None, note, len(s) - (len(kept) if kept else 0))
         if kept is not None:
             out.append(kept)
     return out
@@ -325,8 +333,8 @@ def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int =
     else:
         train, evals = split_eval(train, cfg.eval_split, seed)
     report = Report()
-    example = train[0] if train else None
     train = fit(train, cfg, vision, report)
+    example = train[0] if train else None  # the first sample training sees (never a dropped one)
     evals = fit(evals, cfg, vision, None)
     rows = to_rows(train, cfg, seed)
     report.samples = len(train)
@@ -349,6 +357,41 @@ def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int =
         report,
         example,
     )
+
+
+WARN_LOSS = 0.05  # warn when more than this share of samples or tokens is cut or dropped
+
+
+def data_loss(report: Report, cfg: DataConfig) -> tuple[str | None, str | None]:
+    """(warning, refusal) about samples over max_seq_len, each one line or None.
+
+    A warning when over 5% of the training samples, or of their tokens, were truncated or
+    dropped; a refusal when over half of the samples were dropped and data.allow_drop is off:
+    a recipe that silently trains on a tenth of its data is a mistake far more often than not.
+    """
+    total = report.samples + report.dropped
+    tokens = report.tokens + report.lost_tokens
+    if not total:
+        return None, None
+    fix = "raise data.max_seq_len" + (
+        " or set data.truncation: truncate" if cfg.truncation == "drop" else ""
+    )
+    share = (report.truncated + report.dropped) / total
+    token_share = report.lost_tokens / max(tokens, 1)
+    warning = refusal = None
+    if share > WARN_LOSS or token_share > WARN_LOSS:
+        warning = (
+            f"warning: {report.dropped} of {total} samples dropped and {report.truncated}"
+            f" truncated ({share:.0%}; {report.lost_tokens:,} of {tokens:,} tokens,"
+            f" {token_share:.0%}) at data.max_seq_len {cfg.max_seq_len}; {fix}"
+        )
+    if report.dropped > total / 2 and not cfg.allow_drop:
+        refusal = (
+            f"data: {report.dropped} of {total} samples ({report.dropped / total:.0%}) are over"
+            f" data.max_seq_len {cfg.max_seq_len} and would be dropped; {fix}, or set"
+            " data.allow_drop: true to train on the rest"
+        )
+    return warning, refusal
 
 
 def histogram(lengths, max_len: int, bins: int = 8) -> list[tuple[int, int, int]]:

@@ -49,7 +49,7 @@ from .sources import Record, SampleError, _read_jsonl, read_records, to_turns
 from .template import IGNORE, ImageRef, Sample, VisionTokens, render
 from .tokenizer import TOKENIZER_FILES, Tokenizer
 
-FORMAT_VERSION = 1  # bump when the files written here change
+FORMAT_VERSION = 2  # bump when the files written here change
 TEMPLATE_VERSION = 1  # bump when template.render or dataset.fit_one change their output
 CHUNK_BYTES = 4 << 20  # JSONL bytes per map task: small enough for a smooth progress bar
 FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones sampled
@@ -110,7 +110,9 @@ def cache_key(
             {**s.model_dump(), "content": _source_fingerprint(_resolve(s.path, base))} for s in srcs
         ]
 
-    settings = cfg.model_dump(exclude={"train", "eval", "max_errors", "num_proc", "cache_dir"})
+    settings = cfg.model_dump(
+        exclude={"train", "eval", "max_errors", "num_proc", "cache_dir", "allow_drop"}
+    )
     settings["feature_cache"] = None  # features are cached elsewhere; rows do not depend on it
     inputs = {
         "format": FORMAT_VERSION,
@@ -195,6 +197,7 @@ def render_tasks(batch: dict, cfg_json: str, tok_folder: str, vision_json: str, 
             "status",
             "note",
             "length",
+            "lost",
             "trainable",
             "n_images",
             "input_ids",
@@ -203,12 +206,15 @@ def render_tasks(batch: dict, cfg_json: str, tok_folder: str, vision_json: str, 
         )
     }
 
-    def add(src: int, origin: str, status: int, note: str, sample: Sample | None) -> None:
+    def add(
+        src: int, origin: str, status: int, note: str, sample: Sample | None, lost: int = 0
+    ) -> None:
         cols["src"].append(src)
         cols["origin"].append(origin)
         cols["status"].append(status)
         cols["note"].append(note)
         cols["length"].append(len(sample) if sample else 0)
+        cols["lost"].append(lost)
         cols["trainable"].append(sample.trainable if sample else 0)
         cols["n_images"].append(len(sample.images) if sample else 0)
         cols["input_ids"].append(sample.input_ids if sample else [])
@@ -229,7 +235,8 @@ def render_tasks(batch: dict, cfg_json: str, tok_folder: str, vision_json: str, 
                     continue
                 kept, note = fit_one(sample, cfg, vision)
                 status = OK if not note else DROPPED if kept is None else TRUNCATED
-                add(task["src"], sample.origin, status, note, kept)
+                lost = len(sample) - (len(kept) if kept else 0)
+                add(task["src"], sample.origin, status, note, kept, lost)
         except SampleError as e:  # the whole source is unreadable
             add(task["src"], e.origin, BAD, e.reason, None)
     return cols
@@ -263,6 +270,7 @@ def _features():
             "status": datasets.Value("int8"),
             "note": datasets.Value("string"),
             "length": datasets.Value("int32"),
+            "lost": datasets.Value("int32"),
             "trainable": datasets.Value("int32"),
             "n_images": datasets.Value("int32"),
             "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -350,12 +358,13 @@ def _build(
         (train if i < n_train else evals).extend(mixed)
     if not cfg.eval:
         train, evals = split_eval(train, cfg.eval_split, seed)
-    example = train[0] if train else -1
     report = Report()
-    notes = ds.data.column("note")
+    notes, lost = ds.data.column("note"), ds.data.column("lost").to_numpy()
     for i in np.flatnonzero(status[train] != OK).tolist():  # in train order, as fit() counts
-        report.note(status[train[i]] == DROPPED, notes[train[i]].as_py())
+        j = train[i]
+        report.note(status[j] == DROPPED, notes[j].as_py(), int(lost[j]))
     train = [i for i in train if status[i] != DROPPED]
+    example = train[0] if train else -1  # the first sample training sees (never a dropped one)
     evals = [i for i in evals if status[i] != DROPPED]
     train_rows = [
         [train[j] for j in row] for row in row_indices(lengths[train].tolist(), cfg, seed)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..data.dataset import DataErrors, histogram, render_mask
+from ..data.dataset import DataErrors, data_loss, histogram, render_mask
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from .recipe import Recipe, load_recipe
@@ -85,6 +85,7 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     print(f"images             {r.images}", file=out)
     print(f"truncated          {r.truncated}", file=out)
     print(f"dropped            {r.dropped}", file=out)
+    print(f"tokens lost        {r.lost_tokens}  (cut or dropped at max_seq_len)", file=out)
     for where in (r.truncated_at + r.dropped_at)[:10]:
         print(f"  {where}", file=out)
     mode = "packed" if recipe.data.packing else "padded"
@@ -103,4 +104,10 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
         print(render_mask(data.example, tok, color, img), file=out)
     if as_json:
         print(json.dumps({**r.summary(), "cache": str(data.folder)}), file=out)
+    warning, refusal = data_loss(r, recipe.data)
+    if warning:
+        print(warning, file=sys.stderr)
+    if refusal:  # `train` would refuse this data: so does the check
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     return 0

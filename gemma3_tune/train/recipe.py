@@ -61,9 +61,11 @@ class TrainingSection(_Strict):
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(default=2e-4, gt=0, description="peak learning rate (AdamW)")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
-        default="cosine", description="decay after warmup"
+        default="cosine", description="decay after warmup, to 0 at the last step (constant: none)"
     )
-    warmup_steps: int = Field(default=0, ge=0, description="linear warmup steps")
+    warmup_steps: int = Field(
+        default=0, ge=0, description="linear warmup from lr / warmup_steps up to lr"
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(default=1.0, ge=0, description="gradient clipping (0: off)")
     save_steps: int = Field(default=500, gt=0, description="checkpoint-N/ every N steps")
@@ -238,8 +240,24 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
             out += describe_keys(sub[0], key + ".")
             continue
         default = "required" if f.default is PydanticUndefined else json_default(f.default)
-        out.append((key, default, f.description or ""))
+        doc = f.description or ""
+        if choices := _choices(ann):
+            doc += f" (one of: {', '.join(choices)})"
+        out.append((key, default, doc))
     return out
+
+
+def _choices(ann: object) -> list[str]:
+    """The allowed values of a Literal annotation (also inside `bool | Literal[...]`)."""
+    from typing import get_args, get_origin
+
+    if get_origin(ann) is Literal:
+        return [json_default(v).strip('"') for v in get_args(ann)]
+    parts = [a for a in get_args(ann) if a is not type(None)]
+    found = [c for a in parts for c in _choices(a)]
+    if found and bool in parts:
+        found = ["true", "false", *found]
+    return found
 
 
 def json_default(v: object) -> str:

@@ -350,7 +350,7 @@ def compile_enabled(recipe: Recipe, zero3: bool) -> bool:
 def build_trainer(recipe: Recipe):
     """Everything up to `trainer.train()`: data, model, method, compile, collator, trainer.
     Returns (trainer, output dir, base model folder)."""
-    from ..data.dataset import DataErrors
+    from ..data.dataset import DataErrors, data_loss
 
     out = prepare_output_dir(recipe)
     # Data first: bad data is refused before the model is loaded.
@@ -361,6 +361,11 @@ def build_trainer(recipe: Recipe):
         raise UserError(
             f"{n} bad sample(s), the first: {e.errors[0]}; `gemma3-tune data check` lists them all"
         ) from None
+    warning, refusal = data_loss(data.report, recipe.data)
+    if refusal:
+        raise UserError(refusal)
+    if warning and is_main_process():
+        print(warning, file=sys.stderr)
     if not data.train_rows:
         raise UserError("data.train: no samples left to train on")
     folder = model_dir(recipe)
