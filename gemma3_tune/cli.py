@@ -31,10 +31,16 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
     from .train.recipe import load_recipe
-    from .train.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # peft imports bitsandbytes whenever it is installed, which warns on CPU about an optional
+    # kernel package on every run; QLoRA works without it (BENCHMARKS.md measures it)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from .train.trainer import train
+
     out = train(recipe)
     print(f"run finished: {out}", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_tower_gets_no_gradient_and_stays_identical(tmp_path, tiny_vision_dir):
     assert not tower.training
 
 
-def test_run_outputs_and_offline_wandb(tmp_path, tiny_dir, monkeypatch):
+def test_run_outputs_and_offline_wandb(tmp_path, tiny_dir, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
@@ -96,14 +97,47 @@ def test_run_outputs_and_offline_wandb(tmp_path, tiny_dir, monkeypatch):
     r = write_recipe(
         tmp_path / "r.yaml", tiny_dir, data, tmp_path / "run",
         training__max_steps=6, training__save_steps=3, training__eval_steps=3,
-        data__eval_split=0.2, wandb={"project": "tiny", "mode": "offline"},
+        training__warmup_steps=2, data__eval_split=0.2,
+        wandb={"project": "tiny", "mode": "offline"},
     )  # fmt: skip
+    capsys.readouterr()
     assert main(["train", str(r), "training.lr=0.004"]) == 0
+    console = capsys.readouterr()
     run = tmp_path / "run"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [x for x in rows if "loss" in x]
     eval_rows = [x for x in rows if "eval_loss" in x]
     assert len(train_rows) == 6 and [x["step"] for x in eval_rows] == [3, 6]
+    # warmup from lr / warmup_steps (not 0), then cosine to 0 over the 4 remaining steps
+    want = [0.5, 1, 1, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2]
+    assert [x["lr"] for x in train_rows] == pytest.approx([0.004 * f for f in want], rel=1e-9)
+
+    # The console: one compact line per logged step and eval, no dicts, no DeepSpeed warning
+    # (no TTY here, so no bar); the numbers are metrics.jsonl's
+    lines = [x for x in console.err.splitlines() if x.startswith(("step ", "eval "))]
+    assert len(lines) == 8, console.err
+    for x, line in zip(train_rows, [x for x in lines if x.startswith("step")], strict=True):
+        assert line.startswith(f"step {x['step']}/6  loss {x['loss']:.4f}  lr {x['lr']:.2e}  ")
+    assert lines[3] == (
+        f"eval 3/6  loss {eval_rows[0]['eval_loss']:.4f}"
+        f"  perplexity {eval_rows[0]['eval_perplexity']:.2f}"
+    )
+    for noise in ("{'loss'", "learning_rate", "Setting accelerator", "kernels-community"):
+        assert noise not in console.err + console.out, noise
+
+    # Our model card, in the run and in adapter/ (which is what people share); no pickles there
+    report = json.loads((run / "data_report.json").read_text())
+    for card in (run / "README.md", run / "adapter" / "README.md"):
+        text = card.read_text()
+        assert "None" not in text and "More Information Needed" not in text
+        assert f"base_model: {tiny_dir}" in text and "| status | complete: 6 steps |" in text
+        assert "LoRA adapter (r 8, alpha 16, dropout 0, targets all-linear)" in text
+        assert f"| samples | {report['samples']:,} train, {report['eval_samples']:,} eval;" in text
+        last = train_rows[-1]
+        assert f"-> {last['loss']:.4f} at step 6 ({last['tokens']:,} tokens)" in text
+        assert f"| eval loss | {eval_rows[-1]['eval_loss']:.4f}" in text
+        assert f"gemma3-tune export {run} --out merged" in text and "lr: 0.004" in text
+    assert not (run / "adapter" / "training_args.bin").exists()
     for x in train_rows:
         assert set(x) >= {
             "step",
@@ -129,6 +163,34 @@ def test_run_outputs_and_offline_wandb(tmp_path, tiny_dir, monkeypatch):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline and any(offline[0].glob("*.wandb"))
+
+
+def test_first_step_learns(tmp_path, tiny_dir):
+    """warmup_steps: 1 and one step: the LoRA B matrices (zero at init) move, and the step ran
+    at the full lr (HF's warmup would run it at lr 0 and leave them zero)."""
+    from safetensors.torch import load_file
+
+    data = chat_set(tmp_path / "chat.jsonl", n=8)
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, data, tmp_path / "run",
+        training__max_steps=1, training__warmup_steps=1, training__lr_scheduler="constant",
+    )  # fmt: skip
+    assert main(["train", str(r)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == 5e-3
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b and all(v.abs().max() > 0 for v in b)
+
+
+def test_lr_factor_by_hand():
+    from gemma3_tune.train.schedule import lr_factor
+
+    assert [lr_factor(s, 3, 7, "linear") for s in range(7)] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 1, 0.75, 0.5, 0.25]
+    )
+    assert [lr_factor(s, 2, 5, "constant") for s in range(5)] == [0.5, 1, 1, 1, 1]
+    assert [lr_factor(s, 0, 3, "cosine") for s in range(3)] == pytest.approx([1, 0.75, 0.25])
 
 
 def test_refuses_non_empty_output_dir_and_bad_data_before_loading(tmp_path, tiny_dir, capsys):

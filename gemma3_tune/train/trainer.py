@@ -6,7 +6,8 @@ gradient accumulation, DeepSpeed, wandb). We hand it our own pre-packed rows and
 the plain Trainer's (TRL's would ask for full logits to compute token accuracy).
 
 Run directory: `checkpoint-N/`, `adapter/` (peft; a full HF folder in `model/` for full SFT),
-`metrics.jsonl`, `loss.png`, `recipe.yaml`, `data_report.json`.
+`metrics.jsonl`, `loss.png`, `recipe.yaml`, `data_report.json`, and README.md (our model card,
+model_card.py). Console output is console.py's; the lr schedule is schedule.py's.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from ..model.checkpoint import load_model, save_model
 from ..outputs import replace_dir, write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
 from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete, written_by
+from .console import Console
 from .data_check import load_data, model_dir
 from .distributed import init_distributed, load_model_zero3, world_size, zero_to_universal
 from .guards import NonFiniteGuard
+from .model_card import model_card
 from .recipe import Recipe, recipe_to_yaml
+from .schedule import scheduler
 
 log = logging.getLogger("gemma3_tune")
 
@@ -325,7 +329,7 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool =
         dataloader_num_workers=0,
         deepspeed=deepspeed_config(recipe, load_universal),
         save_only_model=False,
-        disable_tqdm=not is_main_process(),
+        disable_tqdm=True,  # console.Console draws the one progress bar
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         ddp_timeout=t.ddp_timeout,
@@ -424,6 +428,15 @@ def build_trainer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed whenever it is installed; name its accelerator (the one
+        # it would pick) so it does not warn "Setting accelerator to CPU" in every CPU run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    report = data.report.summary()
+
+    def card(step: int, max_steps: int, done: bool) -> str:
+        return model_card(recipe, out, folder, report, step, max_steps, done)
+
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -435,7 +448,14 @@ def build_trainer(recipe: Recipe):
         projector_lr=recipe.train_projector_lr,
         pad_id=tok.pad_id,
         guard=guard,
+        card=card,
     )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if is_main_process():
+        trainer.add_callback(Console())
     trainer.resume_checkpoint = resume
     return trainer, out, folder
 
@@ -476,6 +496,8 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     resume = trainer.resume_checkpoint
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
+    if trainer.is_world_process_zero():
+        write_atomic(out / "README.md", trainer.card_text(done=True))
     return out
 
 
@@ -503,8 +525,10 @@ def _make_trainer_class():
             projector_lr: float | None = None,
             pad_id: int = 0,
             guard: NonFiniteGuard | None = None,
+            card=None,
             **kw,
         ):
+            self.card = card  # (step, max_steps, done) -> the run's README.md
             self.projector_lr = projector_lr
             self.pad_id = pad_id
             self.guard = guard
@@ -541,11 +565,34 @@ def _make_trainer_class():
                 self._last = (now, tokens, step)
             if "eval_loss" in logs:
                 logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+                # the next step's tokens/s and s/step must not count the evaluation's time
+                self._last = (time.perf_counter(), *self._last[1:])
             super().log(logs, start_time)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs.pop("row_ids", None)  # eval batches carry it too; the model does not need it
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            """schedule.py's warmup (from lr / warmup_steps, not from 0) and decay."""
+            if self.lr_scheduler is None:
+                self.lr_scheduler = scheduler(
+                    optimizer or self.optimizer,
+                    self.args.get_warmup_steps(num_training_steps),
+                    num_training_steps,
+                    self.args.lr_scheduler_type.value,  # a SchedulerType: "cosine", ...
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def card_text(self, done: bool) -> str:
+            return self.card(self.state.global_step, self.state.max_steps, done)
+
+        def create_model_card(self, *args, **kwargs):
+            """Our card (model_card.py) in output_dir/README.md, instead of TRL's draft; TRL
+            calls this at every checkpoint."""
+            if self.card is not None and self.is_world_process_zero():
+                write_atomic(Path(self.args.output_dir) / "README.md", self.card_text(done=False))
 
         def create_optimizer(self, model=None):
             if self.optimizer is None and self.projector_lr is not None:
@@ -592,6 +639,9 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
                 save_file(proj, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
     if not main:
         return
+    # HF's pickled TrainingArguments: nothing a user of this folder needs (see README)
+    (tmp / "training_args.bin").unlink(missing_ok=True)
+    write_atomic(tmp / "README.md", trainer.card_text(done=True))  # replaces peft's template
     copy_tokenizer_files(base_folder, tmp)
     if recipe.method == "full":  # a whole model folder: it carries the chat template too
         ensure_chat_template(tmp)

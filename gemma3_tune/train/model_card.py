@@ -1,0 +1,127 @@
+"""The run's README.md: what was trained, on what, how it went, and how to use it.
+
+TRL and peft write generic cards ("fine-tuned version of [None](https://huggingface.co/None)",
+pages of "[More Information Needed]"); ours is built from the recipe, the data report and
+metrics.jsonl, and is rewritten at every checkpoint and at the end of the run. The adapter (or
+model) folder gets the same card, since that folder is what people share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import __version__
+from .recipe import Recipe, recipe_to_yaml
+
+
+def _method(recipe: Recipe) -> str:
+    lo = recipe.lora
+    extras = [x for x, on in (("DoRA", lo.use_dora), ("rsLoRA", lo.use_rslora)) if on]
+    targets = lo.targets if isinstance(lo.targets, str) else ", ".join(lo.targets)
+    lora = f"r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, targets {targets}"
+    lora += "".join(f", {x}" for x in extras)
+    described = {
+        "lora": f"LoRA adapter ({lora})",
+        "qlora": f"QLoRA adapter on 4-bit NF4 base weights ({lora})",
+        "full": "full fine-tune (every weight trained)",
+        "none": "multimodal projector only",
+    }[recipe.method]
+    if recipe.train_projector and recipe.method != "none":
+        described += ", plus the multimodal projector"
+    return described
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def model_card(
+    recipe: Recipe, out: Path, base: Path, data: dict, step: int, max_steps: int, done: bool
+) -> str:
+    """Markdown with a YAML header (as on the Hugging Face Hub). `data` is the data report's
+    summary; metrics come from out/metrics.jsonl as it stands now."""
+    t, d = recipe.training, recipe.data
+    rows = _rows(out / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    adapter = recipe.method in ("lora", "qlora")
+    folder = "model" if recipe.method == "full" else "adapter"
+    tags = ["gemma3", "gemma3-tune", recipe.method] + (["vision"] if data.get("images") else [])
+    sources = ", ".join(s.path for s in d.train)
+    status = (
+        f"complete: {step} steps"
+        if done
+        else f"in progress: step {step} of {max_steps} (this card is rewritten at each checkpoint)"
+    )
+    lines = [
+        "---",
+        f"base_model: {recipe.model.path}",
+        f"library_name: {'peft' if adapter else 'transformers'}",
+        "tags:",
+        *[f"- {x}" for x in tags],
+        "---",
+        "",
+        f"# {out.name}",
+        "",
+        f"A {_method(recipe)} of the Gemma 3 model at `{base}`, trained with gemma3-tune"
+        f" {__version__}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| status | {status} |",
+        f"| base model | `{recipe.model.path}` |",
+        f"| method | {_method(recipe)} |",
+        f"| data | {sources} |",
+        f"| samples | {data.get('samples', 0):,} train, {data.get('eval_samples', 0):,} eval;"
+        f" {data.get('truncated', 0):,} truncated, {data.get('dropped', 0):,} dropped at"
+        f" max_seq_len {d.max_seq_len} |",
+        f"| tokens | {data.get('tokens', 0):,} per epoch, {data.get('trainable_tokens', 0):,}"
+        f" with loss ({d.train_on}); {data.get('rows', 0):,} rows"
+        f" ({'packed' if d.packing else 'padded'}) |",
+        f"| schedule | lr {t.lr:g} ({t.lr_scheduler}, {t.warmup_steps} warmup steps), micro batch"
+        f" {t.micro_batch_size} x grad_accum {t.grad_accum}, seed {t.seed} |",
+    ]
+    if train:
+        last = train[-1]
+        lines.append(
+            f"| train loss | {train[0]['loss']:.4f} at step {train[0]['step']} ->"
+            f" {last['loss']:.4f} at step {last['step']} ({last.get('tokens') or 0:,} tokens) |"
+        )
+    if evals:
+        last = evals[-1]
+        lines.append(
+            f"| eval loss | {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.2f})"
+            f" at step {last['step']} |"
+        )
+    run = str(out)
+    lines += [
+        "",
+        "Every logged step is in `metrics.jsonl` (the loss curve in `loss.png`), the data report"
+        " in `data_report.json`.",
+        "",
+        "## Use it",
+        "",
+        "```bash",
+        f'gemma3-tune generate {run} --prompt "Hello"',
+        f"gemma3-tune export {run} --out merged                 # a merged transformers folder",
+    ]
+    if adapter:
+        lines.append(f"gemma3-tune export {run} --out adapter --adapter-only  # a peft adapter")
+    lines += [
+        f"gemma3-tune export {run} --out model.gguf --format gguf  # for llama.cpp",
+        "```",
+        "",
+        f"`{folder}/` holds the trained weights; `checkpoint-N/` are for resuming"
+        " (`training.resume: true`).",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_to_yaml(recipe).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
