@@ -33,9 +33,12 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from .train.recipe import load_recipe
+    from .train.recipe import load_recipe, model_dir, output_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
+    output_dir(recipe)  # refuse a taken output_dir or a missing model before the slow imports
+    if not recipe.model.path.startswith("gguf:"):
+        model_dir(recipe)
     # peft imports bitsandbytes whenever it is installed, which warns on CPU about an optional
     # kernel package on every run; QLoRA works without it (BENCHMARKS.md measures it)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -70,6 +73,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.report_cache:  # argument mistakes answer before torch loads
+        if args.model is None:
+            raise UserError("generate: give a MODEL folder or run directory")
+        if args.prompt is None and not args.interactive:
+            raise UserError("generate: --prompt is required (or use --interactive)")
+        if not args.model.exists():
+            raise UserError(f"generate: {args.model}: no such model folder or run directory")
+        for image in args.image or []:
+            if not Path(image).is_file():
+                raise UserError(f"--image {image}: no such file")
     from .export.generate_cli import run
 
     return run(args)

@@ -25,7 +25,7 @@ def run(tmp_path_factory, tiny_dir):
     r = write_recipe(
         d / "r.yaml", tiny_dir, chat_set(d / "c.jsonl", n=8), d / "run", training__max_steps=2
     )
-    assert main(["train", str(r)]) == 0
+    assert main(["train", str(r), "training.save_steps=1"]) == 0
     return d / "run"
 
 
@@ -37,6 +37,11 @@ def _recipe(t: Path, text: str) -> Path:
 def _good(t: Path, model: Path, extra: str = "") -> Path:
     (t / "d.jsonl").write_text(json.dumps(OK) + "\n")
     return _recipe(t, f"model:\n  path: {model}\ndata:\n  train: {t / 'd.jsonl'}\n{extra}")
+
+
+def _png(path: Path) -> str:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    return str(path)
 
 
 def _model_copy(t: Path, tiny: Path) -> Path:
@@ -222,7 +227,7 @@ CASES = {
             "--out",
             str(t / "o"),
         ],
-        ["checkpoint-99"],
+        ["checkpoint-99", "complete ones: 1, 2"],
     ),
     "export_gguf_onto_folder": (
         lambda t, m, v, r: _gguf_onto_folder(t, r),
@@ -249,8 +254,28 @@ CASES = {
         lambda t, m, v, r: _image_case(t, v, "https://example.com/a.png"),
         ["d.jsonl:2", "not fetched"],
     ),
+    "recipe_is_a_data_file": (
+        lambda t, m, v, r: ["train", str(chat_set(t / "chats.jsonl", n=2))],
+        ["chats.jsonl", "looks like a data file", "data.train"],
+    ),
+    "recipe_is_json_lines": (
+        lambda t, m, v, r: [
+            "data",
+            "check",
+            str(_recipe(t, json.dumps(OK) + "\n" + json.dumps(OK))),
+        ],
+        ["r.yaml", "looks like a data file"],
+    ),
+    "generate_without_prompt": (
+        lambda t, m, v, r: ["generate", str(r)],
+        ["--prompt is required"],
+    ),
+    "generate_image_missing": (
+        lambda t, m, v, r: ["generate", str(r), "--prompt", "hi", "--image", str(t / "no.png")],
+        ["--image", "no.png", "no such file"],
+    ),
     "generate_image_on_text_model": (
-        lambda t, m, v, r: ["generate", str(m), "--prompt", "hi", "--image", str(t / "a.png")],
+        lambda t, m, v, r: ["generate", str(m), "--prompt", "hi", "--image", _png(t / "a.png")],
         ["text-only"],
     ),
 }

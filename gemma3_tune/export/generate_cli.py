@@ -53,8 +53,6 @@ def run(args) -> int:
     if args.report_cache:
         print(cache_table())
         return 0
-    if args.model is None:
-        raise UserError("generate: give a MODEL folder or run directory")
     base, adapter = resolve_run(args.model)
     adapter = args.adapter or adapter
     dtype = getattr(torch, args.dtype)
@@ -63,9 +61,7 @@ def run(args) -> int:
     print(f"loading {base}" + (f" + {adapter}" if adapter else ""), file=sys.stderr)
     model = load_with_adapter(base, adapter, dtype=dtype).eval()
     tok = Tokenizer(base)
-    if not args.interactive:
-        if args.prompt is None:
-            raise UserError("generate: --prompt is required (or use --interactive)")
+    if not args.interactive:  # cli.cmd_generate checked that --prompt is given
         _stream(model, tok, args.prompt, args.image, args)
         return 0
     print("chat (empty line or Ctrl-D to quit)", file=sys.stderr)

@@ -81,11 +81,13 @@ def _dequantize_like_qlora(model: Gemma3) -> None:
 
 def checkpoint_dir(run: Path, step: int) -> Path:
     """checkpoint-N of a run, refused unless it was completely written."""
-    from ..train.checkpoints import is_complete
+    from ..train.checkpoints import checkpoints, is_complete
 
     ckpt = run / f"checkpoint-{step}"
     if not ckpt.is_dir():
-        raise UserError(f"--checkpoint {step}: {ckpt} does not exist")
+        have = [p.name.removeprefix("checkpoint-") for p in checkpoints(run) if is_complete(p)]
+        listed = f"complete ones: {', '.join(have)}" if have else "the run has no complete ones"
+        raise UserError(f"--checkpoint {step}: {ckpt} does not exist; {listed}")
     if not is_complete(ckpt):
         raise UserError(
             f"--checkpoint {step}: {ckpt} was not completely written (the run was killed while"

@@ -21,8 +21,7 @@ def recipe_base(run: Path) -> Path:
     """The base model folder a run's recipe.yaml names."""
     import yaml
 
-    from ..train.data_check import model_dir
-    from ..train.recipe import Recipe
+    from ..train.recipe import Recipe, model_dir
 
     return model_dir(Recipe.model_validate(yaml.safe_load((run / "recipe.yaml").read_text())))
 

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ..data.dataset import DataErrors, data_loss, histogram, render_mask
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
-from .recipe import Recipe, load_recipe
-
-
-def model_dir(recipe: Recipe) -> Path:
-    """The model folder a recipe names (`gguf:gemma3-270m` is the embedded real model)."""
-    ref = recipe.model.path
-    if ref.startswith("gguf:"):
-        from ..model.embedded import embedded_model_dir
-
-        return embedded_model_dir(ref.removeprefix("gguf:"))
-    p = Path(ref)
-    p = p if p.is_absolute() else recipe.base_dir / p
-    if not (p / "config.json").is_file():
-        raise UserError(f"model.path: {p} is not a Gemma 3 HF folder (no config.json)")
-    return p
+from .recipe import Recipe, load_recipe, model_dir
 
 
 def load_data(recipe: Recipe):

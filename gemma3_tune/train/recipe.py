@@ -184,13 +184,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".parquet", ".arrow")
+
+
+def _data_file(path: Path) -> UserError:
+    return UserError(
+        f"{path}: looks like a data file, not a recipe; name it under data.train in a recipe"
+        " YAML (see recipes/quickstart.yaml) and pass the recipe"
+    )
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
+    if path.suffix in DATA_SUFFIXES:
+        raise _data_file(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
+        if text.lstrip().startswith(("{", "[")):  # JSON Lines do not parse as one YAML document
+            raise _data_file(path) from None
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
@@ -198,6 +213,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"{path}: not UTF-8 text") from None
     if raw is None:
         raw = {}
+    samples = isinstance(raw, list) and raw and all(isinstance(x, dict) for x in raw)
+    if samples or (isinstance(raw, dict) and {"messages", "conversations"} & set(raw)):
+        raise _data_file(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of keys")
     for item in overrides:
@@ -215,6 +233,34 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(_explain(e, src)) from None
     recipe.base_dir = Path.cwd()  # data paths are relative to where you run, as in Axolotl
     return recipe
+
+
+def model_dir(recipe: Recipe) -> Path:
+    """The model folder a recipe names (`gguf:gemma3-270m` is the embedded real model)."""
+    ref = recipe.model.path
+    if ref.startswith("gguf:"):
+        from ..model.embedded import embedded_model_dir
+
+        return embedded_model_dir(ref.removeprefix("gguf:"))
+    p = Path(ref)
+    p = p if p.is_absolute() else recipe.base_dir / p
+    if not (p / "config.json").is_file():
+        raise UserError(f"model.path: {p} is not a Gemma 3 HF folder (no config.json)")
+    return p
+
+
+def output_dir(recipe: Recipe) -> Path:
+    """training.output_dir, resolved; refused when it holds files and the recipe neither
+    resumes nor forces (checked before anything heavy is imported or loaded)."""
+    out = Path(recipe.training.output_dir)
+    out = out if out.is_absolute() else recipe.base_dir / out
+    t = recipe.training
+    if out.exists() and any(out.iterdir()) and not (t.resume or t.force):
+        raise UserError(
+            f"training.output_dir: {out} is not empty; set training.resume=true to continue it, "
+            "training.force=true to write into it, or choose another output_dir"
+        )
+    return out
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

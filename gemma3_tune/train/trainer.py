@@ -36,11 +36,11 @@ from ..outputs import replace_dir, write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
 from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete, written_by
 from .console import Console
-from .data_check import load_data, model_dir
+from .data_check import load_data
 from .distributed import init_distributed, load_model_zero3, world_size, zero_to_universal
 from .guards import NonFiniteGuard
 from .model_card import model_card
-from .recipe import Recipe, recipe_to_yaml
+from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import scheduler
 
 log = logging.getLogger("gemma3_tune")
@@ -231,17 +231,7 @@ def _image_loader(recipe: Recipe, model, cfg, data):
 
 
 def prepare_output_dir(recipe: Recipe) -> Path:
-    out = Path(recipe.training.output_dir)
-    out = out if out.is_absolute() else recipe.base_dir / out
-    if (
-        out.exists()
-        and any(out.iterdir())
-        and not (recipe.training.resume or recipe.training.force)
-    ):
-        raise UserError(
-            f"training.output_dir: {out} is not empty; set training.resume=true to continue it, "
-            "training.force=true to write into it, or choose another output_dir"
-        )
+    out = output_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
