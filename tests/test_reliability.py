@@ -177,3 +177,41 @@ def test_out_of_memory_gets_the_recipe_keys_to_change():
     ):
         assert key in msg
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+class _Payload:
+    """What a tampered checkpoint carries: unpickling it would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_a_code_pickle_is_refused_before_it_runs(tmp_path, tiny_dir, capsys):
+    """A checkpoint whose rng_state.pth was replaced by a pickle that runs a command (and whose
+    marker was rewritten to match) is refused by resume and by export with one line naming the
+    file; the command never runs. Untouched, the same checkpoint resumes."""
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, chat_set(tmp_path / "c.jsonl", n=8), tmp_path / "run",
+        training__max_steps=2, training__save_steps=1,
+    )  # fmt: skip
+    assert main(["train", str(r)]) == 0
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert not (ckpt / "training_args.bin").exists()  # the never-read pickle is not kept
+    pwned = tmp_path / "PWNED"
+    torch.save({"python": _Payload(pwned)}, ckpt / "rng_state.pth")
+    mark_complete(ckpt)  # the marker matches the tampered files: only the pickle check is left
+    capsys.readouterr()
+    resume = ["train", str(r), "training.resume=true", "training.max_steps=3"]
+    export = ["export", str(tmp_path / "run"), "--checkpoint", "2", "--out", str(tmp_path / "o")]
+    for argv in (resume, export):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {ckpt / 'rng_state.pth'}: refused to load"), err
+        assert "system" in err[-1] and "Traceback" not in "\n".join(err)
+        assert not pwned.exists()
+    shutil.rmtree(ckpt)
+    assert main(resume) == 0  # checkpoint-1, untouched, resumes
+    assert not pwned.exists()

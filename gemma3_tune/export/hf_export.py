@@ -81,7 +81,7 @@ def _dequantize_like_qlora(model: Gemma3) -> None:
 
 def checkpoint_dir(run: Path, step: int) -> Path:
     """checkpoint-N of a run, refused unless it was completely written."""
-    from ..train.checkpoints import checkpoints, is_complete
+    from ..train.checkpoints import checkpoints, is_complete, verify_pickles
 
     ckpt = run / f"checkpoint-{step}"
     if not ckpt.is_dir():
@@ -93,6 +93,7 @@ def checkpoint_dir(run: Path, step: int) -> Path:
             f"--checkpoint {step}: {ckpt} was not completely written (the run was killed while"
             " saving it); choose another checkpoint"
         )
+    verify_pickles(ckpt)  # DeepSpeed's zero_to_fp32 unpickles without weights_only
     return ckpt
 
 

@@ -8,18 +8,31 @@ marker is present and whose files still match it; the others are removed before 
 starts. Rotation (`save_total_limit`) is ours too, run after the marker is written: the
 Trainer's own rotation runs before any callback, so a kill between its deletion of the old
 checkpoint and our marker on the new one would leave nothing to resume from.
+
+Pickles: the Trainer and DeepSpeed save optimizer, scheduler and RNG states with `torch.save`
+(a pickle), and DeepSpeed loads its own with `weights_only=False`, which would run any code a
+tampered file carries. So before a checkpoint is resumed or exported, `verify_pickles` loads
+every pickle in it with `torch.load(weights_only=True)` (memory-mapped: the tensors are not
+read), allowing only tensors, containers, numbers and the few plain-data classes the Trainer
+and DeepSpeed write (numpy arrays for RNG states, DeepSpeed's ZeRO stage enum, loss scaler and
+fragment address). `training_args.bin` (a pickled TrainingArguments that nothing reads back)
+is deleted when the checkpoint is marked complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
+from ..errors import UserError
 from ..outputs import plain_modes, write_atomic
 
 MARKER = "COMPLETE.json"
@@ -46,9 +59,55 @@ def _files(ckpt: Path) -> dict[str, int]:
     }
 
 
+PICKLED = (".pt", ".pth", ".bin")
+UNREAD = "training_args.bin"  # HF's pickled TrainingArguments: written, never read back
+
+
+def _plain_data_classes() -> list:
+    """The non-tensor classes a checkpoint may hold: numpy (RNG states) and, for ZeRO
+    checkpoints, DeepSpeed's plain-data ones."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return allowed
+    return [*allowed, ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def verify_pickles(ckpt: Path) -> None:
+    """Refuse a checkpoint holding a pickle that is more than tensors and plain data."""
+    files = [p for p in sorted(ckpt.rglob("*")) if p.suffix in PICKLED and p.is_file()]
+    files = [p for p in files if p.name != UNREAD]
+    if not files:
+        return
+    with torch.serialization.safe_globals(_plain_data_classes()):
+        for f in files:
+            try:
+                try:
+                    torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # the legacy (non-zip) format cannot be mapped
+                    if "mmap" not in str(e):
+                        raise
+                    torch.load(f, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                why = f"it names {found[1]}" if found else str(e).splitlines()[0]
+                raise UserError(
+                    f"{f}: refused to load: not only tensors and plain data ({why}); gemma3-tune"
+                    f" never writes such a file, so it was altered or comes from elsewhere."
+                    f" Delete {ckpt.name} or use another checkpoint"
+                ) from None
+
+
 def mark_complete(ckpt: Path, world_size: int = 1, global_batch: int | None = None) -> None:
     """Flush every file of the checkpoint to disk, then commit it with the marker (which also
     records how many processes wrote it: resuming on another number converts ZeRO states)."""
+    (ckpt / UNREAD).unlink(missing_ok=True)
     plain_modes(ckpt)  # the Trainer's safetensors files are 0600 whatever the umask
     files = _files(ckpt)
     for name in files:

@@ -34,7 +34,13 @@ from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..outputs import replace_dir, write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
-from .checkpoints import CompleteCheckpoints, newest_complete, remove_incomplete, written_by
+from .checkpoints import (
+    CompleteCheckpoints,
+    newest_complete,
+    remove_incomplete,
+    verify_pickles,
+    written_by,
+)
 from .console import Console
 from .data_check import load_data
 from .distributed import init_distributed, load_model_zero3, world_size, zero_to_universal
@@ -371,6 +377,7 @@ def build_trainer(recipe: Recipe):
     if resume is not None:
         wrote, batch = written_by(resume)
         check_global_batch(recipe, resume, batch)
+        verify_pickles(resume)  # before the Trainer or DeepSpeed unpickles anything in it
         universal = recipe.deepspeed is not None and wrote is not None and wrote != world_size()
         if universal:
             zero_to_universal(resume, wrote, world_size())
