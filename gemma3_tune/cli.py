@@ -147,9 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--adapter-only", action="store_true", help="a peft adapter folder")
     s.add_argument("--format", choices=["hf", "gguf"], default="hf")
     s.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="HF weights"
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="merged HF weights (default: %(default)s)",
     )
-    s.add_argument("--gguf-dtype", choices=["f16", "bf16", "f32"], default="f16")
+    s.add_argument(
+        "--gguf-dtype",
+        choices=["f16", "bf16", "f32"],
+        default="f16",
+        help="GGUF tensors (default: %(default)s)",
+    )
     s.add_argument(
         "--quantize",
         choices=["q8_0"],

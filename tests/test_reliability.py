@@ -200,6 +200,7 @@ def test_checkpoint_with_a_code_pickle_is_refused_before_it_runs(tmp_path, tiny_
     assert main(["train", str(r)]) == 0
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert not (ckpt / "training_args.bin").exists()  # the never-read pickle is not kept
+    assert not (ckpt / "README.md").exists()  # nor peft's blank model card
     pwned = tmp_path / "PWNED"
     torch.save({"python": _Payload(pwned)}, ckpt / "rng_state.pth")
     mark_complete(ckpt)  # the marker matches the tampered files: only the pickle check is left

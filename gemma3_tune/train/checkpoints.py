@@ -108,6 +108,7 @@ def mark_complete(ckpt: Path, world_size: int = 1, global_batch: int | None = No
     """Flush every file of the checkpoint to disk, then commit it with the marker (which also
     records how many processes wrote it: resuming on another number converts ZeRO states)."""
     (ckpt / UNREAD).unlink(missing_ok=True)
+    (ckpt / "README.md").unlink(missing_ok=True)  # peft's blank template; the run has ours
     plain_modes(ckpt)  # the Trainer's safetensors files are 0600 whatever the umask
     files = _files(ckpt)
     for name in files:
