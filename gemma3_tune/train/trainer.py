@@ -352,6 +352,10 @@ def build_trainer(recipe: Recipe):
     Returns (trainer, output dir, base model folder)."""
     from ..data.dataset import DataErrors, data_loss
 
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed whenever it is installed; name its accelerator (the one
+        # it would pick) so it does not warn "Setting accelerator to CPU" in every CPU run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = prepare_output_dir(recipe)
     # Data first: bad data is refused before the model is loaded.
     try:
@@ -425,10 +429,6 @@ def build_trainer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(str(folder))
-    if not torch.cuda.is_available():
-        # accelerate imports DeepSpeed whenever it is installed; name its accelerator (the one
-        # it would pick) so it does not warn "Setting accelerator to CPU" in every CPU run
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     report = data.report.summary()
 
     def card(step: int, max_steps: int, done: bool) -> str:
