@@ -22,7 +22,7 @@ def train_line(step: int, max_steps: int, logs: dict) -> str:
     if logs.get("lr") is not None:
         parts.append(f"lr {logs['lr']:.2e}")
     if logs.get("grad_norm") is not None:
-        parts.append(f"grad {logs['grad_norm']:.3g}")
+        parts.append(f"grad {logs['grad_norm']:.2f}")
     if logs.get("tokens_per_second") is not None:
         parts.append(f"{logs['tokens_per_second']:,.0f} tok/s")
     if logs.get("step_seconds") is not None:
@@ -102,7 +102,7 @@ class Console(TrainerCallback):
                 self.bar.set_postfix_str(
                     f"loss {logs['loss']:.4f}, lr {logs.get('lr') or 0:.2e}"
                     + (f", {rate:,.0f} tok/s" if rate is not None else ""),
-                    refresh=False,
+                    refresh=True,
                 )
         elif "eval_loss" in logs:
             self._write(eval_line(state.global_step, state.max_steps, logs))
