@@ -8,10 +8,10 @@ model) folder gets the same card, since that folder is what people share.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import __version__
+from .metrics import read_metrics
 from .recipe import Recipe, recipe_to_yaml
 
 
@@ -32,19 +32,13 @@ def _method(recipe: Recipe) -> str:
     return described
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def model_card(
     recipe: Recipe, out: Path, base: Path, data: dict, step: int, max_steps: int, done: bool
 ) -> str:
     """Markdown with a YAML header (as on the Hugging Face Hub). `data` is the data report's
     summary; metrics come from out/metrics.jsonl as it stands now."""
     t, d = recipe.training, recipe.data
-    rows = _rows(out / "metrics.jsonl")
+    rows = read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     adapter = recipe.method in ("lora", "qlora")

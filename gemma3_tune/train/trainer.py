@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from ..data.collate import Collator, concat_row
 from ..data.feature_cache import FeatureCache, weights_fingerprint
@@ -35,6 +34,7 @@ from ..model.checkpoint import load_model, save_model
 from ..outputs import replace_dir, write_atomic
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
 from .checkpoints import (
+    UNREAD,
     CompleteCheckpoints,
     newest_complete,
     remove_incomplete,
@@ -45,6 +45,7 @@ from .console import Console
 from .data_check import load_data
 from .distributed import init_distributed, load_model_zero3, world_size, zero_to_universal
 from .guards import NonFiniteGuard
+from .metrics import MetricsCallback
 from .model_card import model_card
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import scheduler
@@ -79,75 +80,6 @@ def peak_memory_gb() -> float:
     except OSError:
         pass
     return 0.0
-
-
-class MetricsCallback(TrainerCallback):
-    """Appends every train and eval log to metrics.jsonl and redraws loss.png at each save."""
-
-    TRAIN_KEYS = (
-        "loss",
-        "lr",
-        "grad_norm",
-        "tokens",
-        "tokens_per_second",
-        "step_seconds",
-        "peak_memory_gb",
-        "skipped_steps",
-    )
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.path = out / "metrics.jsonl"
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            row = {"step": state.global_step, **{k: logs.get(k) for k in self.TRAIN_KEYS}}
-        elif "eval_loss" in logs:
-            row = {
-                "step": state.global_step,
-                "eval_loss": logs["eval_loss"],
-                "eval_perplexity": logs["eval_perplexity"],
-            }
-        else:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            plot_losses(self.path, self.out / "loss.png")
-
-    def on_train_end(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            plot_losses(self.path, self.out / "loss.png")
-
-
-def plot_losses(metrics: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    )
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
 
 
 def _rows_dataset(rows):
@@ -493,8 +425,6 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     resume = trainer.resume_checkpoint
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
-    if trainer.is_world_process_zero():
-        write_atomic(out / "README.md", trainer.card_text(done=True))
     return out
 
 
@@ -610,8 +540,8 @@ def _make_trainer_class():
 
 def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     """adapter/ (peft) or model/ (full SFT), written under a temporary name and renamed when
-    complete. Every rank takes part: under ZeRO-3 the weights are gathered from all of them;
-    rank 0 writes."""
+    complete, and the final model card in it and in the run. Every rank takes part: under
+    ZeRO-3 the weights are gathered from all of them; rank 0 writes."""
     name = "model" if recipe.method == "full" else "adapter"
     dest, tmp = out / name, out / f".{name}.partial"
     main = trainer.is_world_process_zero()
@@ -636,11 +566,12 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
                 save_file(proj, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
     if not main:
         return
-    # HF's pickled TrainingArguments: nothing a user of this folder needs (see README)
-    (tmp / "training_args.bin").unlink(missing_ok=True)
-    write_atomic(tmp / "README.md", trainer.card_text(done=True))  # replaces peft's template
+    (tmp / UNREAD).unlink(missing_ok=True)  # HF's pickled TrainingArguments (see README)
+    card = trainer.card_text(done=True)
+    write_atomic(tmp / "README.md", card)  # replaces peft's template
     copy_tokenizer_files(base_folder, tmp)
     if recipe.method == "full":  # a whole model folder: it carries the chat template too
         ensure_chat_template(tmp)
     replace_dir(tmp, dest)
+    write_atomic(out / "README.md", card)  # the run's card, final
     print(f"saved {dest}", file=sys.stderr)
