@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .packing import efficiency, pack
+from .packing import pack
 from .sources import SampleError, read_records, to_turns
 from .template import IGNORE, Sample, VisionTokens, render
 from .tokenizer import Tokenizer
@@ -324,6 +324,14 @@ def to_rows(samples: list[Sample], cfg: DataConfig, seed: int) -> list[list[Samp
     return [[samples[i] for i in row] for row in row_indices([len(s) for s in samples], cfg, seed)]
 
 
+def row_fill(tokens: int, n_rows: int, longest: int, cfg: DataConfig) -> float:
+    """Real tokens / the room the rows take (the report's packing_efficiency): max_seq_len per
+    row when packed; when not, each batch pads to its longest row, so the longest sample."""
+    if not n_rows:
+        return 1.0
+    return tokens / (n_rows * (cfg.max_seq_len if cfg.packing else longest))
+
+
 def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int = 0) -> Data:
     """Everything `train` and `data check` need; raises DataErrors on any bad sample."""
     vision = vision_tokens(model_config)
@@ -344,13 +352,9 @@ def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int =
     report.images = sum(len(s.images) for s in train)
     report.rows = len(rows)
     report.lengths = [len(s) for s in train]
-    report.packing_efficiency = (
-        efficiency(report.lengths, [list(range(len(r))) for r in rows], cfg.max_seq_len)
-        if rows
-        else 1.0
+    report.packing_efficiency = row_fill(
+        report.tokens, len(rows), max(report.lengths, default=0), cfg
     )
-    if not cfg.packing and rows:  # padded batches: real tokens / padded row capacity
-        report.packing_efficiency = report.tokens / (len(rows) * max(report.lengths))
     return Data(
         rows,
         [[s] for s in evals] if not cfg.packing else to_rows(evals, cfg, seed),

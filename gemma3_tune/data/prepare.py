@@ -40,11 +40,11 @@ from .dataset import (
     Source,
     _mix,
     fit_one,
+    row_fill,
     row_indices,
     split_eval,
     vision_tokens,
 )
-from .packing import efficiency
 from .sources import Record, SampleError, _read_jsonl, read_records, to_turns
 from .template import IGNORE, ImageRef, Sample, VisionTokens, render
 from .tokenizer import TOKENIZER_FILES, Tokenizer
@@ -381,10 +381,8 @@ def _build(
     report.trainable_tokens = int(ds.data.column("trainable").to_numpy()[train].sum())
     report.images = int(ds.data.column("n_images").to_numpy()[train].sum())
     report.rows = len(train_rows)
-    if train_rows:
-        report.packing_efficiency = efficiency(train_lengths, train_rows, cfg.max_seq_len)
-        if not cfg.packing:
-            report.packing_efficiency = report.tokens / (len(train_rows) * int(train_lengths.max()))
+    longest = int(train_lengths.max()) if len(train_lengths) else 0
+    report.packing_efficiency = row_fill(report.tokens, len(train_rows), longest, cfg)
 
     def flat(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
