@@ -81,8 +81,11 @@ def _plain_data_classes() -> list:
 
 def verify_pickles(ckpt: Path) -> None:
     """Refuse a checkpoint holding a pickle that is more than tensors and plain data."""
-    files = [p for p in sorted(ckpt.rglob("*")) if p.suffix in PICKLED and p.is_file()]
-    files = [p for p in files if p.name != UNREAD]
+    files = [
+        p
+        for p in sorted(ckpt.rglob("*"))
+        if p.suffix in PICKLED and p.name != UNREAD and p.is_file()
+    ]
     if not files:
         return
     with torch.serialization.safe_globals(_plain_data_classes()):
