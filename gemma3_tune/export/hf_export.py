@@ -66,19 +66,6 @@ def verify(reference: Gemma3, folder: Path, dtype: torch.dtype) -> float:
     return diff
 
 
-def _dequantize_like_qlora(model: Gemma3) -> None:
-    """QLoRA trained against NF4-rounded weights: round the base the same way before merging."""
-    import bitsandbytes.functional as bnbf
-
-    for layer in model.text_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for child in parent.children():
-                if isinstance(child, torch.nn.Linear):
-                    w = child.weight.data.float()
-                    q, state = bnbf.quantize_4bit(w, quant_type="nf4")
-                    child.weight.data = bnbf.dequantize_4bit(q, state).to(child.weight.dtype)
-
-
 def checkpoint_dir(run: Path, step: int) -> Path:
     """checkpoint-N of a run, refused unless it was completely written."""
     from ..train.checkpoints import checkpoints, is_complete, verify_pickles
@@ -144,9 +131,11 @@ def merged_model(src: Path, checkpoint: int | None = None) -> tuple[Gemma3, Path
     method = _run_method(src) or "plain"
     if adapter is not None and checkpoint is not None:
         adapter = checkpoint_dir(src, checkpoint)
-    if method == "qlora":
+    if method == "qlora":  # merged onto the very NF4 base the run trained against
+        from ..train.qlora import dequantize_like_run
+
         model = load_model(base, dtype=torch.float32)
-        _dequantize_like_qlora(model)
+        dequantize_like_run(model, src)
         model = apply_adapter(model, adapter)
     else:
         model = load_with_adapter(base, adapter, dtype=torch.float32)

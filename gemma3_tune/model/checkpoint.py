@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -115,23 +116,22 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_state_dict(path: str | os.PathLike, config: Gemma3Config) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder, renamed to our keys; unknown keys are an error."""
-    out: dict[str, torch.Tensor] = {}
-    tied: dict[str, torch.Tensor] = {}
+def iter_state(
+    path: str | os.PathLike, config: Gemma3Config, read: bool = True
+) -> Iterator[tuple[str, torch.Tensor | tuple[int, ...]]]:
+    """(our key, tensor) for every weight of the folder, one at a time in file order, or (our
+    key, shape) with `read=False`. Tied LM-head copies keep their own key (TIED_HEAD_KEYS).
+    Unknown keys are an error, raised once every file has been walked."""
     unknown: list[str] = []
     for f in weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
-                    if key in TIED_HEAD_KEYS:
-                        tied[key] = st.get_tensor(key)
-                        continue
-                    ours = hf_to_ours(key, config.is_multimodal)
+                    ours = key if key in TIED_HEAD_KEYS else hf_to_ours(key, config.is_multimodal)
                     if ours is None:
                         unknown.append(key)
-                    else:
-                        out[ours] = st.get_tensor(key)
+                        continue
+                    yield ours, st.get_tensor(key) if read else tuple(st.get_slice(key).get_shape())
         except (SafetensorError, OSError) as e:  # truncated or corrupt file
             raise CheckpointError(
                 f"{f}: not a readable safetensors file ({e}); copy or export it again"
@@ -141,6 +141,14 @@ def load_state_dict(path: str | os.PathLike, config: Gemma3Config) -> dict[str, 
             f"{path}: {len(unknown)} unknown weight(s), e.g. {', '.join(unknown[:3])}; "
             "is this a Gemma 3 checkpoint matching its config.json?"
         )
+
+
+def load_state_dict(path: str | os.PathLike, config: Gemma3Config) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder, renamed to our keys; unknown keys are an error."""
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, torch.Tensor] = {}
+    for key, tensor in iter_state(path, config):
+        (tied if key in TIED_HEAD_KEYS else out)[key] = tensor
     embed_key = (
         "model.language_model.embed_tokens.weight"
         if config.is_multimodal
@@ -151,6 +159,30 @@ def load_state_dict(path: str | os.PathLike, config: Gemma3Config) -> dict[str, 
         if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
             raise CheckpointError(f"{path}: {key} differs from the embeddings; Gemma 3 ties them")
     return out
+
+
+def checked_keys(
+    path: str | os.PathLike,
+    expected: dict[str, torch.Tensor],
+    found: Iterable[tuple[str, torch.Tensor | tuple[int, ...]]],
+) -> None:
+    """Refuse a folder whose weights (keys and shapes) do not match the model built from its
+    config.json. `found`: (key, tensor or shape) pairs; tied LM-head copies are ignored."""
+    shapes = {k: tuple(v.shape if isinstance(v, torch.Tensor) else v) for k, v in found}
+    for k in TIED_HEAD_KEYS:
+        shapes.pop(k, None)
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        what = (
+            f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
+        )
+        raise CheckpointError(f"{path}: weights do not match config.json: {what}")
+    for name, param in expected.items():
+        if shapes[name] != tuple(param.shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {shapes[name]}, config.json implies {tuple(param.shape)}"
+            )
 
 
 def load_model(
@@ -167,19 +199,7 @@ def load_model(
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = Gemma3(config, attn_backend=attn_backend)
-    expected = set(model.state_dict().keys())
-    missing = sorted(expected - set(state))
-    extra = sorted(set(state) - expected)
-    if missing or extra:
-        what = (
-            f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
-        )
-        raise CheckpointError(f"{path}: weights do not match config.json: {what}")
-    for name, param in model.state_dict().items():
-        if state[name].shape != param.shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(param.shape)}"
-            )
+    checked_keys(path, model.state_dict(), state.items())
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)

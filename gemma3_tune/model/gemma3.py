@@ -26,6 +26,15 @@ from .masks import TokenInfo, flex_block_mask, token_info, visible
 from .siglip import MultiModalProjector, VisionTower, pool_patches
 
 
+def activation_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype activations run in: autocast's when it is on (fp32 master weights, compute in
+    bf16: train/precision.py), else the weights' own."""
+    kind = weight.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
 class Output(dict):
     """`loss` and/or `logits`; a dict (as HF's Trainer expects) with attribute access."""
 
@@ -202,17 +211,27 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # fp32 on the CPU, copied once to each device it runs on. Not buffers: `model.to(bf16)`
+        # would round them (RoPE at base 1M needs fp32 frequencies).
         self.inv_freq = {
             GLOBAL: rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
             "sliding_attention": rope_inv_freq(c.head_dim, c.rope_local_base_freq),
         }
+        self._inv_freq_on: dict[torch.device, dict[str, Tensor]] = {}
         self.gradient_checkpointing = False
+
+    def inv_freq_on(self, device: torch.device) -> dict[str, Tensor]:
+        """`inv_freq` on `device`, copied there once (not at every forward)."""
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = {t: f.to(device) for t, f in self.inv_freq.items()}
+        return self._inv_freq_on[device]
 
     def embed(self, input_ids: Tensor) -> Tensor:
         w = self.embed_tokens.weight
-        # sqrt(D) is cast to the weight dtype first, as the reference does (it rounds in bf16).
-        return self.embed_tokens(input_ids) * torch.tensor(
-            math.sqrt(self.config.hidden_size), dtype=w.dtype
+        dtype = activation_dtype(w)
+        # sqrt(D) is cast to the activation dtype first, as the reference does (it rounds in bf16).
+        return self.embed_tokens(input_ids).to(dtype) * torch.tensor(
+            math.sqrt(self.config.hidden_size), dtype=dtype
         )
 
     def forward(
@@ -222,7 +241,8 @@ class TextModel(nn.Module):
         backend: str,
         cache: KVCache | None = None,
     ) -> Tensor:
-        rope = {t: rope_cos_sin(f, info.pos, x.dtype) for t, f in self.inv_freq.items()}
+        freqs = self.inv_freq_on(x.device)
+        rope = {t: rope_cos_sin(f, info.pos, x.dtype) for t, f in freqs.items()}
         masks = {t: self._mask(t, info, backend, cache) for t in set(self.config.layer_types)}
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]

@@ -35,7 +35,7 @@ def rope_cos_sin(
     inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos, sin of shape `[B, T, head_dim]` (half-split layout), computed in fp32."""
-    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, T, D/2]
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

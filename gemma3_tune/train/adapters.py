@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model.gemma3 import Gemma3
+from .qlora import quantize_decoder  # noqa: F401  (scripts/bench.py builds QLoRA with it)
 from .recipe import Recipe
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,37 +42,6 @@ def target_regex(targets: list[str] | str) -> str:
     return rf"model\.(?:language_model\.)?layers\.\d+\.(?:{alts})"
 
 
-def quantize_decoder(model: Gemma3, compute_dtype: torch.dtype) -> int:
-    """Replace the decoder's linear layers with bitsandbytes NF4 4-bit ones (QLoRA's base).
-
-    Embeddings/LM head, norms, the vision tower and the projector stay in full precision.
-    Quantization happens on `.to(device)`: the model must already be on its device.
-    """
-    import bitsandbytes as bnb
-
-    device = next(model.parameters()).device
-    n = 0
-    for layer in model.text_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=compute_dtype,
-                    quant_type="nf4",
-                    quant_storage=torch.uint8,
-                )
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.to(torch.float32), requires_grad=False, quant_type="nf4"
-                )
-                setattr(parent, name, q.to(device))
-                n += 1
-    return n
-
-
 def apply_method(model: Gemma3, recipe: Recipe) -> nn.Module:
     """Freeze what does not train and wrap with peft where needed. Returns the model to train."""
     method = recipe.method
@@ -85,8 +55,8 @@ def apply_method(model: Gemma3, recipe: Recipe) -> nn.Module:
     if method in ("lora", "qlora"):
         import peft
 
-        if method == "qlora":
-            quantize_decoder(model, next(model.parameters()).dtype)
+        if method == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
+            quantize_decoder(model, next(model.parameters()).dtype)  # qlora.load_quantized did not
         cfg = peft.LoraConfig(
             r=recipe.lora.r,
             lora_alpha=recipe.lora.alpha,

@@ -32,6 +32,7 @@ from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..outputs import replace_dir, write_atomic
+from . import precision
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
 from .checkpoints import (
     UNREAD,
@@ -47,6 +48,7 @@ from .distributed import init_distributed, load_model_zero3, world_size, zero_to
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
 from .model_card import model_card
+from .qlora import load_quantized, write_settings
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import scheduler
 
@@ -243,10 +245,9 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool =
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        # Weights are loaded in model.dtype (no autocast, as Unsloth and torchtune do on bf16);
-        # peft keeps LoRA weights in fp32. DeepSpeed manages precision itself: tell it bf16.
-        bf16=recipe.deepspeed is not None and resolve_dtype(recipe.model.dtype) == torch.bfloat16,
-        fp16=False,
+        # precision.py: fp32 masters for what trains, compute in model.dtype (autocast, or
+        # DeepSpeed's own bf16 mode).
+        **precision.mixed_precision_flags(resolve_dtype(recipe.model.dtype)),
         activation_checkpointing=False,  # our model checkpoints its own layers (see below)
         report_to=report_to,
         run_name=out.name,
@@ -335,6 +336,10 @@ def build_trainer(recipe: Recipe):
         model = load_model_zero3(
             folder, dtype, args.hf_deepspeed_config.config, recipe.model.attn_backend
         )
+    elif recipe.method == "qlora":  # quantized tensor by tensor while loading
+        model = load_quantized(folder, dtype, device, recipe.model.attn_backend)
+        if is_main_process():
+            write_settings(out, dtype, torch.device(device))
     else:
         model = load_model(
             folder, dtype=dtype, device=device, attn_backend=recipe.model.attn_backend
@@ -343,6 +348,7 @@ def build_trainer(recipe: Recipe):
         model.gradient_checkpointing_enable()
     torch.manual_seed(recipe.training.seed)  # LoRA init must not depend on how the model was built
     model = apply_method(model, recipe)
+    precision.prepare(model, dtype, deepspeed=recipe.deepspeed is not None)
     if compiled:
         unwrap(model).compile_layers()
     if is_main_process():
@@ -547,15 +553,18 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     main = trainer.is_world_process_zero()
     if main and tmp.exists():
         shutil.rmtree(tmp)
+    masters = precision.trainable_fp32_state(trainer)  # every rank: gathered under ZeRO-3
     if recipe.method in ("lora", "qlora"):
-        trainer.save_model(str(tmp))  # peft: adapter_config.json + adapter_model.safetensors
+        if main:  # peft: adapter_config.json + adapter_model.safetensors, fp32
+            trainer.model.save_pretrained(str(tmp), state_dict=masters)
     else:
         engine = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
         state = trainer.accelerator.get_state_dict(engine)  # gathered under ZeRO-3
         if main:
             state = {k.removeprefix("module."): v for k, v in state.items()}
-            if recipe.method == "full":
-                save_model(unwrap(trainer.model), tmp, state_dict=state)
+            state.update(masters)  # DeepSpeed's module holds bf16 copies of them
+            if recipe.method == "full":  # the fp32 masters, and the rest in fp32 alongside
+                save_model(unwrap(trainer.model), tmp, state_dict=state, dtype=torch.float32)
             else:  # projector only
                 from safetensors.torch import save_file
 
