@@ -27,6 +27,7 @@ METHODS = {
     "projector_only": ({"method": "none", "train_projector": True}, PROJ),
     "lora_projector": ({"train_projector": True}, PROJ),  # peft modules_to_save copy
     "full": ({"method": "full"}, DOWN),
+    "qlora": ({"method": "qlora"}, "layers.0.self_attn.q_proj.lora_B.weight"),
 }
 
 
@@ -38,19 +39,20 @@ def _trained(run: Path, what: str) -> torch.Tensor:
     if (adapter / "projector.safetensors").is_file():
         return load_file(adapter / "projector.safetensors")["model." + what]
     weights = load_file(adapter / "adapter_model.safetensors")
-    return next(v for k, v in weights.items() if k.endswith(what.removesuffix(".weight")))
+    return next(v for k, v in weights.items() if k.endswith(what))
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_bf16_updates_equal_fp32_masters(method, tmp_path, tiny_vision_dir):
     """10 steps at lr 1e-5 (vision-adapter-4b.yaml's): in bf16 with fp32 masters, the update
     equals the fp32 run's within bf16's error (relative L2 <= 0.1) and moves >= 99% of the
-    entries. Pure bf16 weights moved 2.3% of the projector (the defect this fixes)."""
+    entries. Pure bf16 weights moved 2.3% of the projector (the defect this fixes). QLoRA's
+    adapter is the one TRL casts to bf16 for 4-bit models: it must come back fp32."""
     over, what = METHODS[method]
     data = colour_set(tmp_path / "img", 16, seed=1)
-    base = (
-        load_model(tiny_vision_dir).state_dict()["model." + what if what == PROJ else what].float()
-    )
+    state = load_model(tiny_vision_dir).state_dict()
+    key = "model." + what if what == PROJ else what
+    base = state[key].float() if key in state else torch.zeros(())  # LoRA B starts at 0
     update = {}
     for dtype in ("float32", "bfloat16"):
         run = tmp_path / dtype
@@ -68,7 +70,9 @@ def test_bf16_updates_equal_fp32_masters(method, tmp_path, tiny_vision_dir):
     moved = (got != 0).float().mean().item()
     assert moved >= 0.99, moved
     rel = ((got - want).norm() / want.norm()).item()
-    assert rel <= 0.1, rel
+    # QLoRA's bf16 run also dequantizes its NF4 base into bf16 (the fp32 run into fp32), so its
+    # gradients, not only its updates, differ by more (measured 0.30)
+    assert rel <= (0.4 if method == "qlora" else 0.1), rel
 
 
 def _launch(launcher: str, recipe: Path, prefix: Path) -> None:

@@ -385,6 +385,9 @@ def build_trainer(recipe: Recipe):
         guard=guard,
         card=card,
     )
+    # TRL casts a 4-bit model's adapter weights to bf16 (pure bf16 updates, whatever the
+    # recipe's dtype): give them back the dtype precision.py's rule gives every trainable.
+    precision.prepare(trainer.model, dtype, deepspeed=recipe.deepspeed is not None)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
