@@ -8,7 +8,10 @@ touches real tokens.
 Why buckets: a compiled model (torch.compile, FlexAttention) specialises on the batch length.
 Unpacked chat batches have a new length almost every step; padded up to 128, 256, 512, ...
 (capped at max_seq_len) they take at most ceil(log2(max_seq_len / 128)) + 1 lengths, so the
-compiled code is reused after the first few steps.
+compiled code is reused after the first few steps. With `rows_to` set, a short batch (the last
+of an epoch, or of the evaluation set) also gets rows of padding up to `rows_to`, so the batch
+size never changes either: the number of compiled graphs is known before the run (see
+`gemma3_tune.model.gemma3.flex_graph_budget`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def bucket_length(n: int, max_len: int) -> int:
     return max(n, min(b, max_len))
 
 
+def bucket_lengths(max_len: int) -> list[int]:
+    """Every length `bucket_length` gives for rows up to max_len: 128, 256, ..., max_len."""
+    return sorted({bucket_length(n, max_len) for n in range(1, max_len + 1)})
+
+
 def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
     """Lay samples end to end; positions restart at 0 for each."""
     ids, labels, pos, images = [], [], [], []
@@ -47,7 +55,8 @@ class Collator:
     pixel_values [N, 3, S, S] or (from the feature cache) vision_features [N, mm_tokens, Dv]}.
 
     `load_image(image_ref) -> Tensor[views, ...]` is called for each image in row order.
-    `bucket_to` (max_seq_len) pads every batch to a length bucket (see `bucket_length`).
+    `bucket_to` (max_seq_len) pads every batch to a length bucket (see `bucket_length`), and
+    `rows_to` (the micro-batch size) a short batch up to that many rows, all padding.
     """
 
     def __init__(
@@ -56,18 +65,23 @@ class Collator:
         load_image: Callable | None = None,
         image_key: str = "pixel_values",
         bucket_to: int | None = None,
+        rows_to: int | None = None,
+        validate: Callable[[dict], None] | None = None,
     ):
         self.pad_id = pad_id
         self.load_image = load_image
         self.image_key = image_key
         self.bucket_to = bucket_to
+        self.rows_to = rows_to
+        self.validate = validate  # called on each CPU batch (the trainer checks image blocks)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
         t = longest if self.bucket_to is None else bucket_length(longest, self.bucket_to)
-        ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
-        pos = torch.zeros((len(rows), t), dtype=torch.long)
+        n_rows = max(len(rows), self.rows_to or 0)
+        ids = torch.full((n_rows, t), self.pad_id, dtype=torch.long)
+        labels = torch.full((n_rows, t), IGNORE, dtype=torch.long)
+        pos = torch.arange(t).repeat(n_rows, 1)  # padding rows: one document of padding each
         pixels = []
         for b, r in enumerate(rows):
             n = len(r["input_ids"])
@@ -82,4 +96,6 @@ class Collator:
             batch["row_ids"] = torch.tensor([r["row"] for r in rows])
         if pixels:
             batch[self.image_key] = torch.cat(pixels)
+        if self.validate is not None:
+            self.validate(batch)
         return batch

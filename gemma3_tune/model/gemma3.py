@@ -11,6 +11,7 @@ Shapes: B batch, T new tokens, S keys (cached + new), D width, H heads, K kv hea
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -99,10 +100,22 @@ class Attention(nn.Module):
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
             cache.keys[i], cache.values[i] = k[:, :, -keep:], v[:, :, -keep:]
         if isinstance(mask, Tensor):  # SDPA with a dense boolean mask [B, 1, T, S]
-            out = sdpa_query_chunks(q, k, v, mask, self.scale)
-        else:  # FlexAttention with a BlockMask
-            out = _flex_attention()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=True)
+            out = sdpa_dense(q, k, v, mask, self.scale)
+        else:  # FlexAttention with a BlockMask, tiles chosen for the device (flex_kernels.py)
+            out = _flex_attention()(
+                q, k, v, block_mask=mask.block_mask, scale=self.scale, enable_gqa=True,
+                kernel_options=mask.kernel_options,
+            )  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+@dataclass
+class FlexMask:
+    """What a FlexAttention layer needs besides q, k, v: the BlockMask of its layer type and
+    the kernel options for the device (None: torch's defaults)."""
+
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+    kernel_options: dict | None
 
 
 class ImageTokenError(UserError, ValueError):
@@ -124,7 +137,36 @@ def check_image_blocks(is_img: Tensor, per_image: int) -> None:
         )
 
 
+def check_image_batch(is_img: Tensor, n_features: int, per_image: int) -> None:
+    """Image tokens must be whole images and match the soft tokens the images give.
+    is_img: [B, T] bool; n_features: images x soft tokens per image (0 without images)."""
+    n_slots = int(is_img.sum())
+    if n_slots:
+        check_image_blocks(is_img, per_image)
+    if n_features == n_slots:
+        return
+    if not n_features:
+        raise ValueError(f"input has {n_slots} image tokens but no pixel_values were given")
+    raise ValueError(
+        f"{n_features // per_image} images give {n_features} soft tokens, but the input has"
+        f" {n_slots} image tokens (each image needs exactly {per_image})"
+    )
+
+
 QUERY_CHUNK = 256  # queries per SDPA call when a long row is split (see sdpa_query_chunks)
+
+
+def sdpa_dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """SDPA with a dense boolean mask. On CUDA, K/V are expanded to every query head: with GQA
+    and a mask torch has no fused kernel (it runs the math backend, which materialises the
+    scores), while with equal heads the memory-efficient kernel takes the mask. Elsewhere, the
+    query-chunked call below. q: [B, H, T, Dh]; k, v: [B, K, S, Dh]; mask: [B, 1, T, S]."""
+    if q.is_cuda:
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return sdpa_query_chunks(q, k, v, mask, scale)
 
 
 @torch.compiler.disable  # data-dependent slicing: a compiled layer runs it eagerly, between graphs
@@ -166,22 +208,40 @@ _FLEX = None
 
 
 def _flex_attention():
-    """flex_attention, compiled once on GPU (eager elsewhere: forward only on CPU). Inside a
-    compiled layer it is traced with the layer, so the raw function is returned there."""
+    """flex_attention compiled once (on CPU too, where it runs forward only: torch has no CPU
+    backward). Uncompiled, it materialises the whole score matrix. Inside a compiled layer it is
+    traced with the layer, so the raw function is returned there.
+
+    Compiled with static shapes: one graph per (batch length, layer type, grad mode), which
+    `flex_graph_budget` counts and `bound_recompiles` makes the recompile limit, with a loud
+    error past it: torch's own behaviour at its limit (8 by default) is to run the unfused path,
+    an out-of-memory hours into a run at long lengths."""
     global _FLEX
     from torch.nn.attention.flex_attention import flex_attention
 
     if torch.compiler.is_compiling():
         return flex_attention
     if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX = (
-            torch.compile(flex_attention, dynamic=False)
-            if torch.cuda.is_available()
-            else flex_attention
-        )
+        _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
+
+
+def flex_graph_budget(lengths: int, layer_types: int, grad_modes: int = 2) -> int:
+    """Graphs compiled FlexAttention (and its compiled block-mask builder) make over a run
+    whose batches have `lengths` distinct lengths and a fixed number of rows (the collator pads
+    the last batch up to it): one per length, layer type (the window is a constant of the
+    mask), and grad mode (training steps and evaluation). Generation never uses it (the KV
+    cache runs SDPA)."""
+    return lengths * layer_types * grad_modes
+
+
+def bound_recompiles(graphs: int) -> None:
+    """Let every expected graph compile (torch's limit is 8 per function), and turn going past
+    that into an error instead of torch's silent fall-back to unfused code."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)
+    dynamo.fail_on_recompile_limit_hit = True
 
 
 class DecoderLayer(nn.Module):
@@ -262,8 +322,24 @@ class TextModel(nn.Module):
             keep = keys.pos.shape[1] if window is None else min(keys.pos.shape[1], window - 1)
             cache.info[layer_type] = keys.last(keep)
         if backend == "flex" and cache is None:
-            return flex_block_mask(info, window)
+            options = flex_options(info.pos.device, self.config.head_dim, self.embed_tokens.weight)
+            return FlexMask(flex_block_mask(info, window), options)
         return visible(info, keys, window)[:, None]  # [B, 1, T, S]
+
+
+def flex_options(device: torch.device, head_dim: int, weight: Tensor) -> dict | None:
+    """FlexAttention kernel options for this device (flex_kernels.py), logged once per device.
+    Where no tile fits the card's shared memory the model was set to SDPA before training."""
+    from .flex_kernels import USE_SDPA, options_for_device
+
+    options, line = options_for_device(device, head_dim, activation_dtype(weight))
+    if device.type == "cuda" and line not in _LOGGED:
+        _LOGGED.add(line)
+        print(line, file=sys.stderr)
+    return None if options == USE_SDPA else options
+
+
+_LOGGED: set[str] = set()
 
 
 class MultimodalModel(nn.Module):
@@ -333,9 +409,16 @@ class Gemma3(nn.Module):
         self.text_model.gradient_checkpointing = False
 
     def _backend(self, device: torch.device) -> str:
-        if self.attn_backend == "auto":
-            return "flex" if device.type == "cuda" else "sdpa"
-        return self.attn_backend
+        """auto: FlexAttention on CUDA when its kernels fit the card's shared memory (at
+        head_dim 256 on ~100 KB cards only with smaller tiles; flex_kernels.py), else SDPA."""
+        if self.attn_backend != "auto":
+            return self.attn_backend
+        if device.type != "cuda":
+            return "sdpa"
+        from .flex_kernels import USE_SDPA, options_for_device
+
+        options, _ = options_for_device(device, self.config.head_dim)
+        return "sdpa" if options == USE_SDPA else "flex"
 
     # -- forward -------------------------------------------------------------------------------
     def _stand_in(
@@ -405,19 +488,15 @@ class Gemma3(nn.Module):
         if vision_features is not None:
             assert isinstance(self.model, MultimodalModel)
             image_features = self.model.multi_modal_projector(vision_features)  # [N, mm_tokens, D]
-        n_slots = int(is_img.sum()) if is_img is not None else 0
-        if n_slots:
-            check_image_blocks(is_img, c.mm_tokens_per_image)
+        n_features = (
+            0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        )
+        if is_img is not None and not (self.training and input_ids.is_cuda):
+            # Host syncs: skipped in GPU training steps, whose collator ran the same check on
+            # the CPU before the batch moved (check_image_batch).
+            check_image_batch(is_img, n_features, c.mm_tokens_per_image)
         if image_features is None:
-            if n_slots:
-                raise ValueError(f"input has {n_slots} image tokens but no pixel_values were given")
             return x
-        if image_features.shape[0] * image_features.shape[1] != n_slots:
-            raise ValueError(
-                f"{image_features.shape[0]} images give {image_features.shape[0] * image_features.shape[1]}"
-                f" soft tokens, but the input has {n_slots} image tokens"
-                f" (each image needs exactly {c.mm_tokens_per_image})"
-            )
         return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
 
     def forward(

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..data.collate import Collator, concat_row
+from ..data.collate import Collator, bucket_lengths, concat_row
 from ..data.feature_cache import FeatureCache, weights_fingerprint
 from ..data.images import preprocess
 from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
+from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
 from . import precision
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
@@ -168,6 +169,21 @@ def _image_loader(recipe: Recipe, model, cfg, data):
                 cache.encode = _missing_feature  # every image is cached now
         return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
     return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
+
+
+def _image_check(cfg):
+    """The model's image-block check, run by the collator on the CPU batch: the model skips it
+    in GPU training steps, where each would be a host sync."""
+    if not cfg.is_multimodal:
+        return None
+    per_image = cfg.mm_tokens_per_image
+
+    def check(batch: dict) -> None:
+        images = batch.get("pixel_values", batch.get("vision_features"))
+        n_features = 0 if images is None else images.shape[0] * per_image
+        check_image_batch(batch["input_ids"] == cfg.image_token_id, n_features, per_image)
+
+    return check
 
 
 def prepare_output_dir(recipe: Recipe) -> Path:
@@ -358,8 +374,14 @@ def build_trainer(recipe: Recipe):
     # Compiled code and FlexAttention specialise on the batch length: pad to a few buckets.
     # Eager SDPA does not, so there each batch pads only to its longest row (less compute).
     flex = unwrap(model)._backend(torch.device(device)) == "flex"
-    bucket_to = recipe.data.max_seq_len if (compiled or flex) else None
-    collator = Collator(tok.pad_id, load_image, image_key, bucket_to=bucket_to)
+    bucket_to, rows_to = None, None
+    if compiled or flex:  # a known number of shapes, so of compiled graphs (collate.py)
+        bucket_to, rows_to = recipe.data.max_seq_len, recipe.training.micro_batch_size
+        lengths = len(bucket_lengths(recipe.data.max_seq_len))
+        bound_recompiles(flex_graph_budget(lengths, len(set(cfg.layer_types))))
+    collator = Collator(
+        tok.pad_id, load_image, image_key, bucket_to, rows_to, validate=_image_check(cfg)
+    )
     train_ds = _rows_dataset(data.train_rows)
     eval_ds = _rows_dataset(data.eval_rows)
     metrics = MetricsCallback(out)
@@ -468,7 +490,8 @@ def _make_trainer_class():
             self.projector_lr = projector_lr
             self.pad_id = pad_id
             self.guard = guard
-            self.tokens_seen = 0  # real (non-padding) tokens, this process
+            self._tokens = 0  # real (non-padding) tokens, this process, read at each log
+            self._tokens_pending: torch.Tensor | None = None  # counted on the device since
             self._last = (time.perf_counter(), 0, 0)  # time, tokens, step at the last train log
             super().__init__(*a, **kw)
 
@@ -476,7 +499,8 @@ def _make_trainer_class():
             rows = inputs.pop("row_ids", None)
             if TRACE_ROWS in os.environ and rows is not None:
                 _trace_rows(self.state.global_step + 1, rows)
-            self.tokens_seen += int((inputs["input_ids"] != self.pad_id).sum())
+            n = (inputs["input_ids"] != self.pad_id).sum()  # no host sync per micro-batch
+            self._tokens_pending = n if self._tokens_pending is None else self._tokens_pending + n
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self.guard is not None:
                 self.guard.saw_loss(loss)
@@ -487,7 +511,7 @@ def _make_trainer_class():
             shows them too) and perplexity to eval logs."""
             if "loss" in logs:
                 now, step = time.perf_counter(), self.state.global_step
-                tokens = self.tokens_seen * self.args.world_size
+                tokens = self.tokens_seen() * self.args.world_size
                 t0, tok0, step0 = self._last
                 dt = max(now - t0, 1e-9)
                 logs.update(
@@ -504,6 +528,13 @@ def _make_trainer_class():
                 # the next step's tokens/s and s/step must not count the evaluation's time
                 self._last = (time.perf_counter(), *self._last[1:])
             super().log(logs, start_time)
+
+        def tokens_seen(self) -> int:
+            """Real tokens trained on by this process (one host read per log, not per step)."""
+            if self._tokens_pending is not None:
+                self._tokens += int(self._tokens_pending)
+                self._tokens_pending = None
+            return self._tokens
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs.pop("row_ids", None)  # eval batches carry it too; the model does not need it
