@@ -11,8 +11,10 @@ Sections (each answers one question a user asks before choosing a toolkit):
   cache    image-heavy projector training with the vision-feature cache vs recomputing SigLIP.
   prep     preparing 100k and 1M chats: wall time, peak memory, cached restart; vs the old path.
   kv       KV-cache bytes at 8K/32K/128K for 4B/27B: 5 local : 1 global vs all global.
-  gpu      LoRA/QLoRA steps on 1B and 4B shapes up to 32K, ours vs transformers + peft, and
-           tokens/s of real `gemma3-tune train` runs; CUDA only.
+  gpu      LoRA/QLoRA steps on 1B and 4B shapes up to 32K, ours vs transformers + peft (eager,
+           + torch.compile, + Liger), fused linear-CE kernels, and tokens/s of real
+           `gemma3-tune train` runs; CUDA only. `--cases 1b-8k` runs one case (scripts/gpu_check.sh
+           runs them one at a time, each with its own timeout).
 
 Each measurement runs in a fresh subprocess (`python scripts/bench.py _worker ...`), so peak
 RSS is that run's own and nothing is shared between ours and the baseline but the files.
@@ -28,6 +30,7 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,17 +79,47 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
 
 
-def run_worker(args: list[str]) -> dict:
-    """One measurement in a fresh process; its last stdout line is a JSON result."""
+def run_worker(args: list[str], timeout: float | None = None) -> dict:
+    """One measurement in a fresh process; its last stdout line is a JSON result. With a
+    timeout, a worker still running after `timeout` seconds is killed with its children
+    (inductor's compile workers) and reported as timed out, so one slow side cannot eat the
+    time of the others."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in process_tree(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()
+        return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode == -9:
         return {"error": "killed: out of memory (SIGKILL from the OOM killer)"}
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        tail = (stderr or stdout).strip().splitlines()[-1:]
         return {"error": f"exit {proc.returncode}: {tail[0][:200] if tail else ''}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, read from /proc (parents before children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
 
 
 def timed_steps(step, steps: int, sync=lambda: None) -> list[float]:
@@ -442,8 +475,6 @@ def section_kv(args) -> str:
 # Section 5: GPU
 
 
-GPU_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM / H200 (no sparsity)
-
 # name: (preset, tokens per document, documents, gradient checkpointing, method)
 GPU_CASES = {
     "1b-8k": ("1b", 8192, 1, False, "lora"),
@@ -452,114 +483,237 @@ GPU_CASES = {
     "1b-32k-gc": ("1b", 32768, 1, True, "lora"),
     "4b-4k-qlora": ("4b", 4096, 1, False, "qlora"),
 }
+# Tables of section gpu that are not a model case: the fused-loss kernels and real CLI runs.
+GPU_EXTRA = ("loss", "cli")
+# Each side of a case, in its own process, in this order; the column header of each.
+GPU_IMPLS = {
+    "ours": "ours",
+    "hf": "transformers + peft",
+    "hf-compile": "+ torch.compile (each decoder layer)",
+    "hf-liger": "+ Liger",
+}
 
 
-def _hf_text_model(cfg, dev, method: str, tmp: Path):
-    """transformers' Gemma3ForCausalLM with our preset's shape, random weights, sdpa."""
+def _gpu_text_cfg(name: str):
+    """The preset's decoder alone: the benchmark is text-only."""
+    from gemma3_tune.model.config import preset
+
+    cfg = preset(name)
+    return cfg.replace(vision=None) if cfg.is_multimodal else cfg
+
+
+def _hf_text_model(cfg, method: str, scratch: Path):
+    """transformers' Gemma3ForCausalLM with our preset's shape, random bf16 weights, sdpa.
+    QLoRA takes the NF4 settings ours uses (`gemma3_tune/train/qlora.py`), quantized from the
+    same bf16 weights, so the two sides differ only in code, not in quantization. The bf16
+    checkpoint QLoRA loads is written once per case in `scratch` and reused by each side."""
     import transformers
 
     from gemma3_tune.model.config import config_to_hf
+    from gemma3_tune.train.qlora import hf_quantization_config
 
     hc = config_to_hf(cfg, "bfloat16")
     hc.pop("architectures")
     hcfg = transformers.Gemma3TextConfig(**hc)
+    hcfg._attn_implementation = "sdpa"
     if method != "qlora":
-        hcfg._attn_implementation = "sdpa"
-        with dev:
+        with torch.device("cuda"):
             return transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16)
-    # 4-bit needs from_pretrained: save random bf16 weights once, load them quantized.
-    transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16).save_pretrained(tmp / "hf")
-    q = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-    )
+    # 4-bit needs from_pretrained: random bf16 weights saved once, loaded quantized by each side
+    # (renamed when complete: a side killed while saving leaves no half checkpoint behind).
+    ckpt, partial = scratch / "hf", scratch / "hf.partial"
+    if not ckpt.exists():
+        with torch.device("cuda"):
+            transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16).save_pretrained(partial)
+        partial.rename(ckpt)
+        torch.cuda.empty_cache()
     return transformers.AutoModelForCausalLM.from_pretrained(
-        tmp / "hf", quantization_config=q, attn_implementation="sdpa", device_map={"": 0}
+        ckpt,
+        dtype=torch.bfloat16,
+        quantization_config=hf_quantization_config(torch.bfloat16),
+        attn_implementation="sdpa",
+        device_map={"": 0},
     )
 
 
-def gpu_worker(impl: str, case: str, steps: int) -> dict:
-    """One case of GPU_CASES: random weights, LoRA r=16 on all decoder linears, bf16, AdamW,
-    loss on every token. Ours packs the documents into one row (FlexAttention, compiled
-    layers); transformers gets one row per document (it leaks across packed documents)."""
+def _apply_liger() -> str | None:
+    """Liger's public Gemma 3 entry point with its defaults (RoPE, RMSNorm, GeGLU, fused linear
+    cross-entropy), as `TrainingArguments(use_liger_kernel=True)` would: it patches
+    transformers' Gemma 3 classes, so it runs before the model is built. Returns the reason
+    when liger_kernel is not installed (the row then says so instead of failing)."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "liger_kernel":
+            raise
+        return "not installed"
+    apply_liger_kernel_to_gemma3_text()
+    return None
+
+
+def _gpu_model(impl: str, cfg, method: str, gc: bool, scratch: Path) -> torch.nn.Module:
+    """One side's model with LoRA r=16 on every decoder linear, compiled where that side is."""
     import peft
 
-    from gemma3_tune.model.config import preset
-    from gemma3_tune.model.flops import train_step_flops
     from gemma3_tune.model.gemma3 import Gemma3
     from gemma3_tune.train.adapters import quantize_decoder, target_regex
 
-    name, doc, n_docs, gc, method = GPU_CASES[case]
-    cfg = preset(name)
-    if cfg.is_multimodal:  # text-only benchmark: the 4B's decoder alone
-        cfg = cfg.replace(vision=None)
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    with tempfile.TemporaryDirectory() as tmp:
-        if impl == "ours":
-            with dev:
-                model = Gemma3(cfg, attn_backend="flex").to(torch.bfloat16)
-            if method == "qlora":
-                quantize_decoder(model, torch.bfloat16)
-            lora.target_modules = target_regex("all-linear")
-            ids = torch.randint(10, 200000, (1, doc * n_docs), device=dev)
-            pos = torch.arange(doc, device=dev).repeat(n_docs)[None]
-        else:
-            model = _hf_text_model(cfg, dev, method, Path(tmp))
-            ids = torch.randint(10, 200000, (n_docs, doc), device=dev)
-            pos = None
-        if gc:
-            model.gradient_checkpointing_enable()
-        model = peft.get_peft_model(model, lora)
+    if impl == "ours":
+        with torch.device("cuda"):
+            model = Gemma3(cfg, attn_backend="flex").to(torch.bfloat16)
+        if method == "qlora":
+            quantize_decoder(model, torch.bfloat16)
+        lora.target_modules = target_regex("all-linear")
+    else:
+        model = _hf_text_model(cfg, method, scratch)
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(model, lora)
     if impl == "ours":
         model.get_base_model().compile_layers()
+    elif impl == "hf-compile":  # regional, as ours: the LM head and the loss stay eager
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
+    return model
+
+
+def _gpu_measure(impl: str, case: str, steps: int, scratch: Path) -> dict:
+    from gemma3_tune.model.flops import train_step_flops
+
+    name, doc, n_docs, gc, method = GPU_CASES[case]
+    cfg = _gpu_text_cfg(name)
+    if impl == "hf-liger" and (reason := _apply_liger()):
+        return {"error": reason}
+    torch.manual_seed(0)
+    model = _gpu_model(impl, cfg, method, gc, scratch)
+    if impl == "ours":  # one packed row; positions restart at each document
+        ids = torch.randint(10, 200000, (1, doc * n_docs), device="cuda")
+        kw = {"position_ids": torch.arange(doc, device="cuda").repeat(n_docs)[None]}
+    else:  # one row per document: transformers leaks attention across packed documents
+        ids = torch.randint(10, 200000, (n_docs, doc), device="cuda")
+        kw = {}
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
 
     def step() -> None:
-        kw = {} if pos is None else {"position_ids": pos}
         model(input_ids=ids, labels=ids, **kw).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # two warm-up steps (compilation), then the median of `steps`
     torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()  # the first step: compilation and autotuning, reported on a line of its own
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t
     torch.cuda.reset_peak_memory_stats()
-    times = timed_steps(step, steps, torch.cuda.synchronize)
-    s = statistics.median(times)
-    tokens = doc * n_docs
-    flops = train_step_flops(cfg, [doc] * n_docs, adapter_params=sum(p.numel() for p in trainable))
+    s = statistics.median(timed_steps(step, steps, torch.cuda.synchronize))
+    adapter = sum(p.numel() for p in trainable)
     return {
+        "first_step_s": first,
         "step_s": s,
-        "tokens_s": tokens / s,
-        "mfu": flops / s / GPU_PEAK,
+        "tokens_s": doc * n_docs / s,
+        "flops": train_step_flops(cfg, [doc] * n_docs, adapter_params=adapter),
         "peak_gib": torch.cuda.max_memory_allocated() / GIB,
     }
+
+
+def _out_of_memory() -> dict:
+    peak = torch.cuda.max_memory_allocated() / GIB
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    return {"error": f"out of memory (peak before failing {peak:.1f} of {total:.0f} GiB)"}
+
+
+def gpu_worker(impl: str, case: str, steps: int, scratch: str) -> dict:
+    """One side of one case of GPU_CASES: random weights, LoRA r=16 on all decoder linears,
+    bf16, AdamW, loss on every token. Ours packs the documents into one row (FlexAttention,
+    compiled layers); transformers gets one row per document. Running out of memory is a
+    result (that side does not fit on this card), so it becomes a labelled cell, not a crash.
+    `scratch`: a folder the sides of one case share (the QLoRA baseline's bf16 checkpoint)."""
+    try:
+        return _gpu_measure(impl, case, steps, Path(scratch))
+    except torch.cuda.OutOfMemoryError:
+        return _out_of_memory()
+    except RuntimeError as e:  # bitsandbytes and some kernels raise a plain RuntimeError
+        if "out of memory" not in str(e).lower():
+            raise
+        return _out_of_memory()
+
+
+def gpu_case_table(case: str, results: dict[str, dict], device: str, steps: int) -> str:
+    """One case: a column per side (GPU_IMPLS), a row per measure; the first step, where
+    compilation happens, on its own row so it never hides in (or inflates) the throughput."""
+    from gemma3_tune.model.flops import peak_flops
+
+    peak = peak_flops(device)
+    name, doc, n_docs, gc, method = GPU_CASES[case]
+    kind = {"lora": "LoRA r=16", "qlora": "QLoRA r=16"}[method]
+    title = f"{case}: {name.upper()}, {n_docs} x {doc:,} tokens, {kind}"
+    title += ", gradient checkpointing" if gc else ""
+    ours = results.get("ours", {})
+
+    def row(label: str, fmt, show_error: bool = False) -> str:
+        """One measure across the sides; a failed side shows its reason once, in the first row."""
+        cells = []
+        for impl in GPU_IMPLS:
+            r = results.get(impl, {"error": "not run"})
+            cells.append(fmt(r) if "error" not in r else r["error"] if show_error else "")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def vs_ours(r: dict) -> str:
+        return "" if "error" in ours else f"{r['tokens_s'] / ours['tokens_s']:.2f}x"
+
+    mfu = (
+        row("MFU", lambda r: f"{r['flops'] / r['step_s'] / peak:.1%}")
+        if peak
+        else f"| MFU: not computed, no dense bf16 peak known for {device}"
+        " (gemma3_tune/model/flops.py) |" + " |" * len(GPU_IMPLS)
+    )
+    return "\n".join(
+        [
+            f"| {title} | " + " | ".join(GPU_IMPLS.values()) + " |",
+            "|---" * (1 + len(GPU_IMPLS)) + "|",
+            row(f"tokens/s (median of {steps} steps)", lambda r: f"{r['tokens_s']:,.0f}", True),
+            row("tokens/s vs ours", vs_ours),
+            mfu,
+            row("peak GiB (after the first step)", lambda r: f"{r['peak_gib']:.1f}"),
+            row("first step s (compile + autotune)", lambda r: f"{r['first_step_s']:.1f}"),
+        ]
+    )
+
+
+def _loss_fn(impl: str):
+    """fn(hidden [N, D], weight [V, D], labels [N]) -> mean loss, for each implementation."""
+    from gemma3_tune.model.loss import chunked_cross_entropy
+
+    if impl == "ours":
+        return chunked_cross_entropy
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        return lambda h, w, y: liger(w, h, y)
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy
 
 
 def loss_worker(impl: str, hidden: int, tokens: int, steps: int) -> dict:
     """Fused linear cross-entropy over Gemma 3's 262k vocabulary, bf16, forward + backward to
     the hidden states (the tied head is frozen under LoRA): ours (chunked, labelled rows only)
     vs Liger's and Apple's cut-cross-entropy kernels, which the [gpu] extra would bring."""
-    from gemma3_tune.model.loss import chunked_cross_entropy
-
+    try:
+        fn = _loss_fn(impl)
+    except ModuleNotFoundError as e:  # the optional kernels may be absent on an offline card
+        if (e.name or "").split(".")[0] not in ("liger_kernel", "cut_cross_entropy"):
+            raise
+        return {"error": "not installed"}
     dev, vocab = torch.device("cuda"), 262144
     torch.manual_seed(0)
     w = torch.randn(vocab, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
     h = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, vocab, (tokens,), device=dev)
-    if impl == "ours":
-        fn = chunked_cross_entropy
-    elif impl == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        liger = LigerFusedLinearCrossEntropyLoss()
-        fn = lambda h, w, y: liger(w, h, y)  # noqa: E731
-    else:
-        from cut_cross_entropy import linear_cross_entropy
-
-        fn = linear_cross_entropy
     with torch.no_grad():  # fp32 reference, 1024 rows at a time (full logits would be 32 GiB)
         ref = (
             sum(
@@ -589,7 +743,6 @@ def loss_worker(impl: str, hidden: int, tokens: int, steps: int) -> dict:
 
 def gpu_loss_rows(args) -> list[str]:
     rows = [
-        "",
         "| linear cross-entropy, 262k vocab, bf16, fwd+bwd | ours (chunked) | Liger | cut-cross-entropy |",
         "|---|---|---|---|",
     ]
@@ -660,41 +813,61 @@ def gpu_cli_rows(args) -> list[str]:
     return rows
 
 
+def gpu_notes(steps: int, device: str, peak: float | None) -> str:
+    """What every column of the case tables is, so a reader can rerun any of them."""
+    from gemma3_tune.model.flops import peak_card
+
+    mfu = (
+        f"against the {peak / 1e12:.1f} TFLOP/s dense bf16 peak of the {peak_card(device)}"
+        if peak
+        else f"not computed: no published dense bf16 peak for {device!r} in the table of"
+        " `gemma3_tune/model/flops.py`"
+    )
+    return (
+        "Random weights of the preset's shape (4B: its decoder alone), LoRA r=16 on all decoder"
+        " linears, bf16, AdamW, loss on every token. ours: FlexAttention, each decoder layer"
+        " compiled (`compile_layers`), the documents packed in one row. transformers + peft:"
+        " `Gemma3ForCausalLM` (sdpa), one row per document (it leaks attention across packed"
+        " documents), eager; '+ torch.compile': the same with each decoder layer compiled in"
+        " place (`layer.compile()`, regional like ours; LM head and loss eager); '+ Liger': the"
+        " same with `liger_kernel.transformers.apply_liger_kernel_to_gemma3_text()` (its"
+        " defaults: RoPE, RMSNorm, GeGLU, fused linear cross-entropy) applied before the model"
+        " is built, 'not installed' where liger_kernel is absent. QLoRA: the same bitsandbytes"
+        " NF4 settings on both sides (double quantization, bf16 compute, quantized from bf16"
+        " weights: `gemma3_tune/train/qlora.py`, transformers through its"
+        " `hf_quantization_config`), no `prepare_model_for_kbit_training` on either. Every side"
+        " runs in its own process. The first step (compilation and autotuning) is timed on its"
+        f" own row; then one more warm-up step and the median of {steps} timed steps. Peak GiB:"
+        " `torch.cuda.max_memory_allocated` after the first step; a side that does not fit says"
+        " 'out of memory' with its peak before failing. MFU counts the same FLOPs for every"
+        " column (4 per frozen weight and token, 6 per LoRA weight, attention over visible keys"
+        f" only: `gemma3_tune/model/flops.py`), {mfu}. Card: {device}."
+    )
+
+
 def section_gpu(args) -> str:
     if not torch.cuda.is_available():
         return "Not run: no CUDA device on this machine."
-    rows = [
-        "| case | ours tokens/s | transformers + peft tokens/s | ratio | ours MFU | peak GiB ours / theirs |",
-        "|---|---|---|---|---|---|",
-    ]
+    from gemma3_tune.model.flops import peak_flops
+
+    device = torch.cuda.get_device_name(0)
+    peak = peak_flops(device)
+    tables = []
     for case in args.gpu_cases:
-        r = {impl: run_worker(["gpu", impl, case, str(args.steps)]) for impl in ("ours", "hf")}
-        print(f"gpu {case}: {r}", flush=True)
-        ours, hf = r["ours"], r["hf"]
-
-        def cell(x: dict, key: str, fmt: str) -> str:
-            return x["error"] if "error" in x else fmt.format(x[key])
-
-        ratio = (
-            "" if "error" in ours or "error" in hf else f"{ours['tokens_s'] / hf['tokens_s']:.2f}x"
-        )
-        rows.append(
-            f"| {case} | {cell(ours, 'tokens_s', '{:,.0f}')} | {cell(hf, 'tokens_s', '{:,.0f}')}"
-            f" | {ratio} | {cell(ours, 'mfu', '{:.1%}')}"
-            f" | {cell(ours, 'peak_gib', '{:.1f}')} / {cell(hf, 'peak_gib', '{:.1f}')} |"
-        )
-    rows += gpu_loss_rows(args)
-    if args.gpu_cli_steps:
-        rows += ["", "| run | tokens/s | | | peak GiB |", "|---|---|---|---|---|"]
-        rows += gpu_cli_rows(args)
-    return (
-        "Random weights of the preset's shape (4B: its decoder alone), LoRA r=16 on all decoder"
-        " linears, bf16, AdamW, loss on every token; ours: FlexAttention, compiled layers, the"
-        " documents packed in one row; transformers (sdpa) + peft: one row per document."
-        f" {args.steps} timed steps after two warm-up steps (median). MFU (honest: 4 FLOPs per"
-        " frozen weight and token, 6 per LoRA weight, attention over visible keys only, see"
-        " `gemma3_tune/model/flops.py`) against 989 TFLOP/s dense bf16.\n\n" + "\n".join(rows)
-    )
+        if case == "loss":
+            tables.append("\n".join(gpu_loss_rows(args)))
+        elif case == "cli" and args.gpu_cli_steps:
+            head = ["| run | tokens/s | | | peak GiB |", "|---|---|---|---|---|"]
+            tables.append("\n".join(head + gpu_cli_rows(args)))
+        elif case in GPU_CASES:
+            results = {}
+            with tempfile.TemporaryDirectory(prefix=f"bench-{case}-") as scratch:
+                for impl in GPU_IMPLS:  # printed as each finishes: a run cut short keeps them
+                    cmd = ["gpu", impl, case, str(args.steps), scratch]
+                    results[impl] = run_worker(cmd, timeout=args.worker_timeout)
+                    print(f"gpu {case} {impl}: {results[impl]}", flush=True)
+            tables.append(gpu_case_table(case, results, device, args.steps))
+    return gpu_notes(args.steps, device, peak) + "\n\n" + "\n\n".join(tables)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,17 +880,8 @@ def tree_pss_gib(pid: int) -> float:
     """Memory of a process and all its descendants (worker processes included): the sum of
     their PSS (proportional set size: a page shared by k processes counts 1/k in each, so
     forked workers sharing the parent's pages are not counted k times, as an RSS sum would)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
+    total = 0
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -846,8 +1010,8 @@ def worker(argv: list[str]) -> None:
         shape, mode, steps = rest
         out = cache_worker(shape, mode, int(steps))
     elif kind == "gpu":
-        impl, case, steps = rest
-        out = gpu_worker(impl, case, int(steps))
+        impl, case, steps, scratch = rest
+        out = gpu_worker(impl, case, int(steps), scratch)
     elif kind == "prep":
         out = prep_worker(*rest)
     elif kind == "loss":
@@ -862,9 +1026,21 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",")]
 
 
+def _gpu_cases(s: str) -> list[str]:
+    names = [x for x in s.split(",") if x]
+    unknown = [x for x in names if x not in GPU_CASES and x not in GPU_EXTRA]
+    if unknown:
+        choices = ", ".join([*GPU_CASES, *GPU_EXTRA])
+        raise argparse.ArgumentTypeError(f"unknown case {unknown[0]!r}; choose from {choices}")
+    return names
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         return worker(sys.argv[2:])
+    # `timeout` (scripts/gpu_check.sh) stops a run with SIGTERM: exit through Python, so the
+    # temporary folders (a 4B checkpoint for QLoRA) are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sections", default="lora,packing,cache,kv,gpu")
     p.add_argument("--seq", type=_ints, default=[512, 2048, 4096], help="section lora")
@@ -874,7 +1050,17 @@ def main() -> None:
     p.add_argument("--packing-samples", type=int, default=20000)
     p.add_argument("--packing-seq", type=_ints, default=[2048, 4096])
     p.add_argument(
-        "--gpu-cases", type=lambda s: s.split(","), default=list(GPU_CASES), help="section gpu"
+        "--gpu-cases",
+        "--cases",
+        type=_gpu_cases,
+        default=[*GPU_CASES, *GPU_EXTRA],
+        help=f"section gpu, comma-separated, in order: {', '.join([*GPU_CASES, *GPU_EXTRA])}",
+    )
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=None,
+        help="section gpu: seconds one side of a case may take (default: no limit)",
     )
     p.add_argument(
         "--gpu-cli-steps", type=int, default=30, help="section gpu: steps of each CLI run (0: skip)"

@@ -6,6 +6,11 @@
 #   scripts/wheelhouse.sh OUT_DIR [PYTHON_VERSION] [PLATFORM]
 #   scripts/wheelhouse.sh wheels 3.12 manylinux_2_28_x86_64      # the defaults
 #
+# PYTHON_VERSION is the GPU machine's (`python3 -V` there), not this one's: gpu_check.sh
+# refuses wheels built for another Python with a line naming the version to rebuild for.
+# Wheels of torch's own dependencies (sympy, networkx, jinja2, fsspec, setuptools, ...) are
+# kept for a machine that lacks them; gpu_check.sh skips them where the machine has its own.
+#
 # OUT_DIR gets group-1/, group-2/, ... of at most 60 MB each (bitsandbytes alone is ~43 MB), so
 # each group can travel on its own; then on the GPU machine:
 #   scripts/gpu_check.sh --wheelhouse OUT_DIR

@@ -5,9 +5,14 @@ The usual 6·N·T overstates LoRA: a frozen weight gets no weight gradient, so i
 counted over the (query, key) pairs that are actually visible: each document on its own, and
 only the last `sliding_window` keys on sliding layers. Per visible pair and head: QKᵀ and PV
 are 2·Dh multiply-adds each in the forward (4·Dh FLOPs), and the backward costs twice that.
+
+MFU divides by the card's published dense bf16 peak (`peak_flops`), looked up by the name
+`torch.cuda.get_device_name` prints, never a constant: an H100 PCIe is 24% slower than an SXM.
 """
 
 from __future__ import annotations
+
+import re
 
 from .config import GLOBAL, Gemma3Config
 
@@ -49,3 +54,47 @@ def train_step_flops(
         window = None if layer_type == GLOBAL else c.sliding_window
         flops += per_pair * sum(visible_pairs(n, window) for n in doc_lengths)
     return float(flops)
+
+
+# Dense bf16 tensor-core peak (FP32 accumulate, no 2:4 sparsity) in TFLOP/s, from the vendor's
+# datasheets and architecture whitepapers; each pattern matches the normalised device name
+# (see `_normalise`). Ambiguous names (a bare "H100": SXM or PCIe?) match nothing, so MFU is
+# left empty rather than computed against the wrong card.
+_PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
+    # (card, pattern, TFLOP/s)
+    ("H100 PCIe", r"^H100\b.*\b(PCIE|HBM2E)\b", 756.0),  # 1,513 with sparsity
+    ("H100 NVL", r"^H100\b.*\bNVL\b", 835.5),  # 1,671 with sparsity
+    ("H100 SXM", r"^H100\b.*\b(SXM\d?|HBM3)\b", 989.4),  # 1,979 with sparsity
+    ("H200 NVL", r"^H200\b.*\bNVL\b", 835.5),  # 1,671 with sparsity: NVL is capped at 600 W
+    ("H200 SXM", r"^H200\b(?!.*\bNVL\b)", 989.4),  # 1,979 with sparsity
+    ("A100", r"^A100\b", 312.0),  # SXM4 and PCIe, 40 and 80 GB alike; 624 with sparsity
+    ("L40S", r"^L40S$", 362.05),  # 733 with sparsity
+    # GeForce: bf16 with FP32 accumulate runs at half the FP16-accumulate rate (330.3); torch
+    # accumulates bf16 matmuls in FP32, so 165.2 is the ceiling it can reach.
+    ("RTX 4090", r"^RTX 4090$", 165.2),
+]
+
+
+def _normalise(device_name: str) -> str:
+    """`torch.cuda.get_device_name` spellings to one form: "NVIDIA A100-SXM4-80GB" ->
+    "A100 SXM4 80GB", "NVIDIA GeForce RTX 4090" -> "RTX 4090"."""
+    words = re.sub(r"[-_/]", " ", device_name.upper()).split()
+    return " ".join(w for w in words if w not in ("NVIDIA", "GEFORCE"))
+
+
+def _lookup(device_name: str) -> tuple[str, float] | None:
+    name = _normalise(device_name)
+    return next(((card, t) for card, pat, t in _PEAK_BF16_TFLOPS if re.search(pat, name)), None)
+
+
+def peak_card(device_name: str) -> str | None:
+    """Which card of the peak table `device_name` is (None: not in the table)."""
+    hit = _lookup(device_name)
+    return hit[0] if hit else None
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 tensor-core peak of the card in FLOP/s (no sparsity), the denominator of MFU;
+    None for a card the table does not know (MFU is then not reported)."""
+    hit = _lookup(device_name)
+    return hit[1] * 1e12 if hit else None
