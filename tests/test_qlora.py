@@ -4,6 +4,7 @@ quantizes tensor by tensor (the full-precision model never exists in memory)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,11 +57,11 @@ def test_export_merges_onto_the_trained_base(dtype, tmp_path, tiny_dir):
         assert torch.equal(state[name + ".weight"], w.float()), name
 
     if dtype == "float32":  # merged logits equal the QLoRA model's (fp32, 1e-4)
-        merged, *_ = merged_model(run)
+        merged, *_ = merged_model(run)  # on the CPU
         ids, _ = probe_ids(merged)
-        model = trainer.model.eval()
+        model = trainer.model.eval()  # where it trained (CUDA in tests/test_gpu.py)
         with torch.no_grad():
-            want = model(input_ids=ids).logits.float()
+            want = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
             got = merged(ids).logits.float()
         assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
 
@@ -78,8 +79,8 @@ print(n, hwm * 1024)
 
 @pytest.mark.slow
 def test_quantized_load_peak_stays_below_the_fp32_model(tmp_path):
-    """The 1B preset (random weights, stored in fp32: 4 GB): a QLoRA load peaks well below
-    the model's fp32 size (loading whole first, as before, peaked above it)."""
+    """The 1B preset (random weights, stored in fp32: 3.7 GiB): a QLoRA load peaks below 3/4 of
+    the model's fp32 size (measured 1.9 GB; loading it whole, then quantizing, as before: 3.4)."""
     from gemma3_tune.cli import main
     from gemma3_tune.model.config import preset
 
@@ -89,9 +90,14 @@ def test_quantized_load_peak_stays_below_the_fp32_model(tmp_path):
         from gemma3_tune.model.gemma3 import Gemma3
 
         fp32_bytes = sum(p.numel() * 4 for p in Gemma3(preset("1b")).parameters())
+    # A fixed mmap threshold makes glibc return every large freed block at once: without it,
+    # its dynamic threshold keeps freed 32 MB layer temporaries in the heap at random (peaks of
+    # 2-5 GB from run to run), which is the allocator's retention, not memory the load holds.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(
-        [sys.executable, "-c", PEAK, str(folder)], capture_output=True, text=True, timeout=900
-    )
+        [sys.executable, "-c", PEAK, str(folder)], capture_output=True, text=True, timeout=900,
+        env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     n, peak = map(int, done.stdout.split())
     assert n == 7 * preset("1b").num_hidden_layers
