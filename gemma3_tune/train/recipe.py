@@ -27,7 +27,9 @@ class ModelSection(_Strict):
         description="HF-format Gemma 3 folder, or gguf:gemma3-270m (the embedded model)"
     )
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
-        default="auto", description="weights and compute; auto: bfloat16 on CUDA, float32 on CPU"
+        default="auto",
+        description="compute and frozen weights (trained ones keep fp32 masters); auto: bfloat16"
+        " on CUDA, float32 on CPU",
     )
     attn_backend: Literal["auto", "sdpa", "flex"] = Field(
         default="auto", description="flex on CUDA by default"
