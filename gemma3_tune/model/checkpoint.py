@@ -156,16 +156,20 @@ def iter_state(
 
 
 def _read_tensor(f: Path, key: str, chunk_bytes: int = 1 << 26) -> torch.Tensor:
-    """`key` of safetensors file `f` as a tensor that owns its memory, copied `chunk_bytes` of
-    rows at a time with the file opened for each (so no more than one chunk of the file's pages
-    is mapped at once)."""
+    """`key` of safetensors file `f` as a tensor that owns its memory. A tensor up to
+    `chunk_bytes` is cloned from its view of the file; a larger one is copied `chunk_bytes` of
+    rows at a time, with the file opened for each, so no more than one chunk of the file's
+    pages is mapped at once. (Chunks stay above glibc's 32 MB ceiling for its dynamic mmap
+    threshold: freeing smaller mmapped blocks raises the threshold, and the heap then keeps
+    freed activations, measured as +0.5 GiB peak in a 270M LoRA step.)"""
     with safe_open(str(f), framework="pt") as st:
         sl = st.get_slice(key)
         shape = sl.get_shape()
-        if not shape or not shape[0]:
+        first = sl[0:1] if shape and shape[0] else None  # [1, ...]: dtype and bytes per row
+        row_bytes = 0 if first is None else first.numel() * first.element_size()
+        if first is None or row_bytes * shape[0] <= chunk_bytes:
             return st.get_tensor(key).clone()
-        first = sl[0:1]  # [1, ...]: the dtype and the bytes per row
-        rows = max(1, chunk_bytes // max(1, first.numel() * first.element_size()))
+    rows = max(1, chunk_bytes // row_bytes)
     out = torch.empty(shape, dtype=first.dtype)
     for a in range(0, shape[0], rows):
         with safe_open(str(f), framework="pt") as st:
