@@ -46,6 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = train(recipe)
     print(f"run finished: {out}", file=sys.stderr)
+    if recipe.eval.metric and int(os.environ.get("RANK", "0")) == 0:
+        from .eval.after_training import score_run
+
+        score_run(out, recipe)  # eval.json and the model card (eval/ is not train/'s to call)
     return 0
 
 
@@ -86,6 +90,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .export.generate_cli import run
 
     return run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.metrics import METRICS
+
+    metrics = list(dict.fromkeys(args.metric or ["exact"]))  # in the order given, once each
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise UserError(f"eval --metric {bad[0]}: choose from {', '.join(METRICS)}")
+    if not Path(args.data).exists():
+        raise UserError(f"eval --data {args.data}: no such file or folder")
+    if args.out is not None:
+        from .outputs import refuse_existing
+
+        refuse_existing(args.out, args.force)  # before any model loads
+    from .eval.targets import parse_target
+
+    targets = [parse_target(t, args.adapter) for t in args.targets]
+    from .eval.runner import (
+        disagreements,
+        evaluate,
+        json_line,
+        load_samples,
+        table,
+        write_outputs,
+    )
+
+    samples = load_samples(args.data, args.limit)
+    results = evaluate(targets, samples, metrics, args.max_new_tokens, args.batch_size)
+    print(table(results, metrics, len(samples)))
+    differ = disagreements(results, samples)
+    if differ:
+        print("\nwhere the targets disagree:\n" + differ)
+    if args.out is not None:
+        write_outputs(args.out, results, samples, metrics, args.force)
+        print(f"wrote {args.out}/predictions.jsonl and summary.json", file=sys.stderr)
+    if args.json:
+        print(json_line(results, metrics, len(samples)))
+    return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -197,6 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-cache", action="store_true", help="print KV-cache sizes (4B, 27B; 8K-128K)"
     )
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser(
+        "eval", help="score runs, models, adapters or GGUF files on held-out chats, side by side"
+    )
+    s.add_argument(
+        "targets", nargs="+", metavar="TARGET",
+        help="run directory, HF folder, gguf:gemma3-270m or a .gguf file",
+    )  # fmt: skip
+    s.add_argument("--data", required=True, help="chats (JSONL, JSON, Parquet, save_to_disk)")
+    s.add_argument(
+        "--metric", action="append", default=None,
+        help="exact (default), json, contains or loss; repeatable",
+    )  # fmt: skip
+    s.add_argument("--adapter", type=Path, default=None, help="a peft adapter for HF folders")
+    s.add_argument("--limit", type=int, default=None, help="the first N samples")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    s.add_argument("--out", type=Path, default=None, help="predictions.jsonl and summary.json")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--json", action="store_true", help="end with one JSON line of scores")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("data", help="data tools")
     dsub = s.add_subparsers(dest="data_command", required=True)

@@ -20,6 +20,8 @@ for argv in (
     ["train", sys.argv[3]],  # into a non-empty output_dir
     ["generate", sys.argv[4]],  # no --prompt
     ["train", sys.argv[5]],  # a data file given as the recipe
+    ["eval", "--help"],
+    ["eval", sys.argv[5] + ".missing", "--data", sys.argv[5]],  # no such target
 ):
     try:
         rc = main(argv)
@@ -51,7 +53,11 @@ def test_help_and_recipe_errors_import_no_heavy_module(tmp_path, tiny_dir):
     )  # fmt: skip
     result = done.stdout.strip().splitlines()[-1]
     assert result.startswith("RESULT "), done.stdout[-2000:] + done.stderr[-2000:]
-    assert json.loads(result.removeprefix("RESULT ")) == [[0, []], [0, []]] + [[2, []]] * 4
+    assert json.loads(result.removeprefix("RESULT ")) == [[0, []], [0, []]] + [[2, []]] * 4 + [
+        [0, []],
+        [2, []],
+    ]
     assert "unknown key training.lrr; did you mean training.lr?" in done.stderr
     assert "training.output_dir" in done.stderr and "is not empty" in done.stderr
     assert "--prompt is required" in done.stderr and "looks like a data file" in done.stderr
+    assert ".missing: not found; give a run directory" in done.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..data.dataset import DataConfig, Source
 from ..errors import UserError
@@ -105,6 +105,25 @@ class WandbSection(_Strict):
     )
 
 
+class EvalSection(_Strict):
+    metric: list[Literal["exact", "json", "contains", "loss"]] = Field(
+        default=[],  # pydantic copies defaults: not shared between recipes
+        description="after training, score the held-out chats (data.eval or data.eval_split)"
+        " into eval.json and the model card, as `gemma3-tune eval` does",
+    )
+    max_new_tokens: int = Field(
+        default=128, gt=0, description="reply length for generation metrics"
+    )
+    limit: int | None = Field(
+        default=None, gt=0, description="score only the first N held-out chats"
+    )
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
 class Recipe(_Strict):
     model: ModelSection
     method: Literal["lora", "qlora", "full", "none"] = Field(
@@ -121,6 +140,7 @@ class Recipe(_Strict):
         default=None, description="zero2 | zero3 | zero3_offload | path.json"
     )
     wandb: WandbSection = WandbSection()
+    eval: EvalSection = EvalSection()
 
     base_dir: Path = Field(
         default=Path("."), exclude=True, description="relative data paths resolve here"

@@ -1,0 +1,68 @@
+"""`eval.metric` in a recipe: after `gemma3-tune train`, the run is scored on its held-out chats
+(`data.eval`, or the `data.eval_split` rows) into `eval.json` and its model card. The command
+that trained calls this (cli), so train/ never imports eval/."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ..data.sources import read_records, to_turns
+from ..errors import UserError
+from ..outputs import write_atomic
+from .runner import EvalSample, evaluate, load_samples, table
+from .targets import Target
+
+
+def held_out_samples(recipe) -> list[EvalSample]:
+    """The chats the run held out, as eval samples (prompt turns + reference)."""
+    d, limit = recipe.data, recipe.eval.limit
+    if d.eval:
+        samples: list[EvalSample] = []
+        for src in d.eval:
+            path = Path(src.path) if Path(src.path).is_absolute() else recipe.base_dir / src.path
+            samples += load_samples(path, None)
+        return samples[:limit]
+    if not d.eval_split:
+        raise UserError(
+            "eval.metric: the recipe holds nothing out; set data.eval or data.eval_split"
+        )
+    from ..train.data_check import load_data
+
+    _, _, data = load_data(recipe)  # the prepared data (cached): its eval rows' origins
+    origins = [s.origin for row in data.eval_rows for s in row][:limit]
+    by_file: dict[str, set[str]] = defaultdict(set)
+    for o in origins:
+        by_file[o.rsplit(":", 1)[0]].add(o)
+    found: dict[str, EvalSample] = {}
+    for file, wanted in by_file.items():
+        base = Path(file).parent
+        for record in read_records(file):
+            if record.origin in wanted:
+                turns = to_turns(record, base=base)
+                text = "".join(p for p in turns[-1].parts if isinstance(p, str))
+                found[record.origin] = EvalSample(record.origin, turns, text)
+    return [found[o] for o in origins if o in found]
+
+
+def score_run(run: Path, recipe) -> dict:
+    """Score the finished run; write eval.json and add the scores to its model cards."""
+    metrics = list(recipe.eval.metric)
+    samples = held_out_samples(recipe)
+    if not samples:
+        raise UserError("eval.metric: no held-out samples to score")
+    results = evaluate([Target(str(run), "run", run)], samples, metrics, recipe.eval.max_new_tokens)
+    r = results[0]
+    summary = {"metric": metrics, "n": len(samples), "scores": r.scores}
+    if r.perplexity is not None:
+        summary["perplexity"] = r.perplexity
+    write_atomic(run / "eval.json", json.dumps(summary, indent=2) + "\n")
+    print(table(results, metrics, len(samples)), file=sys.stderr)
+    lines = ["", "## Held-out evaluation (`gemma3-tune eval`)", ""]
+    lines += [table(results, metrics, len(samples)), ""]
+    for card in (run / "README.md", run / "adapter" / "README.md", run / "model" / "README.md"):
+        if card.is_file():
+            write_atomic(card, card.read_text().rstrip("\n") + "\n" + "\n".join(lines))
+    return summary

@@ -1,0 +1,45 @@
+"""How a reply is scored against the reference (the sample's last assistant turn).
+
+Generation metrics give 1.0 or 0.0 per sample and average to the fraction of samples that
+pass; `loss` generates nothing: it is the mean token cross-entropy over the tokens training
+would put the loss on (every assistant turn, its `<end_of_turn>` included), and its perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+GENERATION = ("exact", "json", "contains")
+METRICS = (*GENERATION, "loss")
+
+
+def exact(reply: str, reference: str) -> bool:
+    """Equal after stripping surrounding whitespace."""
+    return reply.strip() == reference.strip()
+
+
+def _parse(text: str) -> tuple[bool, object]:
+    try:
+        return True, json.loads(text.strip())
+    except (json.JSONDecodeError, ValueError):
+        return False, None
+
+
+def json_equal(reply: str, reference: str) -> bool:
+    """Both parse as JSON and the values are equal (key order and spacing do not matter)."""
+    ok_a, a = _parse(reply)
+    ok_b, b = _parse(reference)
+    return ok_a and ok_b and a == b
+
+
+def contains(reply: str, reference: str) -> bool:
+    """The reference (stripped) appears in the reply."""
+    return reference.strip() in reply
+
+
+SCORERS: dict[str, Callable[[str, str], bool]] = {
+    "exact": exact,
+    "json": json_equal,
+    "contains": contains,
+}

@@ -1,0 +1,286 @@
+"""Score targets on held-out chats: greedy replies through our batched KV-cache decoder (or the
+training loss), a table with a row per target, and the samples where targets disagree.
+
+Each sample's last assistant turn is the reference and the turns before it the prompt, both
+rendered exactly as training renders them (`data.template.render`). Models are loaded one at a
+time; replies are decoded in batches of text-only prompts (ragged, left-padded) and one at a
+time for prompts with images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.sources import SampleError, read_records, to_turns
+from ..data.template import ImageRef, Turn, VisionTokens, render
+from ..errors import UserError
+from .metrics import GENERATION, SCORERS
+from .targets import Target, load_target, target_config
+
+
+@dataclass
+class EvalSample:
+    origin: str  # "file:line"
+    turns: list[Turn]  # the whole conversation (the loss metric scores all of it)
+    reference: str  # the last assistant turn's text
+
+    @property
+    def prompt_turns(self) -> list[Turn]:
+        return self.turns[:-1]
+
+    @property
+    def has_images(self) -> bool:
+        return any(isinstance(p, ImageRef) for t in self.turns for p in t.parts)
+
+    def prompt_text(self) -> str:
+        last_user = self.prompt_turns[-1]
+        return " ".join(p if isinstance(p, str) else "<image>" for p in last_user.parts)
+
+
+@dataclass
+class TargetResult:
+    label: str
+    replies: list[str | None] = field(default_factory=list)  # None: not generated (loss only)
+    scores: dict[str, float] = field(default_factory=dict)  # metric -> mean score
+    per_sample: dict[str, list[float]] = field(default_factory=dict)
+    perplexity: float | None = None
+
+
+def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
+    """The chats of a data file (any format training reads), each ending in an assistant turn."""
+    samples: list[EvalSample] = []
+    path = Path(path)
+    base = path if path.is_dir() else path.parent  # images beside the data, as in training
+    try:
+        for record in read_records(path):
+            turns = to_turns(record, base=base)
+            if turns[-1].role != "assistant":
+                raise SampleError(
+                    record.origin,
+                    "the last turn must be the assistant's (it is the reference to score against)",
+                )
+            text = [p for p in turns[-1].parts if isinstance(p, str)]
+            samples.append(EvalSample(record.origin, turns, "".join(text)))
+            if limit is not None and len(samples) >= limit:
+                break
+    except SampleError as e:
+        raise UserError(f"eval --data: {e}") from None
+    if not samples:
+        raise UserError(f"eval --data {path}: no samples")
+    return samples
+
+
+def _vision(model) -> VisionTokens | None:
+    c = model.config
+    if not c.is_multimodal:
+        return None
+    return VisionTokens(c.image_token_id, c.boi_token_id, c.eoi_token_id, c.mm_tokens_per_image)
+
+
+def _pixels(model, images: list[ImageRef]) -> torch.Tensor | None:
+    from ..data.images import preprocess
+
+    if not images:
+        return None
+    p = next(model.parameters())
+    size = model.config.vision.image_size
+    px = torch.cat([preprocess(im.path, size, im.views > 1) for im in images])
+    return px.to(p.device, p.dtype)
+
+
+def prompt_ids(model, tok, sample: EvalSample) -> tuple[list[int], list[ImageRef]]:
+    """The prompt as training renders it, ending in `<start_of_turn>model\\n`."""
+    s = render(sample.prompt_turns, tok, _vision(model))
+    return s.input_ids + [tok.start_of_turn] + tok.encode("model\n"), s.images
+
+
+def replies(model, tok, samples: list[EvalSample], max_new_tokens: int, batch: int, bar):
+    """Greedy replies (text), stopping at `<end_of_turn>` or EOS."""
+    from ..model.generate import generate, generate_batch
+
+    stops = {tok.end_of_turn, tok.eos_id}
+    out: list[str | None] = [None] * len(samples)
+    rendered = [prompt_ids(model, tok, s) for s in samples]
+    text_only = [i for i, (_, images) in enumerate(rendered) if not images]
+    with torch.no_grad():
+        for a in range(0, len(text_only), batch):
+            chunk = text_only[a : a + batch]
+            got = generate_batch(
+                model,
+                [rendered[i][0] for i in chunk],
+                max_new_tokens=max_new_tokens,
+                stop_ids=stops,
+                pad_id=tok.pad_id,
+            )
+            for i, ids in zip(chunk, got, strict=True):
+                out[i] = tok.decode(ids)
+            bar.update(len(chunk))
+        device = next(model.parameters()).device
+        for i, (ids, images) in enumerate(rendered):
+            if images:
+                new = generate(
+                    model,
+                    torch.tensor([ids], device=device),
+                    max_new_tokens=max_new_tokens,
+                    pixel_values=_pixels(model, images),
+                    stop_ids=stops,
+                )
+                out[i] = tok.decode(list(new))
+                bar.update(1)
+    return out
+
+
+def token_loss(model, tok, samples: list[EvalSample], bar) -> tuple[list[float], list[int]]:
+    """Per sample: summed cross-entropy over the tokens training puts the loss on, and their
+    number (the mean over the whole set is sum / count, every token weighted alike)."""
+    sums, counts = [], []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for s in samples:
+            r = render(s.turns, tok, _vision(model))
+            ids = torch.tensor([r.input_ids], device=device)
+            labels = torch.tensor([r.labels], device=device)
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(ids, pixel_values=_pixels(model, r.images), labels=labels).loss
+            sums.append(float(loss) * n)
+            counts.append(n)
+            bar.update(1)
+    return sums, counts
+
+
+def check_target_fits(target: Target, config, samples: list[EvalSample]) -> None:
+    if config.is_multimodal:
+        return
+    for s in samples:
+        if s.has_images:
+            raise UserError(
+                f"eval: {s.origin}: the sample has an image, but {target.label} is a text-only"
+                " model; evaluate a vision (4B+) model or drop the image samples"
+            )
+
+
+def evaluate(
+    targets: list[Target],
+    samples: list[EvalSample],
+    metrics: list[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+) -> list[TargetResult]:
+    from tqdm.auto import tqdm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generating = any(m in GENERATION for m in metrics)
+    per_target = len(samples) * (int(generating) + int("loss" in metrics))
+    for target in targets:  # every refusal before the first model loads
+        check_target_fits(target, target_config(target), samples)
+    results = []
+    with tqdm(total=per_target * len(targets), desc="eval", unit="sample", file=sys.stderr) as bar:
+        for target in targets:
+            bar.set_postfix_str(target.label)
+            model, tok = load_target(target, device, dtype)
+            res = TargetResult(target.label)
+            if generating:
+                res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)
+            else:
+                res.replies = [None] * len(samples)
+            for m in metrics:
+                if m == "loss":
+                    sums, counts = token_loss(model, tok, samples, bar)
+                    res.per_sample[m] = [x / max(c, 1) for x, c in zip(sums, counts, strict=True)]
+                    res.scores[m] = sum(sums) / max(sum(counts), 1)
+                    res.perplexity = math.exp(min(res.scores[m], 50.0))
+                else:
+                    ok = [
+                        float(SCORERS[m](r, s.reference))
+                        for r, s in zip(res.replies, samples, strict=True)
+                    ]
+                    res.per_sample[m] = ok
+                    res.scores[m] = sum(ok) / len(ok)
+            results.append(res)
+            del model
+    return results
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def _cell(metric: str, r: TargetResult) -> str:
+    if metric == "loss":
+        return f"{r.scores[metric]:.4f} (ppl {r.perplexity:.2f})"
+    return f"{100 * r.scores[metric]:.1f}%"
+
+
+def table(results: list[TargetResult], metrics: list[str], n: int) -> str:
+    head = "| target | " + " | ".join(metrics) + " |"
+    rule = "|---|" + "---|" * len(metrics)
+    rows = [f"| {r.label} | " + " | ".join(_cell(m, r) for m in metrics) + " |" for r in results]
+    return "\n".join([f"{n} samples", head, rule, *rows])
+
+
+def disagreements(results: list[TargetResult], samples: list[EvalSample], k: int = 3) -> str:
+    """The first k samples where the targets' replies differ."""
+    if len(results) < 2 or results[0].replies[0] is None:
+        return ""
+    lines = []
+    for i, s in enumerate(samples):
+        got = [r.replies[i] for r in results]
+        if len(set(got)) == 1:
+            continue
+        lines.append(f"{s.origin}: {s.prompt_text()[:120]!r}")
+        lines.append(f"  reference: {s.reference[:200]!r}")
+        lines += [f"  {r.label}: {(r.replies[i] or '')[:200]!r}" for r in results]
+        if len(lines) >= 3 * (2 + len(results)):
+            break
+    return "\n".join(lines)
+
+
+def json_line(results: list[TargetResult], metrics: list[str], n: int) -> str:
+    if len(metrics) == 1:
+        m = metrics[0]
+        scores = {r.label: r.scores[m] for r in results}
+        return json.dumps({"metric": m, "n": n, "scores": scores})
+    scores = {r.label: {m: r.scores[m] for m in metrics} for r in results}
+    return json.dumps({"metric": metrics, "n": n, "scores": scores})
+
+
+def write_outputs(
+    out: Path,
+    results: list[TargetResult],
+    samples: list[EvalSample],
+    metrics: list[str],
+    force: bool = False,
+) -> None:
+    """predictions.jsonl (a line per sample: prompt, reference, each target's reply and
+    scores) and summary.json, in `out` (staged: nothing half-written)."""
+    from ..outputs import staged_dir
+
+    with staged_dir(out, force) as tmp:
+        with open(tmp / "predictions.jsonl", "w") as f:
+            for i, s in enumerate(samples):
+                row = {
+                    "origin": s.origin,
+                    "prompt": s.prompt_text(),
+                    "reference": s.reference,
+                    "targets": {
+                        r.label: {
+                            "reply": r.replies[i],
+                            **{m: r.per_sample[m][i] for m in metrics},
+                        }
+                        for r in results
+                    },
+                }
+                f.write(json.dumps(row) + "\n")
+        summary = {
+            "n": len(samples),
+            "metrics": metrics,
+            "scores": {r.label: r.scores for r in results},
+            "perplexity": {r.label: r.perplexity for r in results if r.perplexity is not None},
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
