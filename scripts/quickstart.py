@@ -1,4 +1,5 @@
-"""The quickstart, end to end: real Gemma 3 270M -> eval -> LoRA -> eval -> merged export.
+"""The quickstart, end to end: real Gemma 3 270M -> LoRA -> `gemma3-tune eval` of the base and
+the tuned model side by side -> merged export.
 
     scripts/quickstart.sh [--force]            # the full run (a few minutes on a laptop CPU)
     python scripts/quickstart.py --steps 2 --eval-n 3 --out /tmp/qs   # a smoke test
@@ -20,46 +21,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gemma3_tune.cli import main as cli  # noqa: E402
-from gemma3_tune.data.tokenizer import Tokenizer  # noqa: E402
 from gemma3_tune.errors import UserError  # noqa: E402
-from gemma3_tune.export.inference import chat_ids, load_with_adapter  # noqa: E402
+from gemma3_tune.eval.metrics import json_equal  # noqa: E402
+from gemma3_tune.eval.runner import evaluate as evaluate_targets  # noqa: E402
+from gemma3_tune.eval.runner import load_samples, table  # noqa: E402
+from gemma3_tune.eval.targets import parse_target  # noqa: E402
 from gemma3_tune.model.embedded import embedded_model_dir  # noqa: E402
-from gemma3_tune.model.generate import generate_batch  # noqa: E402
 from gemma3_tune.outputs import refuse_existing  # noqa: E402
 
 
-def score(reply_text: str, want: dict) -> bool:
-    """Schema-valid and field-exact: the reply parses as JSON and equals the expected card."""
-    try:
-        got = json.loads(reply_text.strip())
-    except json.JSONDecodeError:
-        return False
-    return got == want
-
-
-def evaluate(
-    model, tok, rows, label: str, batch: int = 30
-) -> tuple[float, list[tuple[str, str, bool]]]:
-    """Greedy replies through our KV-cache decoder, many prompts per batch."""
+def evaluate(targets: list[str], rows: int) -> tuple[list[float], list]:
+    """`gemma3-tune eval`'s scorer (metric json: the reply parses and equals the expected
+    card), the base and the tuned model side by side on the first `rows` held-out chats."""
     t0 = time.perf_counter()
-    prompts = [row["messages"][0]["content"] for row in rows]
-    ids = [chat_ids(tok, model, p)[0][0].tolist() for p in prompts]
-    replies: list[list[int]] = []
-    for i in range(0, len(ids), batch):
-        replies += generate_batch(
-            model,
-            ids[i : i + batch],
-            max_new_tokens=40,
-            stop_ids={tok.end_of_turn, tok.eos_id},
-            pad_id=tok.pad_id,
-        )
-    results = []
-    for prompt, row, out in zip(prompts, rows, replies, strict=True):
-        text = tok.decode(out)
-        results.append((prompt, text, score(text, json.loads(row["messages"][1]["content"]))))
-    acc = sum(ok for *_, ok in results) / len(rows)
-    print(f"  {label}: {acc:.0%} exact ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    return acc, results
+    samples = load_samples(ROOT / "data/quickstart/eval.jsonl", rows)
+    found = [parse_target(t) for t in targets]
+    results = evaluate_targets(found, samples, ["json"], max_new_tokens=40, batch_size=30)
+    print(table(results, ["json"], len(samples)), file=sys.stderr)
+    print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return [r.scores["json"] for r in results], list(zip(samples, results[-1].replies, strict=True))
 
 
 def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
@@ -70,29 +50,21 @@ def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
         sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print("[1/5] the real Gemma 3 270M (converted once from the packaged GGUF)", file=sys.stderr)
-    base = embedded_model_dir("gemma3-270m")
-    tok = Tokenizer(base)
-    rows = [json.loads(x) for x in (ROOT / "data/quickstart/eval.jsonl").read_text().splitlines()][
-        :eval_n
-    ]
+    print("[1/4] the real Gemma 3 270M (converted once from the packaged GGUF)", file=sys.stderr)
+    embedded_model_dir("gemma3-270m")
     torch.manual_seed(0)
 
-    print("[2/5] held-out score of the base model", file=sys.stderr)
-    before, _ = evaluate(load_with_adapter(base, None).eval(), tok, rows, "before")
-
-    print("[3/5] LoRA fine-tuning (recipes/quickstart.yaml)", file=sys.stderr)
+    print("[2/4] LoRA fine-tuning (recipes/quickstart.yaml)", file=sys.stderr)
     overrides = [f"training.output_dir={out / 'train'}", "training.force=true"]
     if steps is not None:
         overrides += [f"training.max_steps={steps}", f"training.save_steps={steps}"]
     if cli(["train", str(ROOT / "recipes/quickstart.yaml"), *overrides]) != 0:
         sys.exit(1)
 
-    print("[4/5] held-out score after fine-tuning", file=sys.stderr)
-    tuned = load_with_adapter(base, out / "train" / "adapter").eval()
-    after, results = evaluate(tuned, tok, rows, "after")
+    print("[3/4] held-out score, base and fine-tuned (gemma3-tune eval)", file=sys.stderr)
+    (before, after), results = evaluate(["gguf:gemma3-270m", str(out / "train")], eval_n)
 
-    print("[5/5] merged export (transformers / vLLM folder)", file=sys.stderr)
+    print("[4/4] merged export (transformers / vLLM folder)", file=sys.stderr)
     if (
         cli(
             [
@@ -109,13 +81,16 @@ def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
     ):
         sys.exit(1)
 
-    report = {"metric": "json_exact_match", "before": before, "after": after, "n": len(rows)}
+    report = {"metric": "json_exact_match", "before": before, "after": after, "n": len(results)}
     (out / "eval.json").write_text(json.dumps(report) + "\n")
     minutes = (time.perf_counter() - start) / 60
-    print(f"\n| held-out ({len(rows)} samples) | JSON exact match |\n|---|---|")
+    print(f"\n| held-out ({len(results)} samples) | JSON exact match |\n|---|---|")
     print(f"| base Gemma 3 270M | {before:.0%} |\n| after LoRA | {after:.0%} |\n")
-    for prompt, text, ok in results[:3]:
-        print(f"> {prompt.splitlines()[-1]}\n{text.strip()}   {'(exact)' if ok else '(wrong)'}\n")
+    for sample, text in results[:3]:
+        ok = json_equal(text, sample.reference)
+        print(
+            f"> {sample.prompt_text().splitlines()[-1]}\n{text.strip()}   {'(exact)' if ok else '(wrong)'}\n"
+        )
     print(
         f"done in {minutes:.1f} min; merged model in {out / 'merged'}; eval in {out / 'eval.json'}"
     )

@@ -75,7 +75,9 @@ class TrainingSection(_Strict):
         default=None, gt=0, description="keep the N newest complete checkpoints"
     )
     eval_steps: int | None = Field(
-        default=None, gt=0, description="eval every N steps (None: at the end)"
+        default=None,
+        gt=0,
+        description="eval every N steps and at the last step (None: at the last step only)",
     )
     logging_steps: int = Field(default=1, gt=0, description="a metrics.jsonl row every N steps")
     seed: int = Field(default=42, description="seeds data order, packing, LoRA init, dropout")

@@ -8,6 +8,10 @@ the plain Trainer's (TRL's would ask for full logits to compute token accuracy).
 Run directory: `checkpoint-N/`, `adapter/` (peft; a full HF folder in `model/` for full SFT),
 `metrics.jsonl`, `loss.png`, `recipe.yaml`, `data_report.json`, and README.md (our model card,
 model_card.py). Console output is console.py's; the lr schedule is schedule.py's.
+
+With eval data, the last step is always evaluated (`training.eval_steps` unset: only there),
+inside the loop and so before the final checkpoint (FinalEval), as HF does at the end of a run
+whose eval_steps do not divide its last step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from ..data.collate import Collator, bucket_lengths, concat_row
 from ..data.feature_cache import FeatureCache, weights_fingerprint
@@ -401,7 +406,8 @@ def build_trainer(recipe: Recipe):
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=hf_tok,
-        callbacks=[metrics, CompleteCheckpoints(out, recipe.training.save_total_limit)],
+        callbacks=[metrics, CompleteCheckpoints(out, recipe.training.save_total_limit)]
+        + ([FinalEval()] if eval_ds is not None else []),
         projector_lr=recipe.train_projector_lr,
         pad_id=tok.pad_id,
         guard=guard,
@@ -457,6 +463,19 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
     return out
+
+
+class FinalEval(TrainerCallback):
+    """Evaluate at the last step whatever `training.eval_steps` says (unset: eval_strategy
+    "no", so only there). HF's DefaultFlowCallback does the same for a step strategy whose
+    eval_steps do not divide the last step, and runs at most one evaluation per step, so an
+    eval_steps that divides it gets no second one. In the loop, the evaluation comes before the
+    final checkpoint, whose trainer state (and so a resumed run) then records it, and metrics.jsonl
+    gets it like any other. Every rank flags it, so every rank joins the (collective) evaluation."""
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
 
 
 TRACE_ROWS = "GEMMA3_TUNE_TRACE_ROWS"
