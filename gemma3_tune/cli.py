@@ -118,7 +118,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     samples = load_samples(args.data, args.limit)
-    results = evaluate(targets, samples, metrics, args.max_new_tokens, args.batch_size)
+    results = evaluate(
+        targets, samples, metrics, args.max_new_tokens, args.batch_size, args.backend
+    )
     print(table(results, metrics, len(samples)))
     differ = disagreements(results, samples)
     if differ:
@@ -254,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact (default), json, contains or loss; repeatable",
     )  # fmt: skip
     s.add_argument("--adapter", type=Path, default=None, help="a peft adapter for HF folders")
+    s.add_argument(
+        "--backend", choices=["ours", "llama.cpp"], default="ours",
+        help="ours: GGUFs de-quantized into our model; llama.cpp: real llama.cpp (llama-cpp-python)",
+    )  # fmt: skip
     s.add_argument("--limit", type=int, default=None, help="the first N samples")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")

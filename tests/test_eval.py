@@ -132,6 +132,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tuned, tiny_dir, tmp_path, cap
     refused(["eval", str(tiny_dir), *base], "--out", "--force")
     assert (out / "keep").read_text() == "mine"
     refused(["eval", str(tiny_dir), "--data", str(held), "--metric", "bleu"], "bleu")
+    llama = ["--data", str(held), "--backend", "llama.cpp"]
+    refused(["eval", str(tiny_dir), *llama], "scores .gguf files")
+    gguf = str(tuned / "run-q8_0.gguf")
+    refused(["eval", gguf, *llama, "--metric", "loss"], "drop --backend llama.cpp")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:  # (the consumer tests run the backend where it is installed)
+        refused(["eval", gguf, *llama], "pip install llama-cpp-python")
 
 
 def test_recipe_eval_metric_scores_the_held_out_split(tmp_path, tiny_dir, capsys):

@@ -171,8 +171,12 @@ def evaluate(
     metrics: list[str],
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    backend: str = "ours",
 ) -> list[TargetResult]:
     from tqdm.auto import tqdm
+
+    if backend == "llama.cpp":
+        check_llama_cpp(targets, metrics)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -184,8 +188,18 @@ def evaluate(
     with tqdm(total=per_target * len(targets), desc="eval", unit="sample", file=sys.stderr) as bar:
         for target in targets:
             bar.set_postfix_str(target.label)
-            model, tok = load_target(target, device, dtype)
             res = TargetResult(target.label)
+            if backend == "llama.cpp":
+                res.replies = _llama_cpp_replies(target, samples, max_new_tokens, bar)
+                for m in metrics:
+                    ok = [
+                        float(SCORERS[m](r, s.reference))
+                        for r, s in zip(res.replies, samples, strict=True)
+                    ]
+                    res.per_sample[m], res.scores[m] = ok, sum(ok) / len(ok)
+                results.append(res)
+                continue
+            model, tok = load_target(target, device, dtype)
             if generating:
                 res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)
             else:
@@ -206,6 +220,31 @@ def evaluate(
             results.append(res)
             del model
     return results
+
+
+def check_llama_cpp(targets: list[Target], metrics: list[str]) -> None:
+    """--backend llama.cpp: GGUF files only, generation metrics only, llama-cpp-python present."""
+    from . import llama_cpp
+
+    for t in targets:
+        if t.kind != "gguf":
+            raise UserError(f"eval --backend llama.cpp scores .gguf files; {t.label} is not one")
+    if "loss" in metrics:
+        raise UserError("eval --metric loss runs our model; drop --backend llama.cpp for it")
+    llama_cpp.require()
+
+
+def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens: int, bar):
+    from . import llama_cpp
+
+    tok = llama_cpp.gguf_tokenizer(target.path)
+    prompts = []
+    for s in samples:
+        r = render(s.prompt_turns, tok, None)
+        prompts.append(r.input_ids + [tok.start_of_turn] + tok.encode("model\n"))
+    stops = {tok.end_of_turn, tok.eos_id}
+    ids = llama_cpp.replies(target.path, prompts, max_new_tokens, stops, bar)
+    return [tok.decode(x) for x in ids]
 
 
 # -- reporting ---------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""`gemma3-tune eval --backend llama.cpp`: a GGUF's replies from real llama.cpp
+(llama-cpp-python), to the very prompt ids our renderer gives, decoded greedily to the same
+stops: what llama.cpp, Ollama and LM Studio users get, side by side with the de-quantized
+backend's score."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def require() -> None:
+    """One line, before any model loads, when llama-cpp-python is missing."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "eval --backend llama.cpp needs llama-cpp-python: pip install llama-cpp-python"
+            " (it builds llama.cpp from source), or drop --backend to de-quantize the GGUF"
+            " into our model"
+        ) from None
+
+
+def gguf_tokenizer(path: Path):
+    """Our tokenizer for a GGUF's vocabulary (converted by transformers, as import-gguf does)."""
+    from ..data.tokenizer import Tokenizer
+    from ..model.gguf_import import _save_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="gemma3-tune-tok-") as tmp:
+        _save_tokenizer(Path(path), Path(tmp))
+        return Tokenizer(tmp)
+
+
+def replies(
+    path: Path, prompts: list[list[int]], max_new_tokens: int, stops: set[int], bar
+) -> list[list[int]]:
+    """Greedy reply ids for each prompt (top_k 1, no repeat penalty), stopping at `stops`."""
+    from llama_cpp import Llama
+
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    llm = Llama(model_path=str(path), n_ctx=longest, n_threads=os.cpu_count() or 1, verbose=False)
+    out = []
+    for ids in prompts:
+        llm.reset()
+        got: list[int] = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if t in stops or len(got) == max_new_tokens:
+                break
+            got.append(t)
+        out.append(got)
+        bar.update(1)
+    return out
