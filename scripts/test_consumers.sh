@@ -45,6 +45,16 @@ if ! "$CACHE/llamacpp/bin/python" -c "import llama_cpp" >/dev/null 2>&1; then
     "llama-cpp-python==$LLAMACPP_VERSION"
 fi
 
+# `gemma3-tune eval --backend llama.cpp` imports llama_cpp in our own process: the same wheel
+# (and diskcache, its one import we lack), without dependencies, on our PYTHONPATH.
+SITE="$CACHE/llamacpp-site"
+if ! PYTHONPATH="$SITE" .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
+  rm -rf "$SITE"
+  pip_q .venv/bin/python -m pip install -q --no-deps --target "$SITE" --find-links "$CACHE/wheels" \
+    "llama-cpp-python==$LLAMACPP_VERSION" diskcache
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
 export GEMMA3_TUNE_VLLM_PYTHON="$CACHE/vllm/bin/python"
 export GEMMA3_TUNE_LLAMACPP_PYTHON="$CACHE/llamacpp/bin/python"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
