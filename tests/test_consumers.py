@@ -273,3 +273,48 @@ def test_llama_cpp_reads_our_f32_and_q8_0_gguf(tmp_path):
     assert (f32 - ours).abs().max().item() <= 1e-3
     spread = ours.abs().max().item()
     assert 0 < (q8 - ours).abs().max().item() <= 0.05 * spread
+
+
+def test_eval_llama_cpp_backend_equals_the_dequantized_one(tuned, tmp_path, capsys):
+    """`gemma3-tune eval --backend llama.cpp` on the f16 GGUF gives the replies our
+    de-quantizing backend gives on the held-out prompts (f16: exact, as the consumer test
+    above measures), and the same json score."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python in this process")
+    from gemma3_tune.cli import main
+
+    rows = (ROOT / "data/quickstart/eval.jsonl").read_text().splitlines()[:N_PROMPTS]
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(r + "\n" for r in rows))
+    gguf = str(tuned["dir"] / "model-f16.gguf")
+    got = {}
+    for backend in ("ours", "llama.cpp"):
+        out = tmp_path / backend
+        argv = ["eval", gguf, "--data", str(data), "--metric", "json", "--backend", backend,
+                "--max-new-tokens", str(NEW_TOKENS), "--out", str(out), "--json"]  # fmt: skip
+        assert main(argv) == 0
+        last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        replies = [
+            json.loads(x)["targets"][gguf]["reply"]
+            for x in (out / "predictions.jsonl").read_text().splitlines()
+        ]
+        got[backend] = (last["scores"][gguf], replies)
+    assert got["llama.cpp"] == got["ours"]
+
+
+def test_eval_q8_0_gguf_replies_as_the_merged_model(tuned, tmp_path, capsys):
+    """The quickstart model's q8_0 GGUF export, scored by the de-quantizing backend, gives the
+    merged model's replies on all 60 held-out chats (and its json score)."""
+    from gemma3_tune.cli import main
+
+    d = tuned["dir"]
+    gguf = d / "model-q8_0.gguf"
+    argv = ["export", str(d / "run"), "--format", "gguf", "--quantize", "q8_0", "--out", str(gguf)]
+    assert main(argv) == 0
+    out, merged = tmp_path / "eval", str(d / "merged")
+    argv = ["eval", merged, str(gguf), "--data", str(ROOT / "data/quickstart/eval.jsonl"),
+            "--metric", "json", "--max-new-tokens", str(NEW_TOKENS), "--out", str(out), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["n"] == 60 and last["scores"][merged] == last["scores"][str(gguf)]
+    rows = [json.loads(x)["targets"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(t[merged]["reply"] == t[str(gguf)]["reply"] for t in rows)
