@@ -94,9 +94,11 @@ def _pixels(model, images: list[ImageRef]) -> torch.Tensor | None:
     return px.to(p.device, p.dtype)
 
 
-def prompt_ids(model, tok, sample: EvalSample) -> tuple[list[int], list[ImageRef]]:
+def prompt_ids(
+    tok, sample: EvalSample, vision: VisionTokens | None
+) -> tuple[list[int], list[ImageRef]]:
     """The prompt as training renders it, ending in `<start_of_turn>model\\n`."""
-    s = render(sample.prompt_turns, tok, _vision(model))
+    s = render(sample.prompt_turns, tok, vision)
     return s.input_ids + [tok.start_of_turn] + tok.encode("model\n"), s.images
 
 
@@ -106,7 +108,7 @@ def replies(model, tok, samples: list[EvalSample], max_new_tokens: int, batch: i
 
     stops = {tok.end_of_turn, tok.eos_id}
     out: list[str | None] = [None] * len(samples)
-    rendered = [prompt_ids(model, tok, s) for s in samples]
+    rendered = [prompt_ids(tok, s, _vision(model)) for s in samples]
     text_only = [i for i, (_, images) in enumerate(rendered) if not images]
     with torch.no_grad():
         for a in range(0, len(text_only), batch):
@@ -189,21 +191,14 @@ def evaluate(
         for target in targets:
             bar.set_postfix_str(target.label)
             res = TargetResult(target.label)
-            if backend == "llama.cpp":
+            model = None
+            if backend == "llama.cpp":  # generation metrics only (check_llama_cpp)
                 res.replies = _llama_cpp_replies(target, samples, max_new_tokens, bar)
-                for m in metrics:
-                    ok = [
-                        float(SCORERS[m](r, s.reference))
-                        for r, s in zip(res.replies, samples, strict=True)
-                    ]
-                    res.per_sample[m], res.scores[m] = ok, sum(ok) / len(ok)
-                results.append(res)
-                continue
-            model, tok = load_target(target, device, dtype)
-            if generating:
-                res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)
             else:
+                model, tok = load_target(target, device, dtype)
                 res.replies = [None] * len(samples)
+                if generating:
+                    res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)
             for m in metrics:
                 if m == "loss":
                     sums, counts = token_loss(model, tok, samples, bar)
@@ -238,10 +233,9 @@ def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens
     from . import llama_cpp
 
     tok = llama_cpp.gguf_tokenizer(target.path)
-    prompts = []
-    for s in samples:
-        r = render(s.prompt_turns, tok, None)
-        prompts.append(r.input_ids + [tok.start_of_turn] + tok.encode("model\n"))
+    prompts = [
+        prompt_ids(tok, s, None)[0] for s in samples
+    ]  # text-only: GGUF import refuses vision
     stops = {tok.end_of_turn, tok.eos_id}
     ids = llama_cpp.replies(target.path, prompts, max_new_tokens, stops, bar)
     return [tok.decode(x) for x in ids]
