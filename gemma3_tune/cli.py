@@ -76,6 +76,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_tools(path: Path | None) -> list[dict]:
+    """`--tools FILE.json`: a JSON list of OpenAI-style function schemas (as in training data)."""
+    import json
+
+    from .data.tools import ToolFormatError, function_schema
+
+    if path is None:
+        return []
+    if not path.is_file():
+        raise UserError(f"--tools {path}: no such file")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return [function_schema(t) for t in (raw if isinstance(raw, list) else [raw])]
+    except json.JSONDecodeError as e:
+        raise UserError(f"--tools {path}:{e.lineno}: not JSON ({e.msg})") from None
+    except ToolFormatError as e:
+        raise UserError(f"--tools {path}: {e}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.report_cache:  # argument mistakes answer before torch loads
         if args.model is None:
@@ -87,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for image in args.image or []:
             if not Path(image).is_file():
                 raise UserError(f"--image {image}: no such file")
+        args.tools = _read_tools(args.tools)
     from .export.generate_cli import run
 
     return run(args)
@@ -231,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--image", action="append", default=[], help="an image for the prompt (repeatable)"
     )
     s.add_argument("--system", default=None)
+    s.add_argument(
+        "--tools",
+        type=Path,
+        default=None,
+        help="JSON list of function schemas the model may call; it stops after a call",
+    )
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     s.add_argument("--top-p", type=float, default=1.0)

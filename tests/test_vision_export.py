@@ -138,3 +138,13 @@ def test_vllm_refuses_a_trained_projector(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "projector" in err and "--merge" in err
     assert not (tmp_path / "v").exists()
+
+
+def test_merged_vision_export_opens_with_auto_processor(runs, tmp_path):
+    """A trained vision run's merged export: AutoProcessor loads it and prepares one image and
+    text as our own preprocessing does (issue 25, item 8)."""
+    from test_processor_files import check_auto_processor
+
+    out = tmp_path / "merged"
+    assert main(["export", str(runs / "vision"), "--out", str(out), "--merge"]) == 0
+    check_auto_processor(out)

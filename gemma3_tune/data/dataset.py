@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .packing import pack
 from .sources import SampleError, read_records, to_turns
-from .template import IGNORE, Sample, VisionTokens, render
+from .template import IGNORE, Sample, VisionTokens, has_images, render
 from .tokenizer import Tokenizer
 
 
@@ -176,6 +176,9 @@ def load_samples(
         "max_crops": cfg.pan_and_scan_max_crops,
         "min_ratio": cfg.pan_and_scan_min_ratio,
     }
+    from .prepare import image_store  # prepare imports this module
+
+    store = image_store(cfg)
     for src in sources:
         path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
         these: list[Sample] = []
@@ -188,10 +191,9 @@ def load_samples(
                         pan_and_scan=cfg.pan_and_scan,
                         pas_args=pas_args,
                         base=path if path.is_dir() else path.parent,  # images beside the data
+                        image_store=store,
                     )
-                    if vision is None and any(
-                        not isinstance(p, str) for t in turns for p in t.parts
-                    ):
+                    if vision is None and has_images(turns):
                         raise SampleError(
                             rec.origin,
                             "has an image, but the model is text-only (use a 4B+ Gemma 3)",
@@ -275,6 +277,28 @@ def _image_tokens(sample: Sample, vision: VisionTokens | None) -> int:
     return sum(1 for t in sample.input_ids if t in ids)
 
 
+def shown(items: list[str], limit: int) -> list[str]:
+    """The first `limit` items, then "... and N more" when the list was cut."""
+    rest = len(items) - limit
+    return list(items[:limit]) + ([f"... and {rest} more"] if rest > 0 else [])
+
+
+def _crops_note(sample: Sample, vision: VisionTokens | None) -> str:
+    """What Pan & Scan crops cost a sample, e.g. " (wide.jpg: 5 views (4 Pan & Scan crops) =
+    1,290 image tokens)"; "" when it has none. Crops multiply an image's tokens, so they are
+    often what made a sample too long, and nothing else in a note would say so."""
+    cropped = [im for im in sample.images if im.views > 1] if vision is not None else []
+    if not cropped:
+        return ""
+    per_view = vision.tokens_per_image + 2  # soft tokens, <start_of_image>, <end_of_image>
+    each = [
+        f"{Path(im.path).name}: {im.views} views ({im.views - 1} Pan & Scan crops)"
+        f" = {im.views * per_view:,} image tokens"
+        for im in cropped
+    ]
+    return f" ({'; '.join(shown(each, 3))})"
+
+
 def fit_one(
     sample: Sample, cfg: DataConfig, vision: VisionTokens | None
 ) -> tuple[Sample | None, str]:
@@ -283,17 +307,21 @@ def fit_one(
     if len(sample) <= cfg.max_seq_len:
         return sample, ""
     image_tokens = _image_tokens(sample, vision)
+    crops = _crops_note(sample, vision)
     if image_tokens > cfg.max_seq_len:  # truncating would cut an image: never
+        fix = "lower data.pan_and_scan_max_crops" if crops else "use fewer images"
         return None, (
             f"{sample.origin}: its images alone take {image_tokens} tokens > max_seq_len"
-            f" {cfg.max_seq_len}; raise data.max_seq_len or use fewer images/crops"
+            f" {cfg.max_seq_len}{crops}; raise data.max_seq_len or {fix}"
         )
     if cfg.truncation == "drop":
-        return None, f"{sample.origin}: {len(sample)} tokens > max_seq_len {cfg.max_seq_len}"
+        return None, (
+            f"{sample.origin}: {len(sample)} tokens > max_seq_len {cfg.max_seq_len}{crops}"
+        )
     cut = truncate(sample, cfg.max_seq_len, vision)
     if cut.trainable == 0:
-        return None, f"{sample.origin}: nothing left to train on after truncation"
-    return cut, f"{sample.origin}: {len(sample)} -> {len(cut)} tokens"
+        return None, f"{sample.origin}: nothing left to train on after truncation{crops}"
+    return cut, f"{sample.origin}: {len(sample)} -> {len(cut)} tokens{crops}"
 
 
 def fit(
@@ -377,9 +405,11 @@ def data_loss(report: Report, cfg: DataConfig) -> tuple[str | None, str | None]:
     tokens = report.tokens + report.lost_tokens
     if not total:
         return None, None
-    fix = "raise data.max_seq_len" + (
-        " or set data.truncation: truncate" if cfg.truncation == "drop" else ""
-    )
+    fix = "raise data.max_seq_len"
+    if cfg.pan_and_scan:  # each crop costs a whole image's tokens
+        fix += ", lower data.pan_and_scan_max_crops"
+    if cfg.truncation == "drop":
+        fix += " or set data.truncation: truncate"
     share = (report.truncated + report.dropped) / total
     token_share = report.lost_tokens / max(tokens, 1)
     warning = refusal = None

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..outputs import plain_mode
-from .images import preprocess
+from .images import PREPROCESS_VERSION, preprocess
 from .template import ImageRef
 
 
@@ -53,7 +53,7 @@ class FeatureCache:
     def key(self, ref: ImageRef) -> str:
         h = hashlib.sha256(Path(ref.path).read_bytes())
         h.update(
-            f"|{self.image_size}|{self.pan_and_scan}|{sorted(self.pas_args.items())}|{self.fingerprint}".encode()
+            f"|{self.image_size}|{self.pan_and_scan}|{sorted(self.pas_args.items())}|{self.fingerprint}|p{PREPROCESS_VERSION}".encode()
         )
         return h.hexdigest()
 

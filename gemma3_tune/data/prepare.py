@@ -46,15 +46,21 @@ from .dataset import (
     vision_tokens,
 )
 from .sources import Record, SampleError, _read_jsonl, read_records, to_turns
-from .template import IGNORE, ImageRef, Sample, VisionTokens, render
+from .template import IGNORE, ImageRef, Sample, VisionTokens, has_images, render
 from .tokenizer import TOKENIZER_FILES, Tokenizer
 
 FORMAT_VERSION = 2  # bump when the files written here change
-TEMPLATE_VERSION = 1  # bump when template.render or dataset.fit_one change their output
+TEMPLATE_VERSION = 2  # bump when template.render or dataset.fit_one change their output
 CHUNK_BYTES = 4 << 20  # JSONL bytes per map task: small enough for a smooth progress bar
 FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones sampled
 COMPLETE = "COMPLETE"
 OK, TRUNCATED, DROPPED, BAD = 0, 1, 2, 3  # the `status` column
+
+
+def image_store(cfg: DataConfig) -> Path:
+    """Where images given as bytes (datasets.Image() columns) are written, named by hash."""
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return root / "images"
 
 
 def default_cache_dir() -> Path:
@@ -250,8 +256,9 @@ def _render_one(rec: Record, cfg, tok, vision, image_root, pas_args, path: Path)
         pan_and_scan=cfg.pan_and_scan,
         pas_args=pas_args,
         base=path if path.is_dir() else path.parent,
+        image_store=image_store(cfg),
     )
-    if vision is None and any(not isinstance(p, str) for t in turns for p in t.parts):
+    if vision is None and has_images(turns):
         raise SampleError(
             rec.origin, "has an image, but the model is text-only (use a 4B+ Gemma 3)"
         )

@@ -35,12 +35,80 @@ TOKENIZER_FILES = (
 
 
 def copy_tokenizer_files(src: Path, dest: Path) -> None:
-    """Copy a model folder's tokenizer (and processor/generation) files next to new weights."""
+    """Copy a model folder's tokenizer (and processor/generation) files next to new weights;
+    a vision model folder (`dest` has a multimodal config.json) also gets the processor files
+    its source lacked (see write_processor_files)."""
     import shutil
 
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, dest / name)
+    if (dest / "config.json").is_file():
+        write_processor_files(dest)
+
+
+# The named image tokens transformers' Gemma3Processor reads from the tokenizer
+# (`tokenizer.boi_token`, ...), as the published Gemma 3 tokenizer_config.json declares them.
+MM_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def processor_configs(image_size: int, mm_tokens_per_image: int) -> dict[str, dict]:
+    """preprocessor_config.json (Gemma3ImageProcessor) and processor_config.json
+    (Gemma3Processor), in the published Gemma 3 checkpoints' layout, for a model whose images
+    are `image_size` pixels square and `mm_tokens_per_image` soft tokens. The values are the
+    preprocessing in images.py: PIL bilinear resize, x / 255, mean 0.5, std 0.5; Pan & Scan
+    off (null: the processor's defaults)."""
+    image = {
+        "image_processor_type": "Gemma3ImageProcessor",
+        "processor_class": "Gemma3Processor",
+        "size": {"height": image_size, "width": image_size},
+        "do_resize": True,
+        "resample": 2,  # PIL.Image.Resampling.BILINEAR
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": None,
+        "do_pan_and_scan": None,
+        "pan_and_scan_max_num_crops": None,
+        "pan_and_scan_min_crop_size": None,
+        "pan_and_scan_min_ratio_to_activate": None,
+        "image_seq_length": mm_tokens_per_image,
+    }
+    processor = {"processor_class": "Gemma3Processor", "image_seq_length": mm_tokens_per_image}
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
+def write_processor_files(folder: Path) -> list[str]:
+    """Make a vision model folder open with transformers' `AutoProcessor`: write the processor
+    files it lacks (never replacing ones a real checkpoint shipped) and name the image tokens
+    in tokenizer_config.json where they are missing. Text-only folders are left as they are.
+    Returns the names of the files written or changed."""
+    import json
+
+    from ..model.config import config_from_hf
+
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
+    if not cfg.is_multimodal:
+        return []
+    written = []
+    for name, content in processor_configs(cfg.vision.image_size, cfg.mm_tokens_per_image).items():
+        if not (folder / name).is_file():
+            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+            written.append(name)
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        d = json.loads(tok_cfg.read_text())
+        missing = {k: v for k, v in MM_TOKENS.items() if k not in d}
+        if missing:
+            tok_cfg.write_text(json.dumps({**d, **missing}, indent=2, ensure_ascii=False) + "\n")
+            written.append(tok_cfg.name)
+    return written
 
 
 _WORDS = (
@@ -156,6 +224,17 @@ class Tokenizer:
     """
 
     SPECIALS = ("<pad>", "<eos>", "<bos>", *GEMMA_USER_SYMBOLS)
+    # FunctionGemma's control tokens: one token each where the vocabulary has them (kept in
+    # decoded text, they are the call's syntax); plain text where it does not.
+    FUNCTION_TOKENS = (
+        "<start_function_declaration>",
+        "<end_function_declaration>",
+        "<start_function_call>",
+        "<end_function_call>",
+        "<start_function_response>",
+        "<end_function_response>",
+        "<escape>",
+    )
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -167,7 +246,7 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_file=str(sp_file))
             self._tk = None
             self.vocab_size = self._sp.get_piece_size()
-            lookup = {p: self._sp.piece_to_id(p) for p in self.SPECIALS}
+            lookup = {p: self._sp.piece_to_id(p) for p in self.SPECIALS + self.FUNCTION_TOKENS}
             lookup = {p: i for p, i in lookup.items() if self._sp.id_to_piece(i) == p}
         elif json_file.is_file():
             from tokenizers import Tokenizer as HFTokenizer
@@ -175,7 +254,7 @@ class Tokenizer:
             self._sp = None
             self._tk = HFTokenizer.from_file(str(json_file))
             self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
-            lookup = {p: self._tk.token_to_id(p) for p in self.SPECIALS}
+            lookup = {p: self._tk.token_to_id(p) for p in self.SPECIALS + self.FUNCTION_TOKENS}
             lookup = {p: i for p, i in lookup.items() if i is not None}
         else:
             raise FileNotFoundError(f"{folder}: no tokenizer.model or tokenizer.json")
@@ -194,6 +273,7 @@ class Tokenizer:
         self._split = re.compile("(" + "|".join(re.escape(s) for s in self.ids) + ")")
         self._words = _word_boundaries(self._tk) if self._tk is not None else None
         self._word_ids: dict[str, list[int]] = {}
+        self._bytes: dict[int, int] = {}  # token id -> bytes of text
 
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
@@ -228,8 +308,40 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         if skip_special:
-            specials = set(self.ids.values())
+            specials = {i for p, i in self.ids.items() if p not in self.FUNCTION_TOKENS}
             ids = [i for i in ids if i not in specials]
         if self._sp is not None:
             return self._sp.decode(list(ids))
         return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def encode_spans(self, text: str) -> tuple[list[int], list[int]] | None:
+        """`encode(text)` and the UTF-8 byte offset where each token ends, or None when the
+        pieces do not spell the text back (a tokenizer that normalises): lets a caller give
+        each token of one tokenization the label of the text it starts in."""
+        ids = self.encode(text)
+        ends, at = [], 0
+        for i in ids:
+            at += self._piece_bytes(i)
+            ends.append(at)
+        return (ids, ends) if at == len(text.encode("utf-8")) else None
+
+    def _piece_bytes(self, i: int) -> int:
+        """Bytes of text one token stands for: `▁` is a space, `<0xNN>` one byte."""
+        n = self._bytes.get(i)
+        if n is None:
+            piece = self._sp.id_to_piece(i) if self._sp is not None else self._tk.id_to_token(i)
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                n = 1
+            else:
+                n = len(piece.replace("\u2581", " ").encode("utf-8"))
+            self._bytes[i] = n
+        return n
+
+    def stop_ids(self) -> set[int]:
+        """Where a reply ends: `<end_of_turn>`, EOS, and `<start_function_response>` (a call
+        hands over to the tool) where the vocabulary has it; in text form, see
+        `template.stop_at_call`."""
+        stops = {self.end_of_turn, self.eos_id}
+        if "<start_function_response>" in self.ids:
+            stops.add(self.ids["<start_function_response>"])
+        return stops

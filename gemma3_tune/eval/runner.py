@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from ..data.sources import SampleError, read_records, to_turns
-from ..data.template import ImageRef, Turn, VisionTokens, render
+from ..data.template import (
+    ImageRef,
+    Turn,
+    VisionTokens,
+    generation_prompt,
+    reference_text,
+    render,
+    stop_at_call,
+)
 from ..errors import UserError
 from .metrics import GENERATION, SCORERS
 from .targets import Target, load_target, target_config
@@ -28,7 +36,7 @@ from .targets import Target, load_target, target_config
 class EvalSample:
     origin: str  # "file:line"
     turns: list[Turn]  # the whole conversation (the loss metric scores all of it)
-    reference: str  # the last assistant turn's text
+    reference: str  # the last assistant turn's text (its calls, up to the first tool result)
 
     @property
     def prompt_turns(self) -> list[Turn]:
@@ -65,8 +73,7 @@ def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
                     record.origin,
                     "the last turn must be the assistant's (it is the reference to score against)",
                 )
-            text = [p for p in turns[-1].parts if isinstance(p, str)]
-            samples.append(EvalSample(record.origin, turns, "".join(text)))
+            samples.append(EvalSample(record.origin, turns, reference_text(turns[-1])))
             if limit is not None and len(samples) >= limit:
                 break
     except SampleError as e:
@@ -98,15 +105,14 @@ def prompt_ids(
     tok, sample: EvalSample, vision: VisionTokens | None
 ) -> tuple[list[int], list[ImageRef]]:
     """The prompt as training renders it, ending in `<start_of_turn>model\\n`."""
-    s = render(sample.prompt_turns, tok, vision)
-    return s.input_ids + [tok.start_of_turn] + tok.encode("model\n"), s.images
+    return generation_prompt(sample.prompt_turns, tok, vision)
 
 
 def replies(model, tok, samples: list[EvalSample], max_new_tokens: int, batch: int, bar):
-    """Greedy replies (text), stopping at `<end_of_turn>` or EOS."""
+    """Greedy replies (text), stopping at `<end_of_turn>`, EOS or a call's end."""
     from ..model.generate import generate, generate_batch
 
-    stops = {tok.end_of_turn, tok.eos_id}
+    stops = tok.stop_ids()
     out: list[str | None] = [None] * len(samples)
     rendered = [prompt_ids(tok, s, _vision(model)) for s in samples]
     text_only = [i for i, (_, images) in enumerate(rendered) if not images]
@@ -121,7 +127,7 @@ def replies(model, tok, samples: list[EvalSample], max_new_tokens: int, batch: i
                 pad_id=tok.pad_id,
             )
             for i, ids in zip(chunk, got, strict=True):
-                out[i] = tok.decode(ids)
+                out[i] = stop_at_call(tok.decode(ids))
             bar.update(len(chunk))
         device = next(model.parameters()).device
         for i, (ids, images) in enumerate(rendered):
@@ -133,7 +139,7 @@ def replies(model, tok, samples: list[EvalSample], max_new_tokens: int, batch: i
                     pixel_values=_pixels(model, images),
                     stop_ids=stops,
                 )
-                out[i] = tok.decode(list(new))
+                out[i] = stop_at_call(tok.decode(list(new)))
                 bar.update(1)
     return out
 
@@ -236,9 +242,8 @@ def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens
     prompts = [
         prompt_ids(tok, s, None)[0] for s in samples
     ]  # text-only: GGUF import refuses vision
-    stops = {tok.end_of_turn, tok.eos_id}
-    ids = llama_cpp.replies(target.path, prompts, max_new_tokens, stops, bar)
-    return [tok.decode(x) for x in ids]
+    ids = llama_cpp.replies(target.path, prompts, max_new_tokens, tok.stop_ids(), bar)
+    return [stop_at_call(tok.decode(x)) for x in ids]
 
 
 # -- reporting ---------------------------------------------------------------------------------

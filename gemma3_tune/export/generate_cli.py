@@ -6,8 +6,9 @@ import sys
 
 import torch
 
-from ..data.template import Turn
+from ..data.template import Turn, stop_at_call
 from ..data.tokenizer import Tokenizer
+from ..data.tools import START_RESP
 from ..errors import UserError
 from ..model.checkpoint import read_config
 from ..model.config import preset
@@ -31,19 +32,32 @@ def cache_table() -> str:
     return "\n".join(lines)
 
 
+def _held_back(text: str) -> int:
+    """How many trailing characters could begin `<start_function_response>` (not shown yet)."""
+    return next((k for k in range(len(START_RESP), 0, -1) if text.endswith(START_RESP[:k])), 0)
+
+
 def _stream(model, tok, prompt, images, args, history=()) -> str:
+    """Print the reply as it comes; a call ends at `<start_function_response>` (the token, or
+    its text where the vocabulary lacks it), which is not printed."""
     ids: list[int] = []
     shown = ""
     for t in reply(
         model, tok, prompt, images, args.max_new_tokens, system=args.system, history=history,
+        tools=getattr(args, "tools", None) or (),
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
     ):  # fmt: skip
         ids.append(t)
         text = tok.decode(ids)
-        if text.startswith(shown):  # print only what is new (multi-byte characters arrive whole)
-            sys.stdout.write(text[len(shown) :])
+        done = START_RESP in text
+        text = stop_at_call(text)
+        ready = text if done else text[: len(text) - _held_back(text)]
+        if ready.startswith(shown):  # print only what is new (multi-byte characters arrive whole)
+            sys.stdout.write(ready[len(shown) :])
             sys.stdout.flush()
-            shown = text
+            shown = ready
+        if done:
+            break
     sys.stdout.write("\n")
     sys.stdout.flush()
     return shown

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.images import preprocess
-from ..data.template import ImageRef, Turn, VisionTokens, render
+from ..data.template import ImageRef, Tools, Turn, VisionTokens, generation_prompt
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.checkpoint import load_model
@@ -81,9 +81,11 @@ def chat_ids(
     system: str | None = None,
     pan_and_scan: bool = False,
     history: list[Turn] = (),
+    tools: list[dict] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt ids `[1, T]` ending in `<start_of_turn>model\\n`, and the pixel values.
-    `history`: earlier user/assistant turns of the conversation (text only)."""
+    `history`: earlier user/assistant turns of the conversation (text only); `tools`: function
+    schemas the model may call (rendered as training renders them)."""
     c = model.config
     vision = None
     if images:
@@ -97,9 +99,11 @@ def chat_ids(
         ImageRef(str(p), views=px.shape[0]) for p, px in zip(images, pixels, strict=True)
     ]
     parts.append(prompt)
-    turns = ([Turn("system", [system])] if system else []) + list(history) + [Turn("user", parts)]
-    s = render(turns, tok, vision)
-    ids = s.input_ids + [tok.start_of_turn] + tok.encode("model\n")
+    head = [system] if system else []
+    if tools:
+        head.append(Tools(list(tools)))
+    turns = ([Turn("system", head)] if head else []) + list(history) + [Turn("user", parts)]
+    ids, _ = generation_prompt(turns, tok, vision)
     return torch.tensor([ids]), (torch.cat(pixels) if pixels else None)
 
 
@@ -113,11 +117,12 @@ def reply(
 ) -> Iterator[int]:
     system = kw.pop("system", None)
     history = kw.pop("history", ())
-    ids, pixels = chat_ids(tok, model, prompt, list(images), system, history=history)
+    tools = kw.pop("tools", ())
+    ids, pixels = chat_ids(tok, model, prompt, list(images), system, history=history, tools=tools)
     device = next(model.parameters()).device
     if pixels is not None:
         pixels = pixels.to(device, next(model.parameters()).dtype)
-    stops = {tok.end_of_turn, tok.eos_id}
+    stops = tok.stop_ids()
     return generate(
         model,
         ids.to(device),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.template import ensure_chat_template
-from ..data.tokenizer import train_tiny_tokenizer
+from ..data.tokenizer import train_tiny_tokenizer, write_processor_files
 from ..errors import UserError
 from ..model.checkpoint import save_model
 from ..model.config import preset
@@ -36,4 +36,5 @@ def init_model(name: str, out: str | Path, *, seed: int = 0, force: bool = False
         model = random_init(Gemma3(cfg), seed)
         save_model(model, tmp)
         ensure_chat_template(tmp)
+        write_processor_files(tmp)  # vision presets: AutoProcessor opens the folder
     return out

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from ..data.dataset import DataErrors, data_loss, histogram, render_mask
+import numpy as np
+
+from ..data.dataset import DataErrors, data_loss, histogram, render_mask, shown
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from .recipe import Recipe, load_recipe, model_dir
@@ -54,6 +57,55 @@ def prepare_only(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+LISTED = 10  # truncated/dropped samples, and cropped images, listed by name
+
+
+def train_image_views(data) -> tuple[np.ndarray, list[str]]:
+    """Views (1 + Pan & Scan crops) of every image of the training samples, in training
+    order with repeats (as the `images` count has them), and a "name: N crops" line for
+    each distinct cropped image (the first LISTED, then "... and N more"). Read from the
+    prepared Arrow columns, not sample by sample."""
+    import pyarrow.compute as pc
+
+    rows = data.train_rows
+    images = pc.list_flatten(rows.samples.data.column("images").take(rows.members))
+    views = pc.struct_field(images, "views").to_numpy(zero_copy_only=False)  # [images]
+    cropped_views = views[views > 1]
+    cropped = pc.struct_field(images, "path").filter(pc.greater(views, 1))
+    distinct = pc.unique(cropped).to_pylist()  # in order of first appearance
+    lines = [
+        f"{Path(p).name}: {cropped_views[pc.index(cropped, p).as_py()] - 1} crops"
+        for p in distinct[:LISTED]
+    ]
+    return views, shown(lines + distinct[LISTED:], LISTED)  # the rest only counted
+
+
+def crop_counts(views: np.ndarray) -> dict:
+    """The crop counts `data check --json` adds: images with crops, crops in all, and how
+    many images have each number of crops ({"0": images without, "4": with 4, ...})."""
+    crops = views.astype(np.int64) - 1
+    per = np.bincount(crops) if len(crops) else np.zeros(0, np.int64)
+    return {
+        "cropped_images": int((crops > 0).sum()),
+        "crops": int(crops.sum()),
+        "crops_per_image": {str(k): int(n) for k, n in enumerate(per) if n},
+    }
+
+
+def _print_crops(views: np.ndarray, listed: list[str], tokens_per_view: int, out) -> None:
+    c = crop_counts(views)
+    print(
+        f"pan & scan crops   {c['cropped_images']} of {len(views)} images cropped,"
+        f" {c['crops']} crops (+{c['crops'] * tokens_per_view:,} image tokens)",
+        file=out,
+    )
+    if c["crops"]:
+        hist = ", ".join(f"{n} with {k}" for k, n in c["crops_per_image"].items())
+        print(f"  images by crops  {hist}", file=out)
+    for line in listed:
+        print(f"  {line}", file=out)
+
+
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
     try:
@@ -71,8 +123,13 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     print(f"truncated          {r.truncated}", file=out)
     print(f"dropped            {r.dropped}", file=out)
     print(f"tokens lost        {r.lost_tokens}  (cut or dropped at max_seq_len)", file=out)
-    for where in (r.truncated_at + r.dropped_at)[:10]:
+    for where in shown(r.truncated_at + r.dropped_at, LISTED):
         print(f"  {where}", file=out)
+    crops: dict = {}
+    if recipe.data.pan_and_scan and cfg.is_multimodal:
+        views, listed = train_image_views(data)
+        _print_crops(views, listed, cfg.mm_tokens_per_image + 2, out)  # + boi, eoi
+        crops = crop_counts(views)
     mode = "packed" if recipe.data.packing else "padded"
     print(f"rows ({mode})      {r.rows} x {recipe.data.max_seq_len} tokens", file=out)
     print(f"packing efficiency {r.packing_efficiency:.1%}", file=out)
@@ -88,7 +145,9 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
         img = cfg.image_token_id if cfg.is_multimodal else None
         print(render_mask(data.example, tok, color, img), file=out)
     if as_json:
-        print(json.dumps({**r.summary(), "cache": str(data.folder)}), file=out)
+        summary = {**r.summary(), "cache": str(data.folder)}
+        summary.update(crops or crop_counts(np.ones(r.images, np.int64)))  # off: no crops
+        print(json.dumps(summary), file=out)
     warning, refusal = data_loss(r, recipe.data)
     if warning:
         print(warning, file=sys.stderr)
