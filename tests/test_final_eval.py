@@ -67,9 +67,8 @@ def reference_eval_loss(recipe_path, run) -> float:
 def test_eval_split_without_eval_steps_evaluates_at_the_end(tmp_path, tiny_dir, capsys):
     """No eval_steps: one eval row, at the last step, equal to the loss computed by hand; the
     console prints it, the model card reports it, the final checkpoint's trainer state records
-    it. Resuming the finished run does not evaluate step 6 again. (HF's loop trains one step past
-    max_steps when it resumes at max_steps, a step 7 with lr 0: that step gets its own final
-    evaluation.)"""
+    it. Resuming the finished run is refused (it would train a step 7 at lr 0) and evaluates
+    nothing again."""
     data = chat_set(tmp_path / "chat.jsonl", n=25)
     # unpacked: 5 eval rows, so batches of 2, 2 and 1 (the weighting of a short last batch)
     r = write_recipe(
@@ -98,13 +97,9 @@ def test_eval_split_without_eval_steps_evaluates_at_the_end(tmp_path, tiny_dir, 
     state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [6]
 
-    assert main(["train", str(r), "training.resume=true"]) == 0
-    assert "resuming from checkpoint-6" in capsys.readouterr().err
-    after = eval_rows(run)
-    assert [e for e in after if e["step"] <= 6] == evals
-    steps = [e["step"] for e in after]
-    assert len(set(steps)) == len(steps), after
-    assert steps[-1] == [x for x in rows_of(run) if "loss" in x][-1]["step"]
+    assert main(["train", str(r), "training.resume=true"]) == 2  # finished: refused, no step 7
+    assert "checkpoint-6 already completes this run (6 of 6 steps)" in capsys.readouterr().err
+    assert eval_rows(run) == evals
 
 
 @pytest.mark.parametrize(

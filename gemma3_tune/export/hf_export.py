@@ -159,7 +159,7 @@ def export_merged(
         original["dtype"] = dtype
         original.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(original, indent=2) + "\n")
-        copy_tokenizer(base, tmp)
+        copy_tokenizer(base, tmp)  # and, for a vision model, the processor files it lacks
         diff = verify(model, tmp, torch_dtype)
     print(
         f"verified: reloaded logits within {diff:.2e} of the merged model ({method})",
@@ -172,7 +172,10 @@ def export_adapter(
     src: Path, out: Path, checkpoint: int | None = None, force: bool = False, for_vllm: bool = False
 ) -> Path:
     """The peft adapter. As trained, it loads with peft onto transformers' Gemma 3 (our module
-    names are transformers' own). `for_vllm` renames it for vLLM (see vllm_adapter)."""
+    names are transformers' own), by `peft.AutoPeftModelForCausalLM.from_pretrained(out)` too
+    (adapters.portable_config). `for_vllm` renames it for vLLM (see vllm_adapter)."""
+    from ..train.adapters import portable_config
+
     base, adapter = resolve_run(src)
     if adapter is None:
         raise UserError(f"{src}: has no adapter (a full SFT run or a plain model); use --merge")
@@ -187,7 +190,7 @@ def export_adapter(
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     if for_vllm:
         cfg, weights = vllm_adapter(cfg, weights, src)
-    cfg["base_model_name_or_path"] = str(base)
+    cfg = portable_config(cfg, base)  # loads with AutoPeftModelForCausalLM (runs of any age)
     with staged_dir(out, force) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -9,8 +9,10 @@ entry, so the saved adapter carries it and loads onto transformers' Gemma 3 too.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -99,9 +101,14 @@ def _block(name: str) -> str:
 
 
 def parameter_table(model: nn.Module) -> str:
-    """Trainable vs frozen parameters by block, for the start of a run."""
+    """Trainable vs frozen parameters by block, for the start of a run. Each parameter counts
+    once: peft's `modules_to_save` (the trained projector) keeps the original module beside
+    its trainable copy, and only the copy is the model's (the total is the model's own
+    parameters plus the LoRA ones)."""
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, p in model.named_parameters():
+        if ".original_module." in name:  # peft's frozen stand-by for a modules_to_save copy
+            continue
         n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed 4-bit: two values per byte
         rows[_block(name)][0 if p.requires_grad else 1] += n
     lines = [f"{'block':<28}{'trainable':>14}{'frozen':>16}"]
@@ -113,3 +120,29 @@ def parameter_table(model: nn.Module) -> str:
         f"{'total':<28}{total_t:>14,}{total - total_t:>16,}  ({100 * total_t / max(total, 1):.2f}% trainable)"
     )
     return "\n".join(lines)
+
+
+# peft's `auto_mapping` names the class AutoPeftModel builds the base with. For our model it
+# would be gemma3_tune's (refused: not in peft's import allowlist, and not what others load);
+# the transformers class of the base folder is what peft writes for a transformers model.
+HF_CLASS = {"gemma3": "Gemma3ForConditionalGeneration", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def portable_config(cfg: dict, base: Path) -> dict:
+    """An adapter_config.json that `peft.AutoPeftModelForCausalLM.from_pretrained(adapter)`
+    loads onto transformers' Gemma 3 in `base` (an HF folder): its absolute path, and the
+    transformers class. task_type stays null: with CAUSAL_LM, peft would wrap our own model
+    in PeftModelForCausalLM too, which needs transformers' generation methods."""
+    model_type = json.loads((base / "config.json").read_text()).get("model_type")
+    auto = {
+        "base_model_class": HF_CLASS.get(model_type, "Gemma3ForCausalLM"),
+        "parent_library": "transformers.models.gemma3.modeling_gemma3",
+    }
+    return {**cfg, "base_model_name_or_path": str(base.resolve()), "auto_mapping": auto}
+
+
+def write_portable_config(adapter: Path, base: Path) -> None:
+    """Rewrite `adapter/adapter_config.json` (as peft saved it) with portable_config."""
+    path = adapter / "adapter_config.json"
+    cfg = portable_config(json.loads(path.read_text()), base)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

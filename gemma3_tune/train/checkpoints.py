@@ -27,6 +27,7 @@ import pickle
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -169,10 +170,17 @@ def rotate(out: Path, keep: int | None) -> list[Path]:
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint complete once all ranks wrote it, then applies save_total_limit."""
+    """Marks each checkpoint complete once all ranks wrote it, then applies save_total_limit.
+    `add_files(ckpt)` runs on rank 0 before the marker: what our run folders carry besides the
+    Trainer's files (the base's tokenizer files, a portable adapter_config.json)."""
 
-    def __init__(self, out: Path, save_total_limit: int | None):
-        self.out, self.keep = out, save_total_limit
+    def __init__(
+        self,
+        out: Path,
+        save_total_limit: int | None,
+        add_files: Callable[[Path], None] | None = None,
+    ):
+        self.out, self.keep, self.add_files = out, save_total_limit, add_files
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
@@ -182,6 +190,8 @@ class CompleteCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = self.out / f"{PREFIX}{state.global_step}"
             if ckpt.is_dir():
+                if self.add_files is not None:
+                    self.add_files(ckpt)
                 batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
                 mark_complete(ckpt, args.world_size, batch * args.world_size)
                 for p in rotate(self.out, self.keep):

@@ -4,6 +4,10 @@ TRL and peft write generic cards ("fine-tuned version of [None](https://huggingf
 pages of "[More Information Needed]"); ours is built from the recipe, the data report and
 metrics.jsonl, and is rewritten at every checkpoint and at the end of the run. The adapter (or
 model) folder gets the same card, since that folder is what people share.
+
+Paths (base model, data, the run in the commands) are written as the recipe has them, like the
+recipe block at the end of the card: relative ones are relative to the folder `train` ran in,
+and no absolute path of the training machine ends up in a shared card unless the recipe had it.
 """
 
 from __future__ import annotations
@@ -32,11 +36,9 @@ def _method(recipe: Recipe) -> str:
     return described
 
 
-def model_card(
-    recipe: Recipe, out: Path, base: Path, data: dict, step: int, max_steps: int, done: bool
-) -> str:
-    """Markdown with a YAML header (as on the Hugging Face Hub). `data` is the data report's
-    summary; metrics come from out/metrics.jsonl as it stands now."""
+def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int, done: bool) -> str:
+    """Markdown with a YAML header (as on the Hugging Face Hub). `out` is the run folder;
+    `data` is the data report's summary; metrics come from out/metrics.jsonl as it stands now."""
     t, d = recipe.training, recipe.data
     rows = read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
@@ -60,7 +62,7 @@ def model_card(
         "",
         f"# {out.name}",
         "",
-        f"A {_method(recipe)} of the Gemma 3 model at `{base}`, trained with gemma3-tune"
+        f"A {_method(recipe)} of the Gemma 3 model `{recipe.model.path}`, trained with gemma3-tune"
         f" {__version__}.",
         "",
         "| | |",
@@ -90,7 +92,7 @@ def model_card(
             f"| eval loss | {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.2f})"
             f" at step {last['step']} |"
         )
-    run = str(out)
+    run = t.output_dir  # as the recipe has it, like every path in this card
     lines += [
         "",
         "Every logged step is in `metrics.jsonl` (the loss curve in `loss.png`), the data report"
@@ -109,7 +111,8 @@ def model_card(
         "```",
         "",
         f"`{folder}/` holds the trained weights; `checkpoint-N/` are for resuming"
-        " (`training.resume: true`).",
+        " (`training.resume: true`). Paths are as written in the recipe: relative ones are"
+        " relative to the folder training ran in.",
         "",
         "## Recipe",
         "",

@@ -99,6 +99,19 @@ class TrainingSection(_Strict):
     )
     force: bool = Field(default=False, description="allow writing into a non-empty output_dir")
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        """0 would train one step and print `step 1/0`; below -1 would quietly mean epochs."""
+        from pydantic_core import PydanticCustomError
+
+        if v == 0 or v < -1:
+            raise PydanticCustomError(
+                "max_steps",
+                "set a positive number of optimizer steps, or -1 to train for training.epochs",
+            )
+        return v
+
 
 class WandbSection(_Strict):
     project: str | None = Field(default=None, description="set to log to Weights & Biases")
@@ -177,19 +190,41 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _our_paths() -> dict[str, str]:
+    """Each of our key names that occurs once in the schema -> its dotted path (`lr` ->
+    `training.lr`), sections included (`lora`), to place a key written in the wrong section."""
+    paths = [k for k, _, _ in describe_keys()] + _fields(Recipe)
+    leaves: dict[str, list[str]] = {}
+    for p in dict.fromkeys(paths):
+        leaves.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    return {leaf: ps[0] for leaf, ps in leaves.items() if len(ps) == 1}
+
+
+def _unknown_key_hint(loc: tuple) -> str:
+    """What to write instead of an unknown key: another tool's name for one of ours (checked
+    first: `learning_rate` is not `logging_steps`), one of ours in the wrong section, or the
+    closest spelling in its own section."""
+    from .foreign_keys import FOREIGN_KEYS
+
+    given = str(loc[-1])
+    if given in FOREIGN_KEYS:
+        return "; " + FOREIGN_KEYS[given].text(given)
+    if given in (ours := _our_paths()):
+        return f"; did you mean {ours[given]}?"
+    parent = _section_model(loc[:-1]) or Recipe
+    close = difflib.get_close_matches(given, _fields(parent), n=1, cutoff=0.5)
+    close = close or [f for f in _fields(parent) if given.startswith(f) or f.startswith(given)][:1]
+    return f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+
+
 def _explain(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
+    # An unknown key first: `datasets:` explains a missing `data:` better than the reverse.
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    err = errors[0]
     loc = tuple(err["loc"])
     key = ".".join(str(x) for x in loc)
     if err["type"] == "extra_forbidden":
-        parent = _section_model(loc[:-1]) or Recipe
-        given = str(loc[-1])
-        close = difflib.get_close_matches(given, _fields(parent), n=1, cutoff=0.5)
-        close = (
-            close or [f for f in _fields(parent) if given.startswith(f) or f.startswith(given)][:1]
-        )
-        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
-        return f"{source}: unknown key {key}{hint}"
+        return f"{source}: unknown key {key}{_unknown_key_hint(loc)}"
     if err["type"] == "missing":
         return f"{source}: missing required key {key}"
     return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"

@@ -9,6 +9,11 @@ Run directory: `checkpoint-N/`, `adapter/` (peft; a full HF folder in `model/` f
 `metrics.jsonl`, `loss.png`, `recipe.yaml`, `data_report.json`, and README.md (our model card,
 model_card.py). Console output is console.py's; the lr schedule is schedule.py's.
 
+Resume (`training.resume: true`): the token count in metrics.jsonl goes on from the
+checkpoint's (trainer_state.json's `num_input_tokens_seen`); another length rebuilds the lr
+schedule for the new total (schedule.py); a checkpoint that already completes the run is
+refused with the key to raise.
+
 With eval data, the last step is always evaluated (`training.eval_steps` unset: only there),
 inside the loop and so before the final checkpoint (FinalEval), as HF does at the end of a run
 whose eval_steps do not divide its last step.
@@ -39,7 +44,7 @@ from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
 from . import precision
-from .adapters import PROJECTOR, apply_method, parameter_table, unwrap
+from .adapters import PROJECTOR, apply_method, parameter_table, unwrap, write_portable_config
 from .checkpoints import (
     UNREAD,
     CompleteCheckpoints,
@@ -56,7 +61,7 @@ from .metrics import MetricsCallback
 from .model_card import model_card
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
-from .schedule import scheduler
+from .schedule import restart_at_current_step, scheduler
 
 log = logging.getLogger("gemma3_tune")
 
@@ -397,7 +402,7 @@ def build_trainer(recipe: Recipe):
     report = data.report.summary()
 
     def card(step: int, max_steps: int, done: bool) -> str:
-        return model_card(recipe, out, folder, report, step, max_steps, done)
+        return model_card(recipe, out, report, step, max_steps, done)
 
     trainer = _make_trainer_class()(
         model=model,
@@ -406,7 +411,12 @@ def build_trainer(recipe: Recipe):
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=hf_tok,
-        callbacks=[metrics, CompleteCheckpoints(out, recipe.training.save_total_limit)]
+        callbacks=[
+            metrics,
+            CompleteCheckpoints(
+                out, recipe.training.save_total_limit, lambda ckpt: folder_files(ckpt, folder)
+            ),
+        ]
         + ([FinalEval()] if eval_ds is not None else []),
         projector_lr=recipe.train_projector_lr,
         pad_id=tok.pad_id,
@@ -457,9 +467,28 @@ def check_global_batch(recipe: Recipe, ckpt: Path, batch: int | None) -> None:
     )
 
 
+def refuse_finished(trainer, ckpt: Path) -> None:
+    """Resuming at or past this run's last step would train one more step (HF's loop checks
+    the step count only after a step) at the schedule's end lr, 0: say so instead."""
+    done = int(ckpt.name.removeprefix("checkpoint-"))
+    total, by_epochs = trainer.args.max_steps, trainer.args.max_steps <= 0
+    if by_epochs:  # the Trainer's own count for these epochs, this data and batch
+        loader = trainer.get_train_dataloader()
+        total = trainer.set_initial_training_values(trainer.args, loader)[-1]
+    if done >= total:
+        epochs = " (or raise training.epochs)" if by_epochs else ""
+        raise UserError(
+            f"training.resume: {ckpt.name} already completes this run ({done} of {total} steps);"
+            f" set training.max_steps above {done}{epochs} to train more (the lr schedule is"
+            " rebuilt for the new length)"
+        )
+
+
 def train(recipe: Recipe, recipe_path: str = "") -> Path:
     trainer, out, folder = build_trainer(recipe)
     resume = trainer.resume_checkpoint
+    if resume is not None:
+        refuse_finished(trainer, resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
     return out
@@ -510,9 +539,21 @@ def _make_trainer_class():
             self.pad_id = pad_id
             self.guard = guard
             self._tokens = 0  # real (non-padding) tokens, this process, read at each log
+            self._tokens_base = 0  # all processes' tokens before this train() (resume)
             self._tokens_pending: torch.Tensor | None = None  # counted on the device since
             self._last = (time.perf_counter(), 0, 0)  # time, tokens, step at the last train log
             super().__init__(*a, **kw)
+            self.add_callback(_TrainBegin(self))
+
+        def train_begins(self, state) -> None:
+            """Called once the Trainer has restored a checkpoint (or not): counters go on from
+            the checkpoint's, and a resumed step runs at this run's lr (schedule.py)."""
+            self._tokens_base = state.num_input_tokens_seen
+            self._last = (time.perf_counter(), self._tokens_base, state.global_step)
+            if state.global_step > 0 and isinstance(
+                self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR
+            ):
+                restart_at_current_step(self.lr_scheduler)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             rows = inputs.pop("row_ids", None)
@@ -530,7 +571,7 @@ def _make_trainer_class():
             shows them too) and perplexity to eval logs."""
             if "loss" in logs:
                 now, step = time.perf_counter(), self.state.global_step
-                tokens = self.tokens_seen() * self.args.world_size
+                tokens = self.tokens_total()
                 t0, tok0, step0 = self._last
                 dt = max(now - t0, 1e-9)
                 logs.update(
@@ -554,6 +595,18 @@ def _make_trainer_class():
                 self._tokens += int(self._tokens_pending)
                 self._tokens_pending = None
             return self._tokens
+
+        def tokens_total(self) -> int:
+            """Real tokens trained on by all processes since step 0 (this process's count x
+            processes), kept in the trainer state, whose trainer_state.json carries it across
+            a resume."""
+            total = self._tokens_base + self.tokens_seen() * self.args.world_size
+            self.state.num_input_tokens_seen = total
+            return total
+
+        def _save_checkpoint(self, model, trial):
+            self.tokens_total()  # up to date in trainer_state.json, even between logged steps
+            return super()._save_checkpoint(model, trial)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs.pop("row_ids", None)  # eval batches carry it too; the model does not need it
@@ -597,6 +650,26 @@ def _make_trainer_class():
     return Gemma3Trainer
 
 
+class _TrainBegin(TrainerCallback):
+    """Tells the trainer when train() has restored its state (the Trainer has no hook there)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainer.train_begins(state)
+
+
+def folder_files(dest: Path, base: Path) -> None:
+    """What every folder of trained weights carries besides them (adapter/, model/ and each
+    checkpoint-N/): the base's tokenizer files and the chat template, and for a peft adapter
+    an adapter_config.json that peft's AutoPeftModel loads onto transformers' Gemma 3."""
+    copy_tokenizer_files(base, dest)
+    ensure_chat_template(dest)
+    if (dest / "adapter_config.json").is_file():
+        write_portable_config(dest, base)
+
+
 def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     """adapter/ (peft) or model/ (full SFT), written under a temporary name and renamed when
     complete, and the final model card in it and in the run. Every rank takes part: under
@@ -631,9 +704,7 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
     (tmp / UNREAD).unlink(missing_ok=True)  # HF's pickled TrainingArguments (see README)
     card = trainer.card_text(done=True)
     write_atomic(tmp / "README.md", card)  # replaces peft's template
-    copy_tokenizer_files(base_folder, tmp)
-    if recipe.method == "full":  # a whole model folder: it carries the chat template too
-        ensure_chat_template(tmp)
+    folder_files(tmp, base_folder)
     replace_dir(tmp, dest)
     write_atomic(out / "README.md", card)  # the run's card, final
     print(f"saved {dest}", file=sys.stderr)
