@@ -77,3 +77,20 @@ def save_hf(model: torch.nn.Module, out: Path, *, layout: str = "hf", dialect: s
         text["sliding_window_pattern"] = 6
         cfg_file.write_text(json.dumps(d, indent=2))
     return out
+
+
+def hf_image_pixels(img, size: int, pan_and_scan: bool) -> torch.Tensor:
+    """transformers' Gemma 3 image processor (PIL backend) with our preprocessing settings:
+    `[views, 3, size, size]`."""
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    proc = Gemma3ImageProcessorPil(
+        size={"height": size, "width": size},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        do_pan_and_scan=pan_and_scan,
+        pan_and_scan_min_crop_size=256,
+        pan_and_scan_max_num_crops=4,
+        pan_and_scan_min_ratio_to_activate=1.2,
+    )
+    return proc(images=img, return_tensors="pt")["pixel_values"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
+from reference import hf_image_pixels
 from transformers.image_utils import load_image as hf_load_image
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from gemma3_tune.data import images
 from gemma3_tune.data.sources import Record, to_turns
@@ -31,19 +31,6 @@ def _with_orientation(tmp_path, orientation: int, suffix: str):
     return path
 
 
-def _hf_pixels(img: Image.Image) -> torch.Tensor:
-    proc = Gemma3ImageProcessorPil(
-        size={"height": SIZE, "width": SIZE},
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        do_pan_and_scan=True,
-        pan_and_scan_min_crop_size=256,
-        pan_and_scan_max_num_crops=4,
-        pan_and_scan_min_ratio_to_activate=1.2,
-    )
-    return proc(images=img, return_tensors="pt")["pixel_values"]
-
-
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
 @pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
 def test_exif_orientation_is_applied_as_pil_and_transformers_do(tmp_path, orientation, suffix):
@@ -54,7 +41,9 @@ def test_exif_orientation_is_applied_as_pil_and_transformers_do(tmp_path, orient
     want = images.preprocess(upright, SIZE, pan_and_scan=True)
     assert got.shape == want.shape
     assert torch.equal(got, want)
-    hf = _hf_pixels(hf_load_image(str(path)))  # transformers: load_image, then the processor
+    hf = hf_image_pixels(
+        hf_load_image(str(path)), SIZE, True
+    )  # transformers: load_image, then the processor
     assert hf.shape == got.shape and (got - hf).abs().max().item() <= 1e-5
     # The data pipeline reserves tokens for as many views as preprocessing cuts, from the
     # upright size (Pan & Scan cuts a tall image into stacked crops, a wide one side by side).

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from reference import hf_image_pixels
 
 from gemma3_tune.data.images import ImageError, load_image, preprocess
 
@@ -25,19 +24,6 @@ def _image(mode: str, w: int, h: int, seed: int = 0) -> Image.Image:
     raise ValueError(mode)
 
 
-def _reference(img: Image.Image, size: int, pas: bool) -> torch.Tensor:
-    proc = Gemma3ImageProcessorPil(
-        size={"height": size, "width": size},
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        do_pan_and_scan=pas,
-        pan_and_scan_min_crop_size=256,
-        pan_and_scan_max_num_crops=4,
-        pan_and_scan_min_ratio_to_activate=1.2,
-    )
-    return proc(images=img, return_tensors="pt")["pixel_values"]
-
-
 SHAPES = {
     "square": (300, 300),
     "wide": (1100, 300),
@@ -52,7 +38,7 @@ SHAPES = {
 @pytest.mark.parametrize("pas", [False, True], ids=["plain", "pan_and_scan"])
 def test_matches_transformers(mode, shape, pas):
     img = _image(mode, *SHAPES[shape])
-    want = _reference(img, 64, pas)
+    want = hf_image_pixels(img, 64, pas)
     got = preprocess(img, 64, pan_and_scan=pas)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-5
