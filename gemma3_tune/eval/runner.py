@@ -23,6 +23,7 @@ from ..data.template import (
     Turn,
     VisionTokens,
     generation_prompt,
+    has_images,
     reference_text,
     render,
     stop_at_call,
@@ -44,7 +45,7 @@ class EvalSample:
 
     @property
     def has_images(self) -> bool:
-        return any(isinstance(p, ImageRef) for t in self.turns for p in t.parts)
+        return has_images(self.turns)
 
     def prompt_text(self) -> str:
         last_user = self.prompt_turns[-1]

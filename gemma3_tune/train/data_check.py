@@ -92,10 +92,10 @@ def crop_counts(views: np.ndarray) -> dict:
     }
 
 
-def _print_crops(views: np.ndarray, listed: list[str], tokens_per_view: int, out) -> None:
-    c = crop_counts(views)
+def _print_crops(c: dict, images: int, listed: list[str], tokens_per_view: int, out) -> None:
+    """`c`: crop_counts of the `images` training images."""
     print(
-        f"pan & scan crops   {c['cropped_images']} of {len(views)} images cropped,"
+        f"pan & scan crops   {c['cropped_images']} of {images} images cropped,"
         f" {c['crops']} crops (+{c['crops'] * tokens_per_view:,} image tokens)",
         file=out,
     )
@@ -128,8 +128,8 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     crops: dict = {}
     if recipe.data.pan_and_scan and cfg.is_multimodal:
         views, listed = train_image_views(data)
-        _print_crops(views, listed, cfg.mm_tokens_per_image + 2, out)  # + boi, eoi
         crops = crop_counts(views)
+        _print_crops(crops, len(views), listed, cfg.mm_tokens_per_image + 2, out)  # + boi, eoi
     mode = "packed" if recipe.data.packing else "padded"
     print(f"rows ({mode})      {r.rows} x {recipe.data.max_seq_len} tokens", file=out)
     print(f"packing efficiency {r.packing_efficiency:.1%}", file=out)
