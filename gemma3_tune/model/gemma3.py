@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from .config import GLOBAL, Gemma3Config
 from .layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .loss import IGNORE_INDEX, SoftTargets, chunked_cross_entropy, chunked_distillation
 from .masks import TokenInfo, flex_block_mask, token_info, visible
 from .siglip import MultiModalProjector, VisionTower, pool_patches
 
@@ -509,6 +509,8 @@ class Gemma3(nn.Module):
         cache: KVCache | None = None,
         num_items_in_batch: int | Tensor | None = None,  # HF Trainer: labelled tokens in the step
         last_logits_only: bool = False,  # generation: project only the final position
+        soft_targets: SoftTargets | None = None,  # distillation: a teacher's targets (loss.py)
+        hidden_only: bool = False,  # the final hidden states [B, T, D], unprojected (a teacher)
         **_: object,
     ) -> Output:
         b, t = input_ids.shape
@@ -522,6 +524,8 @@ class Gemma3(nn.Module):
             info.doc.copy_(cache.info[GLOBAL].doc[:, -1:].expand_as(info.doc))
         x = self.embed(input_ids, pixel_values, vision_features)
         h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
+        if hidden_only:
+            return Output(hidden=h)
         weight = self.text_model.embed_tokens.weight  # tied LM head  [V, D]
         if labels is None:
             if last_logits_only:
@@ -530,15 +534,19 @@ class Gemma3(nn.Module):
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
         flat = targets.reshape(-1)
-        loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat)
-        if (
-            num_items_in_batch is not None
-        ):  # sum over this micro-batch / labelled tokens in the step
+        logs = {}
+        if soft_targets is None:
+            loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat)
+        else:
+            loss, kd, ce = chunked_distillation(h.reshape(b * t, -1), weight, flat, soft_targets)
+            logs = {"kd_loss": kd, "ce_loss": ce}
+        if num_items_in_batch is not None:
+            # sum over this micro-batch / labelled tokens in the step
             count = (flat != IGNORE_INDEX).sum()
-            loss = (
-                loss * count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
-            )
-        return Output(loss=loss)
+            share = count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+            loss = loss * share
+            logs = {k: v * share for k, v in logs.items()}
+        return Output(loss=loss, **logs)
 
     def compile_layers(self) -> None:
         """Regional compilation: each decoder and SigLIP layer is compiled in place (its

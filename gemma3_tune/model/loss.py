@@ -15,6 +15,8 @@ on a GPU it queues all chunks without waiting for any.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -45,32 +47,90 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return (a @ b).to(acc)
 
 
+@dataclass
+class SoftTargets:
+    """A teacher's target distribution for each scored token, over a few vocabulary ids.
+
+    Stored flat, one entry per (token, id) pair, grouped by token (CSR without the offsets):
+    `token[e]` is the index, among the scored tokens of the batch (the non-ignored targets in
+    row-major order), that entry `e` belongs to, non-decreasing. Per token the weights sum to 1.
+    distill.py makes them (sampled or top-k) from a teacher's logits, in the step or from the
+    teacher cache.
+    """
+
+    ids: Tensor  # [E] int64: vocabulary ids
+    weights: Tensor  # [E] fp32: target probabilities
+    token: Tensor  # [E] int64: scored-token index, non-decreasing
+    alpha: float = 1.0  # weight of the distillation term; 1 - alpha on the labels' CE
+    temperature: float = 1.0  # the student's softmax for the distillation term is of z / T
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, need_h: bool, need_w: bool):
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        need_h: bool,
+        need_w: bool,
+        soft: SoftTargets | None,
+        bounds: list[int] | None,
+    ):
         # hidden: [N, D]; weight: [V, D]; targets: [N], every one a real token id (N >= 1):
-        # chunked_cross_entropy has already dropped the ignored rows.
+        # chunked_cross_entropy has already dropped the ignored rows. With soft targets,
+        # bounds[k]:bounds[k + 1] are the entries of the k-th chunk of tokens.
         n = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when given fp64
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        kd_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        alpha = soft.alpha if soft is not None else 0.0
+        temp = soft.temperature if soft is not None else 1.0
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         step = _chunk_rows(weight.shape[0])
-        for s in range(0, n, step):
+        for k, s in enumerate(range(0, n, step)):
             h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
+            c = len(tgt)
             logits = _mm(h, weight.T, acc)  # [c, V]
             picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
+            if soft is not None:
+                e0, e1 = bounds[k], bounds[k + 1]
+                sid, sw = soft.ids[e0:e1], soft.weights[e0:e1].to(acc)  # [e], [e]
+                stok = soft.token[e0:e1] - s  # [e]: row of the chunk
+                soft_z = logits[stok, sid]  # [e]: raw logits at the teacher's ids
+                dot = torch.zeros(c, dtype=acc, device=h.device).index_add_(0, stok, sw * soft_z)
+                # dot: [c], sum over a token's entries of w_e * z_e
+            if soft is not None and temp != 1.0:
+                # the distillation term's own softmax, of z / T (a second [c, V] buffer)
+                pt = logits / temp  # [c, V]
+                peak_t = pt.amax(dim=-1, keepdim=True)
+                pt.sub_(peak_t).exp_()
+                z_t = pt.sum(dim=-1)  # [c]
+                lse_t = peak_t[:, 0] + z_t.log()
+                kd_sum += temp * temp * (lse_t - dot / temp).sum()
             # log-sum-exp in place (no [c, V] temporaries: torch.logsumexp allocates two, and
             # at this size the page faults cost more than the arithmetic).
             peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
             probs = logits.sub_(peak).exp_()  # unnormalised softmax  [c, V]
             z = probs.sum(dim=-1)  # [c]
             lse = peak[:, 0] + z.log()
-            total += (lse - picked).sum()
+            ce_sum += (lse - picked).sum()
+            if soft is not None and temp == 1.0:
+                kd_sum += (lse - dot).sum()
             if need_h or need_w:
-                # d(mean loss) / d(logits) = (softmax - one_hot) / n, in one pass
-                probs.mul_((1.0 / n / z)[:, None])
-                probs[torch.arange(len(tgt), device=h.device), tgt] -= 1.0 / n
+                # d(mean loss) / d(logits), in one pass:
+                #   (1 - alpha) (softmax(z) - one_hot) / n + alpha T (softmax(z / T) - w) / n
+                # (at T = 1 the two softmax shares add up to one softmax).
+                if soft is not None and temp != 1.0:
+                    probs.mul_(((1.0 - alpha) / n / z)[:, None])
+                    probs.add_(pt.mul_((alpha * temp / n / z_t)[:, None]))
+                    del pt
+                else:
+                    probs.mul_((1.0 / n / z)[:, None])
+                probs[torch.arange(c, device=h.device), tgt] -= (1.0 - alpha) / n
+                if soft is not None and alpha != 0.0:
+                    probs.index_put_((stok, sid), sw * (-alpha * temp / n), accumulate=True)
                 g = probs.to(weight.dtype)  # [c, V]: the matmuls' operands in the weights' dtype
                 if need_h:
                     grad_h[s : s + step] = (g @ weight).to(hidden.dtype)  # [c, D]
@@ -84,15 +144,23 @@ class _ChunkedCE(torch.autograd.Function):
         )
         ctx.need = (need_h, need_w)
         ctx.w_dtype = weight.dtype
-        return total / n
+        total = ce_sum if soft is None else (1.0 - alpha) * ce_sum + alpha * kd_sum
+        kd, ce = kd_sum / n, ce_sum / n
+        ctx.mark_non_differentiable(kd, ce)
+        return total / n, kd, ce
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _kd: Tensor, _ce: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.need
         gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
         gw = (grad_w * grad_out).to(ctx.w_dtype) if need_w else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+def _scored(hidden: Tensor, targets: Tensor) -> Tensor:
+    """Indices of the rows with a target: the one host sync of a call (`nonzero`)."""
+    return (targets != IGNORE_INDEX).nonzero()[:, 0]
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
@@ -109,7 +177,87 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Te
     """
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    keep = (targets != IGNORE_INDEX).nonzero()[:, 0]
+    keep = _scored(hidden, targets)
     if keep.numel() == 0:
         return (hidden.sum() * 0.0).float()  # no target: zero loss, zero gradients, graph intact
-    return _ChunkedCE.apply(hidden.index_select(0, keep), weight, targets[keep], need_h, need_w)
+    h = hidden.index_select(0, keep)
+    return _ChunkedCE.apply(h, weight, targets[keep], need_h, need_w, None, None)[0]
+
+
+def chunked_distillation(
+    hidden: Tensor, weight: Tensor, targets: Tensor, soft: SoftTargets
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, kd_loss, ce_loss) over the non-ignored targets, in chunks as chunked_cross_entropy:
+
+        kd_loss = mean over tokens of  -T^2 sum_e w_e log softmax(z / T)[id_e]
+        ce_loss = mean over tokens of  -log softmax(z)[label]
+        loss    = alpha kd_loss + (1 - alpha) ce_loss
+
+    The distillation term is the cross-entropy from the target distribution `w` (zero off its
+    ids) to the student's full-vocabulary softmax: the report's loss (section 2.2). Its gradient
+    in the logits is `T (softmax(z / T) - w)`, scattered into the chunk's gradient in the same
+    pass as the labels' `softmax(z) - one_hot`, so one chunk of `[tokens, vocab]` exists at a
+    time (two at T != 1: the distillation term needs its own softmax). At alpha = 0 the result
+    is chunked_cross_entropy's, bit for bit (the same operations). Only loss has a gradient;
+    kd_loss and ce_loss are for the logs.
+    """
+    need_h = torch.is_grad_enabled() and hidden.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    keep = _scored(hidden, targets)
+    if keep.numel() == 0:
+        zero = (hidden.sum() * 0.0).float()
+        return zero, zero.detach(), zero.detach()
+    n, step = keep.numel(), _chunk_rows(weight.shape[0])
+    starts = torch.arange(0, n + step, step, device=soft.token.device).clamp(max=n)
+    bounds = torch.searchsorted(soft.token, starts).tolist()  # entries per chunk: one host read
+    h = hidden.index_select(0, keep)
+    return _ChunkedCE.apply(h, weight, targets[keep], need_h, need_w, soft, bounds)
+
+
+@torch.no_grad()
+def teacher_targets(
+    hidden: Tensor,
+    weight: Tensor,
+    samples: int,
+    mode: str = "sampled",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A teacher's targets for each row of `hidden` ([N, D]; weight [V, D]): (ids, weights,
+    token) as SoftTargets holds them, a chunk of rows at a time.
+
+    sampled: `samples` draws from softmax(z / T), with replacement; each distinct id drawn gets
+    weight count / samples. The expected weight of every id is exactly its teacher probability,
+    so the distillation gradient `softmax(student) - w` is an unbiased estimate of the gradient
+    of the cross-entropy to the teacher's full distribution, tail included. The report's "set to
+    zero probability for non-sampled logits, and renormalized" reads as this empirical
+    distribution; renormalising the teacher's own probabilities over a sampled set would bias
+    the target towards the ids that are drawn most (the head), which is what sampling avoids.
+    topk: the `samples` most probable ids, their probabilities renormalised over them: the
+    method of the toolkits that distil today, for comparison (it drops the tail, and biases).
+    Entries per token: at most `samples` (sampled, fewer when draws repeat), exactly (topk).
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    step = _chunk_rows(v)
+    ids, weights, token = [], [], []
+    for s in range(0, n, step):
+        logits = _mm(hidden[s : s + step], weight.T, torch.float32)  # [c, V]
+        c = logits.shape[0]
+        if temperature != 1.0:
+            logits /= temperature
+        if mode == "topk":
+            top, idx = logits.topk(samples, dim=-1)  # [c, K]
+            ids.append(idx.reshape(-1))
+            weights.append(top.softmax(dim=-1).reshape(-1))
+            token.append(torch.arange(s, s + c, device=logits.device).repeat_interleave(samples))
+            continue
+        probs = logits.softmax(dim=-1)  # [c, V]
+        del logits
+        draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # [c, K]
+        del probs
+        rows = torch.arange(c, device=draws.device)[:, None]
+        pair, count = torch.unique((rows * v + draws).reshape(-1), return_counts=True)  # sorted
+        ids.append(pair % v)
+        token.append(pair // v + s)
+        weights.append(count.float() / samples)
+    return torch.cat(ids), torch.cat(weights), torch.cat(token)
