@@ -142,9 +142,8 @@ def test_alpha_zero_equals_sft_exactly(tiny_dir):
     sft, sft_grads = run()
     kd, kd_grads = run(soft_targets=soft)
     assert torch.equal(sft.loss, kd.loss)
-    assert len(sft_grads) == len(kd_grads) and all(
-        map(torch.equal, sft_grads, kd_grads, strict=True)
-    )
+    assert len(sft_grads) == len(kd_grads)
+    assert all(torch.equal(a, b) for a, b in zip(sft_grads, kd_grads, strict=True))
     assert torch.equal(kd.ce_loss, sft.loss)  # the logged CE is the SFT loss, scaled alike
 
 
