@@ -6,6 +6,8 @@
 The base Gemma 3 270M continues such text instead of answering in the schema; a few minutes of
 LoRA teach it. Scored by parsing the reply as JSON and comparing every field exactly.
 Deterministic: `python scripts/make_quickstart_data.py` rewrites data/quickstart/ identically.
+prompts.jsonl holds train.jsonl's requests alone (no assistant turn): the distillation example
+(recipes/distill-quickstart.yaml) has the fine-tuned model answer them.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def main(out: Path = OUT, seed: int = 3) -> None:
     for name, n in (("train", 600), ("eval", 60)):
         rows = [sample(rng) for _ in range(n)]
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {out}/train.jsonl (600) and eval.jsonl (60)")
+        if name == "train":  # the same requests without their answers: distillation's data
+            prompts = [{"messages": r["messages"][:1]} for r in rows]
+            (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    print(f"wrote {out}/train.jsonl (600), prompts.jsonl (600, no answers) and eval.jsonl (60)")
 
 
 if __name__ == "__main__":

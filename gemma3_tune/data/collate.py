@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .template import IGNORE, Sample
@@ -96,6 +97,34 @@ class Collator:
             batch["row_ids"] = torch.tensor([r["row"] for r in rows])
         if pixels:
             batch[self.image_key] = torch.cat(pixels)
+        if rows and all("teacher" in r for r in rows):
+            batch.update(teacher_batch(rows))
         if self.validate is not None:
             self.validate(batch)
         return batch
+
+
+def teacher_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """The rows' cached teacher targets (data/teacher_cache.py) as SoftTargets takes them:
+    teacher_ids, teacher_weights [E] and teacher_token [E], the index of each entry's scored
+    token among the batch's (row-major, as the model flattens them). Each row must have one
+    target per scored position (a label after its first token): a cache that does not match its
+    rows is an error, never a silent misalignment."""
+    ids, weights, counts = [], [], []
+    for r in rows:
+        i, w, c = r["teacher"]
+        want = sum(1 for x in r["labels"][1:] if x != IGNORE)
+        if len(c) != want:
+            raise RuntimeError(
+                f"teacher cache: row {r.get('row')} has targets for {len(c)} tokens, its labels"
+                f" score {want}; delete the teacher cache folder to rebuild it"
+            )
+        ids.append(np.asarray(i))
+        weights.append(np.asarray(w))
+        counts.append(np.asarray(c))
+    per_token = torch.from_numpy(np.concatenate(counts).astype(np.int64))
+    return {
+        "teacher_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+        "teacher_weights": torch.from_numpy(np.concatenate(weights).astype(np.float32)),
+        "teacher_token": torch.repeat_interleave(torch.arange(len(per_token)), per_token),
+    }

@@ -10,6 +10,9 @@ equal), but:
 - the result is cached under a key made of everything that changes it (source contents or a
   sampled fingerprint of huge files, tokenizer files, template version, image tokens, every
   data setting, the seed), so a second `train` or `data check` maps the files in seconds;
+- with `answers` (a distillation teacher's replies, `data/answers.py`), a conversation ending on
+  the user's turn gets the teacher's reply appended before rendering, and the replies are part
+  of the key (a hash of their text): another teacher, other rows;
 - it is written into a temporary folder and renamed when complete, so a killed preparation
   never leaves a cache that a later run trusts;
 - under torchrun or DeepSpeed only local rank 0 prepares; the other ranks of the node wait for
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs import wait_for_file
+from .answers import AnswerStore, Prompt, answered
 from .dataset import (
     DataConfig,
     DataErrors,
@@ -92,7 +96,7 @@ def _file_fingerprint(path: Path) -> dict:
     return {"sampled_sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _source_fingerprint(path: Path) -> object:
+def source_fingerprint(path: Path) -> object:
     if not path.exists():
         return None  # read_records reports it, with the data.train hint
     if path.is_dir():
@@ -105,15 +109,21 @@ def _source_fingerprint(path: Path) -> object:
 
 
 def cache_key(
-    cfg: DataConfig, base: Path, tok_folder: Path, vision: VisionTokens | None, seed: int
+    cfg: DataConfig,
+    base: Path,
+    tok_folder: Path,
+    vision: VisionTokens | None,
+    seed: int,
+    answers: str | None = None,
 ) -> tuple[str, dict]:
-    """(hex key, the inputs it hashes). Every input that changes the prepared rows is in it."""
+    """(hex key, the inputs it hashes). Every input that changes the prepared rows is in it;
+    `answers` is the teacher replies' digest (AnswerStore.digest), absent without a teacher."""
 
     def sources(srcs: list[Source] | None) -> list[dict] | None:
         if srcs is None:
             return None
         return [
-            {**s.model_dump(), "content": _source_fingerprint(_resolve(s.path, base))} for s in srcs
+            {**s.model_dump(), "content": source_fingerprint(_resolve(s.path, base))} for s in srcs
         ]
 
     settings = cfg.model_dump(
@@ -135,6 +145,8 @@ def cache_key(
         "vision": None if vision is None else vision.__dict__,
         "seed": seed,
     }
+    if answers is not None:  # only then: the keys of data without a teacher stay as they were
+        inputs["answers"] = answers
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24], inputs
 
@@ -184,17 +196,49 @@ def _records(task: dict):
     return read_records(path)
 
 
-def render_tasks(batch: dict, cfg_json: str, tok_folder: str, vision_json: str, base: str) -> dict:
-    """datasets.map function: map tasks (file parts) in, one row per sample out."""
+_ANSWERS: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def _answers(path: str, digest: str) -> dict[str, str] | None:
+    """The teacher's replies (prompt key -> text), read once per worker process and digest."""
+    if not path:
+        return None
+    if (path, digest) not in _ANSWERS:
+        _ANSWERS.clear()  # one store at a time
+        _ANSWERS[(path, digest)] = AnswerStore(Path(path).parent).load()
+    return _ANSWERS[(path, digest)]
+
+
+def turn_options(cfg: DataConfig, base: Path, path: Path) -> dict:
+    """`to_turns` keyword arguments for the records of the source at `path`."""
+    return {
+        "image_root": _resolve(cfg.image_root, base) if cfg.image_root else None,
+        "pan_and_scan": cfg.pan_and_scan,
+        "pas_args": {
+            "min_crop_size": cfg.pan_and_scan_min_crop_size,
+            "max_crops": cfg.pan_and_scan_max_crops,
+            "min_ratio": cfg.pan_and_scan_min_ratio,
+        },
+        "base": path if path.is_dir() else path.parent,  # images beside the data
+        "image_store": image_store(cfg),
+    }
+
+
+def render_tasks(
+    batch: dict,
+    cfg_json: str,
+    tok_folder: str,
+    vision_json: str,
+    base: str,
+    answers_path: str = "",
+    answers_digest: str = "",
+) -> dict:
+    """datasets.map function: map tasks (file parts) in, one row per sample out. With
+    `answers_path` (an AnswerStore's file), prompts get the teacher's reply appended."""
     cfg = DataConfig.model_validate_json(cfg_json)
     vision = None if vision_json == "null" else VisionTokens(**json.loads(vision_json))
     tok = _tokenizer(tok_folder)
-    image_root = _resolve(cfg.image_root, Path(base)) if cfg.image_root else None
-    pas_args = {
-        "min_crop_size": cfg.pan_and_scan_min_crop_size,
-        "max_crops": cfg.pan_and_scan_max_crops,
-        "min_ratio": cfg.pan_and_scan_min_ratio,
-    }
+    answers = _answers(answers_path, answers_digest)
     cols: dict[str, list] = {
         k: []
         for k in (
@@ -232,10 +276,11 @@ def render_tasks(batch: dict, cfg_json: str, tok_folder: str, vision_json: str, 
     for i in range(len(batch["src"])):
         task = {k: batch[k][i] for k in batch}
         path = Path(task["path"])
+        options = turn_options(cfg, Path(base), path)
         try:
             for rec in _records(task):
                 try:
-                    sample = _render_one(rec, cfg, tok, vision, image_root, pas_args, path)
+                    sample = _render_one(rec, cfg, tok, vision, options, answers)
                 except SampleError as e:
                     add(task["src"], e.origin, BAD, e.reason, None)
                     continue
@@ -248,20 +293,18 @@ def render_tasks(batch: dict, cfg_json: str, tok_folder: str, vision_json: str, 
     return cols
 
 
-def _render_one(rec: Record, cfg, tok, vision, image_root, pas_args, path: Path) -> Sample:
-    """The same steps as dataset.load_samples, for one record."""
-    turns = to_turns(
-        rec,
-        image_root=image_root,
-        pan_and_scan=cfg.pan_and_scan,
-        pas_args=pas_args,
-        base=path if path.is_dir() else path.parent,
-        image_store=image_store(cfg),
-    )
+def _render_one(
+    rec: Record, cfg, tok, vision, options: dict, answers: dict[str, str] | None
+) -> Sample:
+    """The same steps as dataset.load_samples, for one record; with `answers`, a conversation
+    ending on the user's turn first gets the teacher's reply."""
+    turns = to_turns(rec, allow_prompt_only=answers is not None, **options)
     if vision is None and has_images(turns):
         raise SampleError(
             rec.origin, "has an image, but the model is text-only (use a 4B+ Gemma 3)"
         )
+    if answers is not None:
+        turns = answered(turns, tok, vision, answers, rec.origin)
     sample = render(turns, tok, vision, cfg.train_on)
     sample.origin = rec.origin
     return sample
@@ -299,7 +342,9 @@ def _build(
     base: Path,
     seed: int,
     num_proc: int,
+    answers: tuple[str, str] = ("", ""),
 ) -> None:
+    """Render, check, mix, split and pack into `folder`; `answers`: (store file, digest)."""
     import datasets
 
     sources = [*cfg.train, *(cfg.eval or [])]
@@ -325,6 +370,8 @@ def _build(
                 "tok_folder": str(tok_folder),
                 "vision_json": json.dumps(None if vision is None else vision.__dict__),
                 "base": str(base),
+                "answers_path": answers[0],
+                "answers_digest": answers[1],
             },
             cache_file_name=str(folder / "samples.arrow"),
             load_from_cache_file=False,
@@ -522,13 +569,22 @@ def prepare(
     base: Path,
     seed: int,
     wait_seconds: float = 3 * 3600,
+    answers: AnswerStore | None = None,
+    prompts: list[Prompt] | None = None,
 ) -> Prepared:
     """The prepared data for these settings: from the cache, or built (by local rank 0) and
-    cached. Raises DataErrors listing bad samples, as `dataset.build` does."""
+    cached. Raises DataErrors listing bad samples, as `dataset.build` does.
+
+    `answers`: a teacher's replies (filled by `answers.answer_prompts` first); conversations
+    ending on the user's turn get theirs appended, a prompt without one is a bad sample.
+    `prompts`: this data's prompts (`answers.find_prompts`): the key then hashes only their
+    replies, so filling the store for other data leaves this cache valid."""
     vision = vision_tokens(model_config)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     root = root if root.is_absolute() else base / root
-    key, inputs = cache_key(cfg, base, tok_folder, vision, seed)
+    keys = None if prompts is None else [p.key for p in prompts]
+    digest = answers.digest(keys) if answers is not None else None
+    key, inputs = cache_key(cfg, base, tok_folder, vision, seed, digest)
     folder = root / key
     if _complete(folder):
         return _load(folder, built=False)
@@ -542,7 +598,8 @@ def prepare(
     tmp.mkdir()
     try:
         num_proc = cfg.num_proc or os.cpu_count() or 1
-        _build(tmp, cfg, tok_folder, vision, base, seed, num_proc)
+        store = (str(answers.path), digest) if answers is not None else ("", "")
+        _build(tmp, cfg, tok_folder, vision, base, seed, num_proc, store)
         (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))
         (tmp / COMPLETE).write_text("")
         try:

@@ -10,7 +10,12 @@ Formats, one object per line (JSONL), or a JSON array, or a table (Parquet, Arro
   with `<image>` marking where each image goes; LLaMA-Factory's `function_call` and
   `observation` turns and `"tools"` (a JSON string) for tool calling;
 - Alpaca: `{"instruction": STR, "input": STR, "output": STR, "system": STR, "history": [[q, a]]}`
-  (`input`, `system`, `history` optional; the user turn is instruction + "\n" + input).
+  (`input`, `system`, `history` optional; the user turn is instruction + "\n" + input);
+- TRL prompt-only, for a teacher to answer (`distill:`; refused elsewhere):
+  `{"prompt": [{"role": "user", "content": "Why is the sky blue?"}]}` or `{"prompt": "Why is the
+  sky blue?"}` (a string is one user message, rendered in the chat template).
+A conversation that ends on the user's turn is a prompt too when the caller opts in
+(`to_turns(..., allow_prompt_only=True)`): `data/answers.py` appends the teacher's reply.
 IMAGE is a path, or `{"bytes": ..., "path": ...}` as `datasets.Image()` stores one (bytes are
 written once to the prepared-data cache, named by their hash).
 
@@ -278,9 +283,13 @@ def to_turns(
     pas_args: dict | None = None,
     base: Path | None = None,
     image_store: Path | None = None,
+    allow_prompt_only: bool = False,
 ) -> list[Turn]:
     """Validate one record and return its turns: system first (holding the tools, if any), then
-    user/assistant alternating; an assistant turn holds its calls and their results."""
+    user/assistant alternating; an assistant turn holds its calls and their results.
+
+    `allow_prompt_only`: also accept a conversation ending on a user turn with no assistant
+    reply, and TRL's `{"prompt": ...}` rows (the caller has a teacher to answer them)."""
     origin, data = record.origin, record.data
     if isinstance(data, SampleError):
         raise data
@@ -293,13 +302,15 @@ def to_turns(
         turns = _from_sharegpt(data, ctx)
     elif "instruction" in data and "output" in data:
         turns = _from_alpaca(data, ctx)
+    elif data.get("prompt") is not None and not PAIRED_KEYS & data.keys():
+        turns = _from_prompt(data, ctx, allow_prompt_only)
     else:
         keys = ", ".join(sorted(map(str, data))) or "none"
         raise SampleError(
             origin, f"no 'messages' or 'conversations' key (keys: {keys}); use {FORMATS}"
         )
     tools = _tools(data.get("tools"), ctx)
-    _check_order(turns, origin)
+    _check_order(turns, origin, allow_prompt_only)
     if tools is not None:
         _check_calls(turns, tools, ctx)
         if turns[0].role != "system":
@@ -466,7 +477,10 @@ def _from_alpaca(data: dict, ctx: _Ctx) -> list[Turn]:
     if not (fields["instruction"] or "").strip():
         raise ctx.error("alpaca 'instruction' is empty")
     if not (fields["output"] or "").strip():
-        raise ctx.error("alpaca 'output' is empty: no reply to train on")
+        raise ctx.error(
+            "alpaca 'output' is empty: no reply to train on (for a distill: teacher to answer"
+            ' it, give the row as {"prompt": INSTRUCTION})'
+        )
     turns = [Turn("system", [fields["system"]])] if (fields["system"] or "").strip() else []
     history = data.get("history") or []
     if not isinstance(history, list) or not all(
@@ -480,6 +494,28 @@ def _from_alpaca(data: dict, ctx: _Ctx) -> list[Turn]:
     if (fields["input"] or "").strip():
         query = query.strip() + "\n" + fields["input"].strip()
     return turns + [Turn("user", [query]), Turn("assistant", [fields["output"]])]
+
+
+PAIRED_KEYS = {"completion", "chosen", "rejected"}  # TRL's other "prompt" formats: not read here
+DISTILL_HINT = "a distill: section with a teacher can answer it (distill.teacher)"
+
+
+def _from_prompt(data: dict, ctx: _Ctx, allowed: bool) -> list[Turn]:
+    """TRL's prompt-only row: messages ending on the user's turn, or one user text."""
+    if not allowed:
+        raise ctx.error(f"a 'prompt'-only row has no assistant reply to train on; {DISTILL_HINT}")
+    prompt = data["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ctx.error("'prompt' is empty")
+        prompt = [{"role": "user", "content": prompt}]
+    turns = _from_messages(prompt, data.get("images"), ctx)
+    if turns[-1].role != "user":
+        raise ctx.error(
+            "'prompt' must end on a user message (TRL prompt-only); put whole conversations"
+            " under 'messages'"
+        )
+    return turns
 
 
 def _from_sharegpt(data, ctx: _Ctx) -> list[Turn]:
@@ -568,7 +604,7 @@ def _check_calls(turns: list[Turn], tools: Tools, ctx: _Ctx) -> None:
                 )
 
 
-def _check_order(turns: list[Turn], origin: str) -> None:
+def _check_order(turns: list[Turn], origin: str, allow_prompt_only: bool = False) -> None:
     body = turns[1:] if turns[0].role == "system" else turns
     if any(t.role == "system" for t in body):
         raise SampleError(origin, "a system message may only come first")
@@ -579,5 +615,11 @@ def _check_order(turns: list[Turn], origin: str) -> None:
                 origin,
                 f"turn {i} is {t.role!r}, expected {want!r}: roles must alternate user/assistant",
             )
+    if body and body[-1].role == "user" and allow_prompt_only:
+        return  # a prompt: the caller's teacher writes the reply
     if not any(t.role == "assistant" for t in body):
-        raise SampleError(origin, "no assistant reply to train on")
+        ends_on_user = bool(body) and body[-1].role == "user"
+        hint = (
+            f" (the conversation ends on the user's turn: {DISTILL_HINT})" if ends_on_user else ""
+        )
+        raise SampleError(origin, "no assistant reply to train on" + hint)

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import Gemma3
 from ..outputs import refuse_existing, refuse_existing_file, staged_dir, staged_file
-from .inference import apply_adapter, load_with_adapter, recipe_base, resolve_run
+from ..train.runs import apply_adapter, load_with_adapter, recipe_base, resolve_run, run_method
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -84,14 +84,6 @@ def checkpoint_dir(run: Path, step: int) -> Path:
     return ckpt
 
 
-def _run_method(src: Path) -> str | None:
-    if not (src / "recipe.yaml").is_file():
-        return None
-    import yaml
-
-    return yaml.safe_load((src / "recipe.yaml").read_text()).get("method", "lora")
-
-
 def full_checkpoint_model(run: Path, ckpt: Path) -> Gemma3:
     """The weights of a full-SFT checkpoint, on CPU, whatever wrote it: DeepSpeed ZeRO
     partitions (the fp32 master weights, gathered by DeepSpeed's zero_to_fp32, no GPU needed),
@@ -124,11 +116,11 @@ def full_checkpoint_model(run: Path, ckpt: Path) -> Gemma3:
 
 def merged_model(src: Path, checkpoint: int | None = None) -> tuple[Gemma3, Path, Path | None, str]:
     """(model with the adapter folded in, base folder, adapter folder, method)."""
-    if checkpoint is not None and _run_method(src) == "full":  # model/ may not exist yet
+    if checkpoint is not None and run_method(src) == "full":  # model/ may not exist yet
         model = full_checkpoint_model(src, checkpoint_dir(src, checkpoint))
         return model.eval(), recipe_base(src), None, "full"
     base, adapter = resolve_run(src)
-    method = _run_method(src) or "plain"
+    method = run_method(src) or "plain"
     if adapter is not None and checkpoint is not None:
         adapter = checkpoint_dir(src, checkpoint)
     if method == "qlora":  # merged onto the very NF4 base the run trained against

@@ -7,7 +7,7 @@ only on the global layers (1 in 6).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -89,9 +89,14 @@ def generate_batch(
     max_new_tokens: int = 64,
     stop_ids: set[int] | None = None,
     pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[list[int]]:
-    """Greedy replies for many prompts at once (left-padded): one weight read per step serves
-    every row, which is what makes CPU evaluation of a 262k-vocabulary model fast.
+    """Replies for many prompts at once (left-padded): one weight read per step serves every
+    row, which is what makes CPU evaluation of a 262k-vocabulary model fast. Greedy by
+    default; with `temperature` > 0 it samples, from `generator`, or from one generator per
+    row (then a row's reply does not depend on the prompts batched with it).
 
     Each padding token is a document of its own (position 0), so the masks keep it out of
     every real row; positions of each prompt start at 0.
@@ -112,7 +117,7 @@ def generate_batch(
     out: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(max_new_tokens):
-        tok = logits.argmax(-1)
+        tok = _next_tokens(logits, temperature, top_p, generator)  # [B]
         for b in range(len(prompts)):
             if not done[b]:
                 if int(tok[b]) in stop_ids:
@@ -127,6 +132,22 @@ def generate_batch(
         logits = step.logits[:, -1]
         next_pos = next_pos + 1
     return out
+
+
+def _next_tokens(
+    logits: Tensor,  # [B, V]
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> Tensor:
+    """The next token of every row `[B]`: one draw for the batch, or a draw per row from its
+    own generator (the same draws `generate` makes for that prompt alone)."""
+    if temperature <= 0 or generator is None or isinstance(generator, torch.Generator):
+        return sample(logits, temperature, top_p, generator)
+    if len(generator) != logits.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
+    rows = [sample(logits[b : b + 1], temperature, top_p, g) for b, g in enumerate(generator)]
+    return torch.cat(rows)
 
 
 def kv_cache_bytes(
@@ -150,6 +171,7 @@ __all__ = [
     "SLIDING",
     "decode_one_token",
     "generate",
+    "generate_batch",
     "kv_cache_bytes",
     "prefill",
     "sample",

@@ -19,6 +19,8 @@ def train_line(step: int, max_steps: int, logs: dict) -> str:
     """`step  12/300  loss 1.2345  lr 2.00e-04  grad 0.87  3,210 tok/s  0.41 s/step  1.2 GB`"""
     width = len(str(max_steps))
     parts = [f"step {step:>{width}}/{max_steps}", f"loss {logs['loss']:.4f}"]
+    if logs.get("kd_loss") is not None:  # distillation: its two terms
+        parts.append(f"(kd {logs['kd_loss']:.4f}, ce {logs['ce_loss']:.4f})")
     if logs.get("lr") is not None:
         parts.append(f"lr {logs['lr']:.2e}")
     if logs.get("grad_norm") is not None:

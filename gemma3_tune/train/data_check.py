@@ -14,10 +14,8 @@ from ..errors import UserError
 from .recipe import Recipe, load_recipe, model_dir
 
 
-def load_data(recipe: Recipe):
-    """Tokenizer, model config and prepared data for a recipe: from the cache when these
-    inputs were prepared before, else prepared now (DataErrors propagate)."""
-    from ..data.prepare import prepare
+def tokenizer_and_config(recipe: Recipe):
+    """The student's tokenizer and model config (no weights)."""
     from ..model.checkpoint import read_config
 
     folder = model_dir(recipe)
@@ -25,8 +23,19 @@ def load_data(recipe: Recipe):
         tok = Tokenizer(folder)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"model.path: {e}") from None
-    cfg = read_config(folder)
-    data = prepare(recipe.data, folder, cfg, recipe.base_dir, recipe.training.seed)
+    return tok, read_config(folder)
+
+
+def load_data(recipe: Recipe, answers=None, prompts=None):
+    """Tokenizer, model config and prepared data for a recipe: from the cache when these
+    inputs were prepared before, else prepared now (DataErrors propagate). `answers`: the
+    teacher's replies to prompt-only samples (distillation, data/answers.py), `prompts` the
+    ones this data has (the cache key then covers their replies only)."""
+    from ..data.prepare import prepare
+
+    tok, cfg = tokenizer_and_config(recipe)
+    folder = model_dir(recipe)
+    data = prepare(recipe.data, folder, cfg, recipe.base_dir, recipe.training.seed, answers=answers)
     return tok, cfg, data
 
 

@@ -30,6 +30,7 @@ class MetricsCallback(TrainerCallback):
         "peak_memory_gb",
         "skipped_steps",
     )
+    DISTILL_KEYS = ("kd_loss", "ce_loss")  # distillation runs only
 
     def __init__(self, out: Path):
         self.out = out
@@ -40,6 +41,7 @@ class MetricsCallback(TrainerCallback):
             return
         if "loss" in logs:
             row = {"step": state.global_step, **{k: logs.get(k) for k in self.TRAIN_KEYS}}
+            row.update({k: logs[k] for k in self.DISTILL_KEYS if k in logs})
         elif "eval_loss" in logs:
             row = {
                 "step": state.global_step,

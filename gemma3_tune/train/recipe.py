@@ -139,6 +139,40 @@ class EvalSection(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class GenerateSection(_Strict):
+    temperature: float = Field(
+        default=0.0, ge=0, description="the teacher's replies to prompt-only samples; 0: greedy"
+    )
+    max_new_tokens: int = Field(default=256, gt=0, description="longest teacher reply")
+
+
+class DistillSection(_Strict):
+    teacher: str = Field(
+        description="HF folder, run directory, or gguf:gemma3-270m; same tokenizer as the student"
+    )
+    samples: int = Field(default=256, ge=1, description="teacher ids per token (the report: 256)")
+    mode: Literal["sampled", "topk"] = Field(
+        default="sampled",
+        description="sampled: draws with replacement, weight count/samples (unbiased);"
+        " topk: the most probable ids, renormalised",
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2)"
+    )
+    alpha: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="weight of the distillation term; 1 - alpha: labels' CE",
+    )
+    cache: bool = Field(
+        default=True,
+        description="run the teacher once before training and read its targets from disk;"
+        " false: run it in every step",
+    )
+    generate: GenerateSection = GenerateSection()
+
+
 class Recipe(_Strict):
     model: ModelSection
     method: Literal["lora", "qlora", "full", "none"] = Field(
@@ -156,6 +190,9 @@ class Recipe(_Strict):
     )
     wandb: WandbSection = WandbSection()
     eval: EvalSection = EvalSection()
+    distill: DistillSection | None = Field(
+        default=None, description="learn a teacher's distribution (train/objectives/distill.py)"
+    )
 
     base_dir: Path = Field(
         default=Path("."), exclude=True, description="relative data paths resolve here"

@@ -95,10 +95,11 @@ def peak_memory_gb() -> float:
     return 0.0
 
 
-def _rows_dataset(rows):
+def _rows_dataset(rows, teacher=None):
     """Rows for the Trainer as a `datasets.Dataset` (TRL wants one) holding only the row
     numbers; each row's tokens are read from the prepared, memory-mapped data when the
-    DataLoader asks for it (`set_transform`), so nothing is copied up front."""
+    DataLoader asks for it (`set_transform`), so nothing is copied up front. With a teacher
+    cache, each row also carries its cached teacher targets (the collator batches them)."""
     if not len(rows):
         return None
     import datasets
@@ -112,6 +113,8 @@ def _rows_dataset(rows):
             for k in keys:
                 out[k].append(r[k])
         out["row"] = batch["row"]  # which row: the collator passes it on as row_ids
+        if teacher is not None:
+            out["teacher"] = [teacher.targets(i) for i in batch["row"]]
         return out
 
     ds = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
@@ -194,6 +197,48 @@ def _image_check(cfg):
         check_image_batch(batch["input_ids"] == cfg.image_token_id, n_features, per_image)
 
     return check
+
+
+def _device() -> str:
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
+def _distill_data(recipe: Recipe):
+    """Data for distillation: prompt-only samples answered by the teacher, the rows prepared,
+    and the teacher's targets cached (objectives/distill.py), all before the student loads."""
+    from ..data.collate import Collator
+    from .data_check import tokenizer_and_config
+    from .objectives import distill
+
+    tok, cfg = tokenizer_and_config(recipe)
+    load_image = None
+    if cfg.is_multimodal:  # the teacher sees the pixels (its own tower), never cached features
+        d, size = recipe.data, cfg.vision.image_size
+        pas = {
+            "min_crop_size": d.pan_and_scan_min_crop_size,
+            "max_crops": d.pan_and_scan_max_crops,
+            "min_ratio": d.pan_and_scan_min_ratio,
+        }
+
+        def load_image(im):
+            return preprocess(im["path"], size, d.pan_and_scan, **pas)
+
+    if recipe.data.feature_cache and not recipe.distill.cache:
+        raise UserError(
+            "distill.cache: false runs the teacher in each step on pixels, but"
+            " data.feature_cache gives the batch cached features; set distill.cache=true or"
+            " remove data.feature_cache"
+        )
+    data, distiller = distill.setup(
+        recipe,
+        tok,
+        cfg,
+        resolve_dtype(recipe.model.dtype),
+        _device(),
+        lambda answers, prompts: load_data(recipe, answers=answers, prompts=prompts)[2],
+        Collator(tok.pad_id, load_image),
+    )
+    return tok, cfg, data, distiller
 
 
 def prepare_output_dir(recipe: Recipe) -> Path:
@@ -317,8 +362,12 @@ def build_trainer(recipe: Recipe):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = prepare_output_dir(recipe)
     # Data first: bad data is refused before the model is loaded.
+    distiller = None
     try:
-        tok, cfg, data = load_data(recipe)
+        if recipe.distill is None:
+            tok, cfg, data = load_data(recipe)
+        else:
+            tok, cfg, data, distiller = _distill_data(recipe)
     except DataErrors as e:
         n = f"{len(e.errors)}{'+' if e.more else ''}"
         raise UserError(
@@ -349,9 +398,7 @@ def build_trainer(recipe: Recipe):
     if is_main_process():
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (out / "data_report.json").write_text(json.dumps(data.report.summary(), indent=2) + "\n")
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = _device()
     dtype = resolve_dtype(recipe.model.dtype)
     torch.manual_seed(recipe.training.seed)
     zero3 = recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3()
@@ -392,7 +439,7 @@ def build_trainer(recipe: Recipe):
     collator = Collator(
         tok.pad_id, load_image, image_key, bucket_to, rows_to, validate=_image_check(cfg)
     )
-    train_ds = _rows_dataset(data.train_rows)
+    train_ds = _rows_dataset(data.train_rows, distiller.cache if distiller else None)
     eval_ds = _rows_dataset(data.eval_rows)
     metrics = MetricsCallback(out)
     guard = NonFiniteGuard(recipe.training.max_skipped_steps, recipe.model.dtype)
@@ -422,6 +469,7 @@ def build_trainer(recipe: Recipe):
         pad_id=tok.pad_id,
         guard=guard,
         card=card,
+        distiller=distiller,
     )
     # TRL casts a 4-bit model's adapter weights to bf16 (pure bf16 updates, whatever the
     # recipe's dtype): give them back the dtype precision.py's rule gives every trainable.
@@ -532,8 +580,11 @@ def _make_trainer_class():
             pad_id: int = 0,
             guard: NonFiniteGuard | None = None,
             card=None,
+            distiller=None,
             **kw,
         ):
+            self.distiller = distiller  # objectives/distill.py, or None (SFT)
+            self._kd: list = []  # this process's (kd_loss, ce_loss) sums since the last log
             self.card = card  # (step, max_steps, done) -> the run's README.md
             self.projector_lr = projector_lr
             self.pad_id = pad_id
@@ -556,7 +607,7 @@ def _make_trainer_class():
                 restart_at_current_step(self.lr_scheduler)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = inputs.pop("row_ids", None)
+            rows = inputs.get("row_ids")  # compute_loss takes it out
             if TRACE_ROWS in os.environ and rows is not None:
                 _trace_rows(self.state.global_step + 1, rows)
             n = (inputs["input_ids"] != self.pad_id).sum()  # no host sync per micro-batch
@@ -581,6 +632,7 @@ def _make_trainer_class():
                     step_seconds=round(dt / max(step - step0, 1), 4),
                     peak_memory_gb=round(peak_memory_gb(), 3),
                     skipped_steps=self.guard.skipped if self.guard else 0,
+                    **self.distill_logs(step - step0),
                 )
                 self._last = (now, tokens, step)
             if "eval_loss" in logs:
@@ -609,8 +661,23 @@ def _make_trainer_class():
             return super()._save_checkpoint(model, trial)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs.pop("row_ids", None)  # eval batches carry it too; the model does not need it
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            """The model's own loss: SFT, or with a distiller (training steps only; evaluation
+            scores the labels) the distillation loss on the batch's teacher targets."""
+            rows = inputs.pop("row_ids", None)  # eval batches carry it too; not for the model
+            if self.distiller is None or not model.training:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            inputs["soft_targets"] = self.distiller.soft_targets(inputs, rows)
+            loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            self._kd.append((outputs["kd_loss"].detach(), outputs["ce_loss"].detach()))
+            return (loss, outputs) if return_outputs else loss
+
+        def distill_logs(self, steps: int) -> dict:
+            """kd_loss and ce_loss, per step, averaged since the last log (one host read)."""
+            if not self._kd:
+                return {}
+            kd, ce = torch.stack([torch.stack(p) for p in self._kd]).sum(0).tolist()
+            self._kd = []
+            return {"kd_loss": kd / max(steps, 1), "ce_loss": ce / max(steps, 1)}
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             """schedule.py's warmup (from lr / warmup_steps, not from 0) and decay."""
