@@ -62,6 +62,9 @@ def test_trains_logs_and_reuses_the_cache(tmp_path, tiny_dir, teacher_dir, capsy
     assert len(rows) == 6
     for row in rows:
         assert abs(row["loss"] - (0.5 * row["kd_loss"] + 0.5 * row["ce_loss"])) < 1e-3
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"distillation from `{teacher_dir}`: 16 sampled teacher ids per token" in card
+    assert "| distillation | kd_loss" in card
     caches = list((tmp_path / "cache" / "teacher").iterdir())
     assert len(caches) == 1 and (caches[0] / "COMPLETE").is_file()
     r2 = distill_recipe(tmp_path, tiny_dir, teacher_dir, "run2", distill__alpha=0.5)
@@ -178,8 +181,13 @@ def test_prompt_only_data_is_answered_by_the_teacher(tmp_path, tiny_dir, teacher
     )
     over = {"data__train": str(prompts), "distill__generate": {"max_new_tokens": 8}}
     r = distill_recipe(tmp_path, tiny_dir, teacher_dir, **over)
+    assert main(["data", "check", str(r)]) == 0
+    assert "10 await the teacher's answer" in capsys.readouterr().out
     assert main(["train", str(r)]) == 0
     assert "teacher answered 10 prompts" in capsys.readouterr().err
+    assert main(["data", "check", str(r)]) == 0
+    out = capsys.readouterr().out
+    assert "has answered 10" in out and "samples            10" in out
     stores = list((tmp_path / "cache" / "answers").iterdir())
     lines = (stores[0] / "answers.jsonl").read_text().splitlines()
     assert len(stores) == 1 and len(lines) == 10

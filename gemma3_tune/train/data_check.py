@@ -39,6 +39,31 @@ def load_data(recipe: Recipe, answers=None, prompts=None):
     return tok, cfg, data
 
 
+def _distill_data(recipe: Recipe):
+    """A distillation recipe's data, with the teacher's answers to prompt-only samples; None
+    (after one line saying so) while some are unanswered: `train` has the teacher answer them
+    first, and until then their rows cannot be rendered. Every sample is validated either way."""
+    from .objectives.distill import prompts_and_store, resolve_teacher
+
+    tok, cfg = tokenizer_and_config(recipe)
+    spec = resolve_teacher(recipe)
+    prompts, store, missing = prompts_and_store(recipe, spec, tok, cfg)
+    if prompts:
+        print(
+            f"prompt-only        {len(prompts)} samples end on a user turn; the teacher"
+            f" ({recipe.distill.teacher}) has answered {len(prompts) - missing}",
+            file=sys.stdout,
+        )
+    if missing:
+        print(
+            f"                   {missing} await the teacher's answer: `gemma3-tune train` has it"
+            " answer them first (then `data check` shows the rows)",
+            file=sys.stdout,
+        )
+        return None
+    return load_data(recipe, answers=store, prompts=prompts if store is not None else None)
+
+
 def _print_errors(e: DataErrors) -> int:
     for err in e.errors:
         print(f"error: {err}", file=sys.stderr)
@@ -118,7 +143,13 @@ def _print_crops(c: dict, images: int, listed: list[str], tokens_per_view: int, 
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
     try:
-        tok, cfg, data = load_data(recipe)
+        if recipe.distill is None:
+            tok, cfg, data = load_data(recipe)
+        else:
+            loaded = _distill_data(recipe)
+            if loaded is None:
+                return 0
+            tok, cfg, data = loaded
     except DataErrors as e:
         return _print_errors(e)
     r = data.report

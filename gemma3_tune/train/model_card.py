@@ -36,6 +36,18 @@ def _method(recipe: Recipe) -> str:
     return described
 
 
+def _objective(recipe: Recipe) -> str:
+    """SFT, or distillation with its teacher and settings (train/objectives/distill.py)."""
+    d = recipe.distill
+    if d is None:
+        return "SFT: cross-entropy on the labels"
+    mix = f"alpha {d.alpha:g}" + (f", temperature {d.temperature:g}" if d.temperature != 1 else "")
+    return (
+        f"distillation from `{d.teacher}`: {d.samples} {d.mode} teacher ids per token ({mix}),"
+        f" teacher {'cached before training' if d.cache else 'run in each step'}"
+    )
+
+
 def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int, done: bool) -> str:
     """Markdown with a YAML header (as on the Hugging Face Hub). `out` is the run folder;
     `data` is the data report's summary; metrics come from out/metrics.jsonl as it stands now."""
@@ -70,6 +82,7 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
         f"| status | {status} |",
         f"| base model | `{recipe.model.path}` |",
         f"| method | {_method(recipe)} |",
+        f"| objective | {_objective(recipe)} |",
         f"| data | {sources} |",
         f"| samples | {data.get('samples', 0):,} train, {data.get('eval_samples', 0):,} eval;"
         f" {data.get('truncated', 0):,} truncated, {data.get('dropped', 0):,} dropped at"
@@ -86,6 +99,11 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
             f"| train loss | {train[0]['loss']:.4f} at step {train[0]['step']} ->"
             f" {last['loss']:.4f} at step {last['step']} ({last.get('tokens') or 0:,} tokens) |"
         )
+        if "kd_loss" in last:
+            lines.append(
+                f"| distillation | kd_loss {train[0]['kd_loss']:.4f} -> {last['kd_loss']:.4f},"
+                f" ce_loss {train[0]['ce_loss']:.4f} -> {last['ce_loss']:.4f} |"
+            )
     if evals:
         last = evals[-1]
         lines.append(

@@ -324,31 +324,40 @@ def answers_folder(recipe: Recipe, spec: TeacherSpec, data_root: Path) -> Path:
     return data_root / "answers" / key
 
 
-def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, load_data, collate):
-    """Prompt-only samples answered, data prepared (`load_data(answers, prompts)`), the teacher's targets
-    cached (or the teacher kept for the steps): (data, Distiller)."""
-    from ...data.answers import AnswerStore, answer_prompts, find_prompts
+def prompts_and_store(recipe: Recipe, spec: TeacherSpec, tok: Tokenizer, cfg):
+    """(prompt-only samples of the data, the teacher's answer store or None when there are
+    none, how many of them it has not answered yet). Validates every sample on the way."""
+    from ...data.answers import AnswerStore, find_prompts
     from ...data.dataset import vision_tokens
+
+    prompts = find_prompts(recipe.data, tok, vision_tokens(cfg), recipe.base_dir)
+    if not prompts:
+        return prompts, None, 0
+    store = AnswerStore(answers_folder(recipe, spec, _data_root(recipe)))
+    answered = store.load()
+    return prompts, store, sum(p.key not in answered for p in prompts)
+
+
+def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, load_data, collate):
+    """Prompt-only samples answered, data prepared (`load_data(answers, prompts)`), the
+    teacher's targets cached (or the teacher kept for the steps): (data, Distiller)."""
+    from ...data.answers import answer_prompts
 
     d = recipe.distill
     spec = resolve_teacher(recipe)
     check_compatible(spec, cfg, tok, d.samples)
     teacher = LazyTeacher(spec, dtype, device)
-    prompts = find_prompts(recipe.data, tok, vision_tokens(cfg), recipe.base_dir)
-    store = None
-    if prompts:
-        store = AnswerStore(answers_folder(recipe, spec, _data_root(recipe)))
-        answered = store.load()
-        if any(p.key not in answered for p in prompts):
-            answer_prompts(
-                teacher.get(),
-                tok,
-                prompts,
-                store,
-                max_new_tokens=d.generate.max_new_tokens,
-                temperature=d.generate.temperature,
-                seed=recipe.training.seed,
-            )
+    prompts, store, missing = prompts_and_store(recipe, spec, tok, cfg)
+    if missing:
+        answer_prompts(
+            teacher.get(),
+            tok,
+            prompts,
+            store,
+            max_new_tokens=d.generate.max_new_tokens,
+            temperature=d.generate.temperature,
+            seed=recipe.training.seed,
+        )
     data = load_data(store, prompts if store is not None else None)
     if not d.cache:
         return data, Distiller(recipe, None, teacher.get())
