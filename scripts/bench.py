@@ -1241,7 +1241,7 @@ def section_distill(args) -> str:
         " warm-up, each side in its own process; peak is VmHWM with glibc's mmap threshold"
         " fixed (64 KiB), model loading included. Teacher fill: forward + sampling of one row,"
         " scored tokens per second. Bytes per token: 8 per (id, weight) entry + an 8-byte"
-        " offset; a random-init-free real teacher repeats ids, so a token has fewer entries"
+        " offset; a teacher draws its likely ids repeatedly, so a token has fewer entries"
         f" than {samples} draws."
     )
     return "\n".join([head, "", *rows])

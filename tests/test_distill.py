@@ -196,3 +196,46 @@ def test_prompt_only_data_is_answered_by_the_teacher(tmp_path, tiny_dir, teacher
     assert main(["train", str(r2)]) == 0
     err = capsys.readouterr().err
     assert "teacher answered" not in err and "loading teacher" not in err
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_dir, teacher_dir, capsys):
+    """Same vocabulary size, other ids: the teacher's tokenizer.json with the ids of 'e' and
+    'o' swapped (the same file unswapped is accepted, so the check compares ids, not files)."""
+    same = tmp_path / "json-only"
+    shutil.copytree(teacher_dir, same)
+    (same / "tokenizer.model").unlink(missing_ok=True)
+    r = distill_recipe(tmp_path, tiny_dir, same, "ok", training__max_steps=1)
+    assert main(["train", str(r)]) == 0
+    swapped = tmp_path / "swapped"
+    shutil.copytree(same, swapped)
+    tj = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    vocab["e"], vocab["o"] = vocab["o"], vocab["e"]
+    (swapped / "tokenizer.json").write_text(json.dumps(tj))
+    capsys.readouterr()
+    r = distill_recipe(tmp_path, tiny_dir, swapped, "bad")
+    assert main(["train", str(r)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizes text differently" in err, err
+
+
+def test_vision_distillation_cache_equals_in_step(tmp_path, tiny_vision_dir):
+    """Images: the teacher sees the pixels (its own tower) in the fill and in the step alike."""
+    from trainutil import colour_set
+
+    teacher = make_teacher(tiny_vision_dir, tmp_path / "vteacher", seed=3)
+    data = colour_set(tmp_path / "img", 8, seed=1)
+    runs = {}
+    for name, cache in (("vcached", True), ("vlive", False)):
+        over = {
+            "distill": {"teacher": str(teacher), "samples": 16, "cache": cache},
+            "data__cache_dir": str(tmp_path / "cache"),
+            "training__max_steps": 3,
+            "training__save_steps": 100,
+        }
+        r = write_recipe(tmp_path / f"{name}.yaml", tiny_vision_dir, data, tmp_path / name, **over)
+        assert main(["train", str(r)]) == 0
+        runs[name] = [x["kd_loss"] for x in metrics(tmp_path / name)]
+    assert len(runs["vcached"]) == 3
+    for a, b in zip(runs["vcached"], runs["vlive"], strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))

@@ -72,6 +72,8 @@ def test_teacher_targets_against_dense_teacher():
     assert bool((tok[1:] >= tok[:-1]).all())  # grouped by token, as SoftTargets requires
     again = teacher_targets(th, tw, 64, "sampled", 1.5, torch.Generator().manual_seed(3))
     assert torch.equal(again[0], ids) and torch.equal(again[1], wt)
+    for mode in ("sampled", "topk"):  # a row that scores nothing (a padding row): no entries
+        assert [len(x) for x in teacher_targets(th[:0], tw, 8, mode)] == [0, 0, 0]
 
 
 def _heavy_tail_teacher(v: int):

@@ -239,7 +239,8 @@ def teacher_targets(
     """
     n, v = hidden.shape[0], weight.shape[0]
     step = _chunk_rows(v)
-    ids, weights, token = [], [], []
+    none = torch.zeros(0, dtype=torch.long, device=hidden.device)
+    ids, weights, token = [none], [none.float()], [none]  # a row with no scored token: empty
     for s in range(0, n, step):
         logits = _mm(hidden[s : s + step], weight.T, torch.float32)  # [c, V]
         c = logits.shape[0]

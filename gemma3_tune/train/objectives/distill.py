@@ -29,6 +29,7 @@ data) are answered by the teacher first (data/answers.py), and the answers are c
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -157,9 +158,11 @@ def teacher_soft_targets(teacher, batch: dict, d, seed: int, rows: list[int]) ->
     """(ids, weights, token) for every scored token of a batch, from the teacher's forward.
     Each row draws from its own generator (row_generator), so the targets of a row are the
     same whether the teacher runs in the step or filled the cache."""
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
-    h = teacher(**inputs, hidden_only=True).hidden  # [B, T, D]
     weight = teacher.get_output_embeddings().weight  # [V, D]
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(weight.dtype)
+    h = teacher(**inputs, hidden_only=True).hidden  # [B, T, D]
     ids, weights, token, offset = [], [], [], 0
     for b, row in enumerate(rows):
         keep = scored(batch["labels"][b])  # [n_b]
@@ -239,8 +242,6 @@ def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate)
         for i in indices:
             batch = collate([rows_entry(rows, i)])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(next(teacher.parameters()).dtype)
             seed = recipe.training.seed
             ids, weights, token = teacher_soft_targets(teacher, batch, recipe.distill, seed, [i])
             n = int(scored(batch["labels"]).numel())
@@ -338,6 +339,14 @@ def prompts_and_store(recipe: Recipe, spec: TeacherSpec, tok: Tokenizer, cfg):
     return prompts, store, sum(p.key not in answered for p in prompts)
 
 
+def _wait_for_answers(store, prompts, seconds: float = 6 * 3600) -> None:
+    deadline = time.monotonic() + seconds
+    while any(p.key not in store.load() for p in prompts):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f} s for local rank 0 to answer the prompts")
+        time.sleep(2.0)
+
+
 def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, load_data, collate):
     """Prompt-only samples answered, data prepared (`load_data(answers, prompts)`), the
     teacher's targets cached (or the teacher kept for the steps): (data, Distiller)."""
@@ -348,7 +357,9 @@ def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, 
     check_compatible(spec, cfg, tok, d.samples)
     teacher = LazyTeacher(spec, dtype, device)
     prompts, store, missing = prompts_and_store(recipe, spec, tok, cfg)
-    if missing:
+    if missing and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        _wait_for_answers(store, prompts)  # local rank 0 answers them
+    elif missing:
         answer_prompts(
             teacher.get(),
             tok,
