@@ -60,11 +60,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(
             "--for vllm applies to --adapter-only; a merged export (--merge) loads in vLLM as is"
         )
+    if args.ollama and args.format != "gguf":
+        raise UserError("--ollama applies to --format gguf (Ollama imports GGUF files)")
     if args.quantize and args.format != "gguf":
         raise UserError("--quantize applies to --format gguf; HF folders keep --dtype weights")
     if args.format == "gguf":
         out = hf_export.export_gguf(
-            args.src, args.out, args.gguf_dtype, args.checkpoint, args.force, args.quantize
+            args.src,
+            args.out,
+            args.gguf_dtype,
+            args.checkpoint,
+            args.force,
+            args.quantize,
+            args.ollama,
         )
     elif args.adapter_only:
         out = hf_export.export_adapter(
@@ -225,9 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--quantize",
-        choices=["q8_0"],
+        choices=["q4_0", "q5_0", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
         default=None,
-        help="GGUF: store the text model's matrices quantized (q4_k_m: llama.cpp's llama-quantize)",
+        help="GGUF: store the text model's matrices quantized (q4_0/q5_0/q8_0: the gguf package,"
+        " what qat: trains; K-quants: llama.cpp's own quantizer, the [llamacpp] extra)",
+    )
+    s.add_argument(
+        "--ollama",
+        action="store_true",
+        help="GGUF: write an Ollama Modelfile beside it (ollama create NAME -f Modelfile)",
     )
     s.add_argument(
         "--checkpoint",

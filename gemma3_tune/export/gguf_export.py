@@ -1,4 +1,5 @@
-"""Write a Gemma 3 text model as GGUF (f32, f16 or bf16) with its tokenizer and chat template.
+"""Write a Gemma 3 text model as GGUF (f32, f16, bf16, q4_0, q5_0, q8_0) with its tokenizer and
+chat template (K-quants: hf_export.py hands this file to llama.cpp's own quantizer).
 
 The layout mirrors what llama.cpp's converter writes for Gemma 3 (architecture `gemma3`,
 `blk.N.*` tensor names from gguf_import.LAYER_NAMES, norms stored as 1 + w, an SPM-style
@@ -90,27 +91,37 @@ def _vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[float], list[
     return tokens, scores, [int(t) for t in types]
 
 
+BLOCK_FORMATS = ("q4_0", "q5_0", "q8_0")  # written here, by the gguf package (model/quants.py)
+
+
 def file_type(dtype: str):
-    """general.file_type for an f32 / f16 / bf16 export."""
+    """general.file_type for an f32 / f16 / bf16 / q4_0 / q5_0 / q8_0 export."""
     import gguf
 
     return {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[dtype]
 
 
-def add_tensor(writer, name: str, t: torch.Tensor, kind: str) -> None:
-    """Add `t` stored as f32, f16, bf16 (raw 16-bit patterns) or q8_0 (blocks of 32 values
-    sharing one f16 scale, quantized by the gguf package as llama.cpp's converter does)."""
+def add_tensor(writer, name: str, t: torch.Tensor, kind: str) -> str:
+    """Add `t` stored as f32, f16, bf16 (raw 16-bit patterns) or a ggml block format (blocks of
+    32 values sharing one f16 scale, quantized by the gguf package as llama.cpp's converter
+    does; bitwise what model/quants.py's fake quantization trains with). A matrix whose width
+    is not a multiple of 32 cannot be stored in blocks: it is kept in f16, as llama.cpp's
+    converter does. Returns the kind written."""
     import gguf
 
-    if kind == "q8_0":
-        q8 = gguf.GGMLQuantizationType.Q8_0
+    if kind in BLOCK_FORMATS and t.shape[-1] % 32 != 0:
+        kind = "f16"
+    if kind in BLOCK_FORMATS:
+        qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
         writer.add_tensor(
-            name, gguf.quants.quantize(t.numpy().astype(np.float32), q8), raw_dtype=q8
+            name, gguf.quants.quantize(t.numpy().astype(np.float32), qtype), raw_dtype=qtype
         )
     elif kind == "f32":
         writer.add_tensor(name, t.numpy().astype(np.float32))
@@ -121,11 +132,19 @@ def add_tensor(writer, name: str, t: torch.Tensor, kind: str) -> None:
         writer.add_tensor(
             name, raw, raw_shape=list(t.shape), raw_dtype=gguf.GGMLQuantizationType.BF16
         )
+    return kind
 
 
 def write_gguf(
-    model: Gemma3, tokenizer_dir: Path, path: Path, dtype: str = "f16", name: str = "gemma3-tune"
+    model: Gemma3,
+    tokenizer_dir: Path,
+    path: Path,
+    dtype: str = "f16",
+    name: str = "gemma3-tune",
+    embeddings: str | None = None,
 ) -> None:
+    """`dtype` for every matrix; `embeddings` (default: `dtype`) for the tied token embedding,
+    which is also the LM head; norms (1-D) stay f32 whatever the file type, as llama.cpp's."""
     import gguf
 
     c = model.config
@@ -174,7 +193,10 @@ def write_gguf(
         if is_norm:
             t = t + 1.0  # GGUF stores 1 + w
         # llama.cpp keeps 1-D tensors (norms) in f32 whatever the file type.
-        add_tensor(w, gname, t, "f32" if t.dim() == 1 else dtype)
+        kind = "f32" if t.dim() == 1 else dtype
+        if gname == "token_embd.weight" and embeddings is not None:
+            kind = embeddings
+        add_tensor(w, gname, t, kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -228,6 +228,63 @@ def vllm_adapter(cfg: dict, weights: dict, src: Path) -> tuple[dict, dict]:
     return cfg, renamed
 
 
+K_QUANTS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}  # llama.cpp's own quantizer (llama-cpp-python)
+
+
+def _embedding_format(src: Path, quantize: str | None) -> str | None:
+    """The tied embedding's type in a block-format export: a QAT run's own choice
+    (`qat.embeddings`, what it trained against), else q8_0 (the embedding is also the LM head,
+    the matrix a 4-bit file hurts most; llama.cpp's own Q4_0 files keep it at Q6_K, a type the
+    gguf package cannot write)."""
+    if quantize is None or quantize in K_QUANTS:
+        return None
+    q = _qat_section(src)
+    if q is None:
+        return "q8_0"
+    if q.get("format") != quantize:
+        print(
+            f"warning: {src} trained for {q.get('format')} (qat.format); exporting {quantize}",
+            file=sys.stderr,
+        )
+    emb = q.get("embeddings", "q8_0")
+    return quantize if emb == "same" else emb
+
+
+def _qat_section(src: Path) -> dict | None:
+    if not (src / "recipe.yaml").is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load((src / "recipe.yaml").read_text()).get("qat")
+
+
+def _llama_cpp(kind: str):
+    """llama-cpp-python, or one line naming the extra that installs it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(
+            f"--quantize {kind} runs llama.cpp's quantizer: pip install 'gemma3-tune[llamacpp]'"
+            " (llama-cpp-python; it builds llama.cpp), or use q4_0, q5_0 or q8_0, which need"
+            " nothing else"
+        ) from None
+    return llama_cpp
+
+
+def _llama_quantize(src: Path, dest: Path, kind: str) -> None:
+    """llama.cpp's `llama_model_quantize` (what `llama-quantize` runs), through llama-cpp-python."""
+    llama_cpp = _llama_cpp(kind)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[kind])
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
+    if rc != 0:
+        raise UserError(f"--quantize {kind}: llama.cpp's quantizer failed (return code {rc})")
+
+
 def export_gguf(
     src: Path,
     out: Path,
@@ -235,49 +292,87 @@ def export_gguf(
     checkpoint: int | None = None,
     force: bool = False,
     quantize: str | None = None,
+    ollama: bool = False,
 ) -> Path:
     """Merge and write GGUF: the text model at `out` and, for a vision model, the vision tower
     and projector at `mmproj-<out name>` beside it (llama.cpp's --mmproj file). Each is written
-    to a temporary file, read back and compared tensor by tensor, then renamed. `quantize`
-    (q8_0) stores the text model's matrices quantized; the mmproj file keeps `gguf_dtype`."""
+    to a temporary file, read back and compared tensor by tensor, then renamed. `quantize`:
+    q4_0 / q5_0 / q8_0 store the text model's matrices in ggml blocks (written by the gguf
+    package; the tied embedding in `_embedding_format`'s type), q4_k_m / q5_k_m / q6_k go
+    through llama.cpp's own quantizer from an f16 file. The mmproj file keeps `gguf_dtype`
+    (f16 by default) whatever the text format. `ollama`: a Modelfile beside them."""
     from .gguf_export import hf_to_gguf_name, write_gguf
     from .gguf_mmproj import mmproj_name, vision_tensors, write_mmproj
+    from .ollama import MODELFILE, write_modelfile
 
     if out.suffix != ".gguf":
         raise UserError(f"--out {out}: a GGUF export is one file; name it *.gguf")
     mmproj = out.with_name(f"mmproj-{out.name}")
-    for target in (out, mmproj):  # before the (slow) merge
+    modelfile = out.with_name(MODELFILE)
+    for target in (out, mmproj) + ((modelfile,) if ollama else ()):  # before the (slow) merge
         refuse_existing_file(target, force)
+    if quantize in K_QUANTS:
+        _llama_cpp(quantize)  # one line now, not after the merge
+    embeddings = _embedding_format(src, quantize)
     model, base, _, _ = merged_model(src, checkpoint)
+    text = {"model." + k: v for k, v in model.text_model.state_dict().items()}
     with staged_file(out, force) as tmp:
-        write_gguf(model, base, tmp, quantize or gguf_dtype)
-        text = {"model." + k: v for k, v in model.text_model.state_dict().items()}
+        if quantize in K_QUANTS:
+            f16 = tmp.with_name(tmp.name + ".f16")
+            try:
+                write_gguf(model, base, f16, "f16")
+                _llama_quantize(f16, tmp, quantize)
+            finally:
+                f16.unlink(missing_ok=True)
+        else:
+            write_gguf(model, base, tmp, quantize or gguf_dtype, embeddings=embeddings)
         _verify_gguf(tmp, text, hf_to_gguf_name, quantize or gguf_dtype)
-    if not model.config.is_multimodal:
-        return out
-    with staged_file(mmproj, force) as tmp:
-        write_mmproj(model, tmp, gguf_dtype)
-        blocks = model.config.vision.num_hidden_layers
-        _verify_gguf(tmp, vision_tensors(model), lambda k: mmproj_name(k, blocks), gguf_dtype)
-    print(f"wrote {mmproj} (vision tower + projector, for llama.cpp --mmproj)", file=sys.stderr)
+    if model.config.is_multimodal:
+        with staged_file(mmproj, force) as tmp:
+            write_mmproj(model, tmp, gguf_dtype)
+            blocks = model.config.vision.num_hidden_layers
+            _verify_gguf(tmp, vision_tensors(model), lambda k: mmproj_name(k, blocks), gguf_dtype)
+        print(f"wrote {mmproj} (vision tower + projector, for llama.cpp --mmproj)", file=sys.stderr)
+    if ollama:
+        write_modelfile(modelfile, out, mmproj if model.config.is_multimodal else None)
+        print(f"wrote {modelfile} (ollama create NAME -f {modelfile})", file=sys.stderr)
     return out
 
 
 def _verify_gguf(path: Path, tensors: dict, name_of, gguf_dtype: str) -> None:
-    """Every tensor read back from `path` equals ours (norms stored as 1 + w) within the
-    rounding of its stored type."""
+    """Every tensor read back from `path` equals ours (norms stored as 1 + w): bitwise
+    model/quants.py's fake quantization for Q4_0/Q5_0/Q8_0 blocks (what QAT trains against),
+    within the rounding of its stored type otherwise."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
+    from ..model.quants import FORMATS as BLOCK_FORMATS
+    from ..model.quants import fake_quantize
+
     written = {t.name: t for t in GGUFReader(str(path)).tensors}
-    # q8_0: each block of 32 is rounded to 1/127 of its largest value (half a step at most)
-    tol = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2, "q8_0": 5e-3}[gguf_dtype]
+    # Relative to the tensor's largest value: half a step of q8_0 (1/127 of a block's largest
+    # value); K-quants mix types (a 640-wide matrix falls back to Q5_0 / Q8_0 blocks), bounded
+    # by their coarsest: Q4_0's clipped extreme is off by 1/8 of the block's largest value.
+    tol = {
+        "f32": 1e-6,
+        "f16": 2e-3,
+        "bf16": 1e-2,
+        "q8_0": 5e-3,
+        "q6_k": 2e-2,
+        "q5_k_m": 7e-2,
+        "q4_k_m": 0.13,
+    }.get(gguf_dtype, 1e-6)  # q4_0 / q5_0 / q8_0 files: their blocks are compared exactly
     for key, ref in tensors.items():
         gname, plus_one = name_of(key)
         t = written[gname]
         got = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         want = ref.float() + (1.0 if plus_one else 0.0)
+        stored = t.tensor_type.name.lower()
+        if stored in BLOCK_FORMATS:  # exactly what fake quantization (QAT) computes
+            if not torch.equal(got.reshape(want.shape), fake_quantize(want, stored)):
+                raise UserError(f"GGUF verification failed on {gname}: not bitwise {stored}")
+            continue
         scale = want.abs().max().clamp(min=1e-6)
         err = ((got.reshape(want.shape) - want).abs().max() / scale).item()
         if err > max(tol, 2e-3 if t.tensor_type == GGMLQuantizationType.F16 else 0.0):

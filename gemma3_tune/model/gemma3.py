@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -279,6 +280,8 @@ class TextModel(nn.Module):
         }
         self._inv_freq_on: dict[torch.device, dict[str, Tensor]] = {}
         self.gradient_checkpointing = False
+        # QAT (train/qat.py): the tied embedding as the GGUF will store it, in input and head
+        self.embedding_transform: Callable[[Tensor], Tensor] | None = None
 
     def inv_freq_on(self, device: torch.device) -> dict[str, Tensor]:
         """`inv_freq` on `device`, copied there once (not at every forward)."""
@@ -286,13 +289,20 @@ class TextModel(nn.Module):
             self._inv_freq_on[device] = {t: f.to(device) for t, f in self.inv_freq.items()}
         return self._inv_freq_on[device]
 
+    def embedding_weight(self) -> Tensor:
+        """The tied embedding `[V, D]` the model computes with (input and LM head)."""
+        w = self.embed_tokens.weight
+        return w if self.embedding_transform is None else self.embedding_transform(w)
+
     def embed(self, input_ids: Tensor) -> Tensor:
         w = self.embed_tokens.weight
         dtype = activation_dtype(w)
+        if self.embedding_transform is None:
+            rows = self.embed_tokens(input_ids)
+        else:
+            rows = F.embedding(input_ids, self.embedding_weight(), self.embed_tokens.padding_idx)
         # sqrt(D) is cast to the activation dtype first, as the reference does (it rounds in bf16).
-        return self.embed_tokens(input_ids).to(dtype) * torch.tensor(
-            math.sqrt(self.config.hidden_size), dtype=dtype
-        )
+        return rows.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
 
     def forward(
         self,
@@ -526,7 +536,7 @@ class Gemma3(nn.Module):
         h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
         if hidden_only:
             return Output(hidden=h)
-        weight = self.text_model.embed_tokens.weight  # tied LM head  [V, D]
+        weight = self.text_model.embedding_weight()  # tied LM head  [V, D]
         if labels is None:
             if last_logits_only:
                 h = h[:, -1:]

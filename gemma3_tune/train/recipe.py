@@ -173,6 +173,20 @@ class DistillSection(_Strict):
     generate: GenerateSection = GenerateSection()
 
 
+class QatSection(_Strict):
+    format: Literal["q4_0", "q5_0", "q8_0"] = Field(
+        description="fake-quantize every decoder linear exactly as this ggml GGUF format stores it"
+    )
+    embeddings: Literal["q8_0", "f16", "same"] = Field(
+        default="q8_0", description="the tied embedding (LM head): q8_0, f16, or the format"
+    )
+    target: Literal["labels", "teacher"] = Field(
+        default="labels",
+        description="labels: cross-entropy; teacher: distil from the model itself without fake"
+        " quantization (the report's QAT)",
+    )
+
+
 class Recipe(_Strict):
     model: ModelSection
     method: Literal["lora", "qlora", "full", "none"] = Field(
@@ -192,6 +206,9 @@ class Recipe(_Strict):
     eval: EvalSection = EvalSection()
     distill: DistillSection | None = Field(
         default=None, description="learn a teacher's distribution (train/objectives/distill.py)"
+    )
+    qat: QatSection | None = Field(
+        default=None, description="quantization-aware training for a GGUF export (train/qat.py)"
     )
 
     base_dir: Path = Field(

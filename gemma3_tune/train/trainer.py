@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
 from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
-from . import precision
+from . import precision, qat
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap, write_portable_config
 from .checkpoints import (
     UNREAD,
@@ -361,6 +361,7 @@ def build_trainer(recipe: Recipe):
         # it would pick) so it does not warn "Setting accelerator to CPU" in every CPU run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = prepare_output_dir(recipe)
+    qat.refuse_combinations(recipe)
     # Data first: bad data is refused before the model is loaded.
     distiller = None
     try:
@@ -406,6 +407,8 @@ def build_trainer(recipe: Recipe):
     if zero3:
         if recipe.method == "qlora":
             raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
+        if recipe.qat is not None:
+            raise UserError("qat cannot be combined with ZeRO-3 (partitioned weights); use zero2")
         model = load_model_zero3(
             folder, dtype, args.hf_deepspeed_config.config, recipe.model.attn_backend
         )
@@ -419,8 +422,19 @@ def build_trainer(recipe: Recipe):
         )
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if recipe.qat is not None:  # decoder linears fake-quantized, before peft wraps them
+        qat.apply(model, recipe.qat, trains_embedding=recipe.method == "full")
     torch.manual_seed(recipe.training.seed)  # LoRA init must not depend on how the model was built
     model = apply_method(model, recipe)
+    if recipe.qat is not None:
+        qat.attach_lora(model)
+        if recipe.qat.target == "teacher":  # the model itself, without fake quantization
+            from .objectives.distill import Distiller
+            from .recipe import DistillSection
+
+            distiller = Distiller(
+                recipe, None, qat.SelfTeacher(model), DistillSection(teacher="(the model itself)")
+            )
     precision.prepare(model, dtype, deepspeed=recipe.deepspeed is not None)
     if compiled:
         unwrap(model).compile_layers()

@@ -181,8 +181,8 @@ class Distiller:
     """What the trainer needs in a step: the soft targets of a batch, from the cache (the
     collator put them in the batch) or from the teacher, run now."""
 
-    def __init__(self, recipe: Recipe, cache: TeacherCache | None, teacher=None):
-        self.d = recipe.distill
+    def __init__(self, recipe: Recipe, cache: TeacherCache | None, teacher=None, settings=None):
+        self.d = settings or recipe.distill  # DistillSection (QAT's self-teacher: its defaults)
         self.seed = recipe.training.seed
         self.cache = cache
         self.teacher = teacher

@@ -1,0 +1,192 @@
+"""Quantization-aware training: the forward pass sees exactly the weights a GGUF will hold.
+
+`qat: {format: q4_0|q5_0|q8_0, embeddings: q8_0|f16|same, target: labels|teacher}` puts every
+decoder linear (q/k/v/o, gate/up/down) through model/quants.py's fake quantization: its forward
+weight is, bitwise in fp32, what the gguf package's quantize -> dequantize makes of it; the
+backward pass is straight-through (the gradient of the weight is the gradient of its quantized
+copy). Unsloth and Axolotl train through torchao's int4 (scale amax / 7.5, its own rounding),
+which is not the Q4_0 llama.cpp runs; this trains what ships, because export/ writes the same
+blocks (tested: every tensor of the exported file dequantizes to the last step's forward weight).
+
+- Full SFT: the weight W is quantized. LoRA: the merged weight W + s B A, what `export --merge`
+  writes (computed with peft's own `get_delta_weight`, as its merge does). The LoRA path still
+  adds `x (s B A)^T` after the base layer, so the base layer returns `x (fq(W + dW) - dW)^T`: the
+  sum is `x fq(W + dW)^T`, and the gradient reaching dW is the straight-through one.
+- The tied embedding (input and LM head): `embeddings: q8_0` (the default: the head is the
+  most sensitive matrix, and Q8_0 keeps the quickstart at 100%), `f16`, or `same` (the linears'
+  format). Frozen under LoRA, it is quantized once; under full SFT, straight-through each step.
+- `target: teacher` is the report's recipe (section 2.3): the same model with fake quantization
+  off is the teacher, in the step (objectives/distill.py's loss, its settings from `distill:`
+  or the defaults); no second copy of the weights.
+- In bf16 (GPU) the quantized weight is cast to bf16 for the matmul: Q4_0 values need up to 15
+  significant bits, so only fp32 training forwards exactly the shipped weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model.quants import fake_quantize, ste
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class QATLinear(nn.Linear):
+    """A decoder linear whose forward weight is fake-quantized (same parameters and state-dict
+    keys as the nn.Linear it replaces, so checkpoints and peft see no difference)."""
+
+    fmt: str
+    enabled: bool
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, fmt: str) -> QATLinear:
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.weight, q.bias = linear.weight, linear.bias
+        q.fmt, q.enabled = fmt, True
+        q.__dict__["lora"] = None  # the peft layer around it, not a submodule (attach_lora)
+        return q
+
+    def quantized_weight(self) -> Tensor:
+        """The forward weight: fq(W), or fq(W + dW) - dW under LoRA (see the module docstring)."""
+        delta = self._delta()
+        if delta is None:
+            return ste(self.weight, self.fmt)
+        return ste(self.weight + delta.to(self.weight.dtype), self.fmt) - delta
+
+    def _delta(self) -> Tensor | None:
+        layer = self.__dict__.get("lora")
+        if layer is None or layer.disable_adapters or layer.merged:
+            return None
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        return layer.get_delta_weight(active[0]) if active else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+
+def refuse_combinations(recipe) -> None:
+    """What QAT does not combine with, in one line each, before anything loads."""
+    from ..errors import UserError
+
+    q = recipe.qat
+    if q is None:
+        return
+    if recipe.method in ("qlora", "none"):
+        raise UserError(
+            f"qat: method {recipe.method} does not train the decoder linears a GGUF quantizes;"
+            " use method: lora or full"
+        )
+    if recipe.lora.use_dora and recipe.method == "lora":
+        raise UserError("qat: DoRA's merged weight is not W + s B A; set lora.use_dora=false")
+    if q.target == "teacher" and recipe.distill is not None:
+        raise UserError(
+            "qat.target: teacher distils from the model itself; remove the distill: section or"
+            " set qat.target=labels (then distill.teacher teaches the quantized student)"
+        )
+
+
+def _decoder_linears(model) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) for every decoder projection of our model."""
+    for layer in model.text_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in DECODER_LINEARS:
+                if hasattr(parent, name):
+                    yield parent, name, getattr(parent, name)
+
+
+def embedding_format(qat) -> str:
+    return qat.format if qat.embeddings == "same" else qat.embeddings
+
+
+def quantize_embedding(w: Tensor, fmt: str) -> Tensor:
+    """The tied embedding as the GGUF stores it: a ggml block format, or f16."""
+    if fmt == "f16":
+        return w.half().to(w.dtype)
+    return fake_quantize(w, fmt)
+
+
+def apply(model, qat, trains_embedding: bool) -> None:
+    """Before the method (peft) wraps the model: decoder linears become QATLinear, and the
+    tied embedding is quantized: straight-through when trained; when frozen, once (in place,
+    or, when the model is its own teacher, as a second copy the teacher does not use)."""
+    from ..model.quants import check_width
+
+    for parent, name, lin in _decoder_linears(model):
+        check_width(lin.in_features, qat.format, f"{name} ({lin.in_features} inputs)")
+        setattr(parent, name, QATLinear.wrap(lin, qat.format))
+    emb = model.text_model.embed_tokens
+    fmt = embedding_format(qat)
+    if fmt != "f16":
+        check_width(emb.weight.shape[1], fmt, "the embedding")
+    if trains_embedding:
+        model.text_model.embedding_transform = lambda w: (
+            w.detach().half().to(w.dtype) + (w - w.detach()) if fmt == "f16" else ste(w, fmt)
+        )
+    elif qat.target == "teacher":
+        with torch.no_grad():
+            frozen = quantize_embedding(emb.weight, fmt)
+        model.text_model.embedding_transform = lambda w: frozen
+    else:
+        with torch.no_grad():
+            emb.weight.copy_(quantize_embedding(emb.weight, fmt))
+
+
+def attach_lora(model) -> int:
+    """After peft: each QATLinear learns which LoRA layer wraps it (to quantize W + dW)."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), QATLinear):
+            module.get_base_layer().__dict__["lora"] = module
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def disabled(model) -> Iterator[None]:
+    """The model without fake quantization (W + dW in full precision): QAT's own teacher."""
+    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+    texts = [m for m in model.modules() if hasattr(m, "embedding_transform")]
+    transforms = [t.embedding_transform for t in texts]
+    for m in layers:
+        m.enabled = False
+    for t in texts:
+        t.embedding_transform = None
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+        for t, f in zip(texts, transforms, strict=True):
+            t.embedding_transform = f
+
+
+class SelfTeacher:
+    """The student with fake quantization off, as objectives/distill.py's teacher (it calls
+    `teacher(**inputs, hidden_only=True)` and `teacher.get_output_embeddings()`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with disabled(self.model):
+                return self.model(**inputs)
+        finally:
+            self.model.train(was_training)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
