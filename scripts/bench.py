@@ -13,6 +13,8 @@ Sections (each answers one question a user asks before choosing a toolkit):
   kv       KV-cache bytes at 8K/32K/128K for 4B/27B: 5 local : 1 global vs all global.
   distill  distillation step (teacher targets cached, or computed in the step) vs SFT step, on
            the 270M at 512/2048 tokens: time, peak memory, teacher fill tokens/s, cache bytes.
+  quant    GGUF files of the quickstart model (--quant-targets): size, held-out score in real
+           llama.cpp, KL(f32 || file) per token.
   eval     the quickstart's 60 held-out chats scored by `gemma3-tune eval`, by the quickstart's
            previous scorer and by transformers' generate (needs runs/quickstart/merged).
   gpu      LoRA/QLoRA steps on 1B and 4B shapes up to 32K, ours vs transformers + peft (eager,
@@ -1247,6 +1249,72 @@ def section_distill(args) -> str:
     return "\n".join([head, "", *rows])
 
 
+# ---------------------------------------------------------------------------------------------
+# Section quant: GGUF formats of the quickstart model, scored in real llama.cpp
+
+
+def quant_kl_worker(reference: str, gguf: str, data: str) -> dict:
+    """KL(reference || GGUF) per token over the held-out chats, full vocabulary: the GGUF's
+    weights exactly (de-quantized into our model), the reference in fp32."""
+    from gemma3_tune.data.template import Turn, render
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.eval.targets import load_target, parse_target
+
+    ref, tok = load_target(parse_target(reference), "cpu", torch.float32)
+    q, _ = load_target(parse_target(gguf), "cpu", torch.float32)
+    del tok
+    tok = Tokenizer(reference)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for line in Path(data).read_text().splitlines():
+            msgs = json.loads(line)["messages"]
+            ids = torch.tensor(
+                [render([Turn(m["role"], [m["content"]]) for m in msgs], tok, None).input_ids]
+            )
+            lp = torch.log_softmax(ref(ids).logits[0].float(), -1)  # [T, V]
+            lq = torch.log_softmax(q(ids).logits[0].float(), -1)
+            total += (lp.exp() * (lp - lq)).sum().item()
+            n += ids.shape[1]
+    return {"kl": total / n, "tokens": n}
+
+
+def section_quant(args) -> str:
+    """`--quant-targets LABEL=FILE.gguf,...` (and `--eval-model` as the f32 reference): size,
+    held-out JSON exact match in real llama.cpp (`gemma3-tune eval --backend llama.cpp`) and
+    KL(f32 || file) per token."""
+    data = str(ROOT / "data/quickstart/eval.jsonl")
+    reference = args.eval_model
+    rows = [
+        "| file | format | size | json exact (llama.cpp, 60 held out) | KL(f32 \\|\\| file) per token |",
+        "|---|---|---|---|---|",
+    ]
+    for item in args.quant_targets:
+        label, path = item.split("=", 1)
+        cmd = [sys.executable, "-m", "gemma3_tune", "eval", path, "--data", data, "--metric",
+               "json", "--backend", "llama.cpp", "--json"]  # fmt: skip
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:
+            score = json.loads(proc.stdout.strip().splitlines()[-1])["scores"][path]
+            score_txt = f"{100 * score:.1f}%"
+        except (IndexError, KeyError, json.JSONDecodeError):
+            score_txt = f"failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+        kl = run_worker(["quant-kl", reference, path, data])
+        kl_txt = kl["error"] if "error" in kl else f"{kl['kl']:.4f}"
+        size = Path(path).stat().st_size / 2**20
+        print(f"quant {label}: {score_txt}, KL {kl_txt}, {size:.1f} MiB", flush=True)
+        rows.append(f"| `{Path(path).name}` | {label} | {size:.1f} MiB | {score_txt} | {kl_txt} |")
+    head = (
+        "The quickstart's fine-tuned Gemma 3 270M as GGUF files, each scored by"
+        " `gemma3-tune eval FILE --backend llama.cpp --metric json` (real llama.cpp through"
+        " llama-cpp-python 0.3.36, greedy, our rendered prompts) on the 60 held-out chats of"
+        " data/quickstart/eval.jsonl; KL: mean over the held-out chats' tokens of"
+        f" KL(p_f32 || p_file) over the full vocabulary, the reference `{reference}` in fp32 and"
+        " the file's weights de-quantized exactly into our model."
+    )
+    return "\n".join([head, "", *rows])
+
+
 SECTIONS = {
     "lora": ("LoRA step on the real Gemma 3 270M", section_lora),
     "compile": ("Compiled decoder layers on CPU (270M LoRA step)", section_compile),
@@ -1257,6 +1325,7 @@ SECTIONS = {
     "prep": ("Data preparation at scale", section_prep),
     "eval": ("Held-out evaluation of the quickstart model", section_eval),
     "distill": ("Distillation: step time and memory vs SFT (270M)", section_distill),
+    "quant": ("GGUF formats of the quickstart model in llama.cpp", section_quant),
 }
 
 
@@ -1275,6 +1344,8 @@ def worker(argv: list[str]) -> None:
         out = prep_worker(*rest)
     elif kind == "eval":
         out = eval_worker(*rest)
+    elif kind == "quant-kl":
+        out = quant_kl_worker(*rest)
     elif kind == "distill-fill":
         model_dir, seq, samples, out_path = rest
         out = distill_fill_worker(model_dir, int(seq), int(samples), out_path)
@@ -1341,6 +1412,12 @@ def main() -> None:
         type=int,
         default=100000,
         help="section prep: largest size for the old path",
+    )
+    p.add_argument(
+        "--quant-targets",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="section quant: LABEL=FILE.gguf,... (scored in llama.cpp, KL to --eval-model)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-append", action="store_true", help="print only")

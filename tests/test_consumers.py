@@ -275,6 +275,46 @@ def test_llama_cpp_reads_our_f32_and_q8_0_gguf(tmp_path):
     assert 0 < (q8 - ours).abs().max().item() <= 0.05 * spread
 
 
+def test_llama_cpp_runs_every_quantized_format_we_write(tmp_path):
+    """llama.cpp loads each --quantize format (q4_0, q5_0 from the gguf package; q4_k_m,
+    q5_k_m, q6_k from its own quantizer) and its logits are those of the file's weights: for
+    the block formats, closer to our model holding the fake-quantized weights (what QAT
+    trains) than to the unquantized one; and an Ollama Modelfile is written beside it."""
+    pytest.importorskip("llama_cpp", reason="K-quants need llama-cpp-python in this process")
+    from gemma3_tune.cli import main
+    from gemma3_tune.model import load_model
+    from gemma3_tune.model.quants import fake_quantize
+    from gemma3_tune.train.qat import DECODER_LINEARS
+
+    python = _python("GEMMA3_TUNE_LLAMACPP_PYTHON")
+    assert main(["init-model", "--preset", "tiny", "--out", str(tmp_path / "t")]) == 0
+    kinds = ["q4_0", "q5_0", "q4_k_m", "q5_k_m", "q6_k"]
+    paths = [tmp_path / f"t-{k}.gguf" for k in kinds]
+    for k, path in zip(kinds, paths, strict=True):
+        argv = ["export", str(tmp_path / "t"), "--format", "gguf", "--quantize", k]
+        assert main([*argv, "--out", str(path), "--ollama", "--force"]) == 0
+    assert (tmp_path / "Modelfile").read_text().startswith(f"FROM ./{paths[-1].name}\n")
+    ids = [2, 105, 30, 41, 77, 9, 200, 311, 106, 107, 105]
+    got = _consumer(python, LOGITS, {"models": [str(p) for p in paths], "ids": ids})
+    plain = load_model(tmp_path / "t").eval()
+    with torch.no_grad():
+        ours = plain(torch.tensor([ids])).logits[0, -1]
+    for k, logits in zip(kinds, got, strict=True):
+        logits = torch.tensor(logits)
+        assert torch.isfinite(logits).all() and (logits - ours).abs().max() < 0.5 * ours.abs().max()
+        if k not in ("q4_0", "q5_0"):
+            continue
+        fq = load_model(tmp_path / "t").eval()
+        with torch.no_grad():
+            for name, p in fq.named_parameters():
+                if name.endswith(tuple(f"{n}.weight" for n in DECODER_LINEARS)):
+                    p.copy_(fake_quantize(p, k))
+                elif name.endswith("embed_tokens.weight"):
+                    p.copy_(fake_quantize(p, "q8_0"))
+            want = fq(torch.tensor([ids])).logits[0, -1]
+        assert (logits - want).abs().max() < (logits - ours).abs().max(), k
+
+
 def test_eval_llama_cpp_backend_equals_the_dequantized_one(tuned, tmp_path, capsys):
     """`gemma3-tune eval --backend llama.cpp` on the f16 GGUF gives the replies our
     de-quantizing backend gives on the held-out prompts (f16: exact, as the consumer test

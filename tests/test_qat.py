@@ -151,6 +151,8 @@ def test_target_teacher_logs_distillation(tmp_path, tiny_dir):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kd = [x["kd_loss"] for x in rows if "kd_loss" in x]
     assert len(kd) == 3 and all(x > 0 for x in kd)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "quantization-aware training for q4_0 GGUF" in card and "distilled from itself" in card
 
 
 @pytest.mark.parametrize(

@@ -294,13 +294,16 @@ class TextModel(nn.Module):
         w = self.embed_tokens.weight
         return w if self.embedding_transform is None else self.embedding_transform(w)
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, weight: Tensor | None = None) -> Tensor:
+        """`weight`: embedding_weight(), when the caller already computed it (the head uses it
+        too: QAT's fake quantization then runs once per forward, not twice)."""
         w = self.embed_tokens.weight
         dtype = activation_dtype(w)
         if self.embedding_transform is None:
             rows = self.embed_tokens(input_ids)
         else:
-            rows = F.embedding(input_ids, self.embedding_weight(), self.embed_tokens.padding_idx)
+            weight = self.embedding_weight() if weight is None else weight
+            rows = F.embedding(input_ids, weight, self.embed_tokens.padding_idx)
         # sqrt(D) is cast to the activation dtype first, as the reference does (it rounds in bf16).
         return rows.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
 
@@ -479,13 +482,17 @@ class Gemma3(nn.Module):
         return pool_patches(self.vision_tower(pixel_values), self.config)
 
     def embed(
-        self, input_ids: Tensor, pixel_values: Tensor | None, vision_features: Tensor | None
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        vision_features: Tensor | None,
+        weight: Tensor | None = None,  # the tied embedding, if already computed (QAT)
     ) -> Tensor:
         """Token embeddings with each image block replaced by its image's soft tokens."""
         c = self.config
         is_img = input_ids == c.image_token_id if c.is_multimodal else None
         ids = input_ids.masked_fill(is_img, c.pad_token_id) if is_img is not None else input_ids
-        x = self.text_model.embed(ids)  # [B, T, D]
+        x = self.text_model.embed(ids, weight)  # [B, T, D]
         image_features = None
         if c.is_multimodal:
             stand_in = self._stand_in(x, pixel_values, vision_features)
@@ -532,11 +539,11 @@ class Gemma3(nn.Module):
         if cache is not None and cache.length(GLOBAL):
             # Generation: new tokens continue each row's last cached document.
             info.doc.copy_(cache.info[GLOBAL].doc[:, -1:].expand_as(info.doc))
-        x = self.embed(input_ids, pixel_values, vision_features)
+        weight = self.text_model.embedding_weight()  # tied: input embedding and LM head [V, D]
+        x = self.embed(input_ids, pixel_values, vision_features, weight)
         h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
         if hidden_only:
             return Output(hidden=h)
-        weight = self.text_model.embedding_weight()  # tied LM head  [V, D]
         if labels is None:
             if last_logits_only:
                 h = h[:, -1:]

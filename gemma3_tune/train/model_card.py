@@ -38,7 +38,15 @@ def _method(recipe: Recipe) -> str:
 
 def _objective(recipe: Recipe) -> str:
     """SFT, or distillation with its teacher and settings (train/objectives/distill.py)."""
-    d = recipe.distill
+    d, q = recipe.distill, recipe.qat
+    if q is not None:
+        emb = q.format if q.embeddings == "same" else q.embeddings
+        how = "distilled from itself without it" if q.target == "teacher" else "labels' CE"
+        return (
+            f"quantization-aware training for {q.format} GGUF (decoder linears through ggml's"
+            f" exact {q.format} round trip, embedding {emb}; {how}); export with"
+            f" `--format gguf --quantize {q.format}`"
+        )
     if d is None:
         return "SFT: cross-entropy on the labels"
     mix = f"alpha {d.alpha:g}" + (f", temperature {d.temperature:g}" if d.temperature != 1 else "")
