@@ -136,23 +136,35 @@ def test_qat_lora_run_exports_its_fake_quantized_weights(tmp_path, tiny_dir):
     assert len(linears) == len(LINEARS)  # every decoder linear is Q4_0
 
 
-def test_target_teacher_logs_distillation(tmp_path, tiny_dir):
-    """target: teacher: the model without fake quantization teaches it (kd_loss and ce_loss)."""
+def test_target_teacher_is_the_starting_checkpoint(tmp_path, tiny_dir):
+    """target: teacher is the checkpoint the run starts from, unquantized: under LoRA the model
+    with its adapter and fake quantization off (in the step), under full SFT the checkpoint's
+    cached targets. At step 1 both students are fq(W) (LoRA's B starts at 0) and both teachers
+    W, with the same per-row draws: the first kd_loss agrees."""
     import json
 
     data = chat_set(tmp_path / "chat.jsonl")
-    over = {
-        "qat": {"format": "q4_0", "target": "teacher"},
-        "training__max_steps": 3,
-        "training__save_steps": 100,
-    }
-    r = write_recipe(tmp_path / "r.yaml", tiny_dir, data, tmp_path / "run", **over)
-    assert main(["train", str(r)]) == 0
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    kd = [x["kd_loss"] for x in rows if "kd_loss" in x]
-    assert len(kd) == 3 and all(x > 0 for x in kd)
-    card = (tmp_path / "run" / "README.md").read_text()
-    assert "quantization-aware training for q4_0 GGUF" in card and "distilled from itself" in card
+    first = {}
+    for method in ("lora", "full"):
+        over = {
+            "method": method,
+            "qat": {"format": "q4_0", "target": "teacher"},
+            "data__cache_dir": str(tmp_path / "cache"),
+            "training__max_steps": 3,
+            "training__save_steps": 100,
+        }
+        out = tmp_path / method
+        r = write_recipe(tmp_path / f"{method}.yaml", tiny_dir, data, out, **over)
+        assert main(["train", str(r)]) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        kd = [x["kd_loss"] for x in rows if "kd_loss" in x]
+        assert len(kd) == 3 and all(x > 0 for x in kd)
+        first[method] = kd[0]
+        card = (out / "README.md").read_text()
+        assert "quantization-aware training for q4_0 GGUF" in card
+        assert "distilled from the unquantized checkpoint" in card
+    assert abs(first["lora"] - first["full"]) <= 1e-5 * first["full"], first
+    assert (tmp_path / "cache" / "teacher").is_dir()  # full SFT: the checkpoint's targets cached
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,11 @@ def _objective(recipe: Recipe) -> str:
     d, q = recipe.distill, recipe.qat
     if q is not None:
         emb = q.format if q.embeddings == "same" else q.embeddings
-        how = "distilled from itself without it" if q.target == "teacher" else "labels' CE"
+        how = (
+            "distilled from the unquantized checkpoint it started from"
+            if q.target == "teacher"
+            else "labels' CE"
+        )
         return (
             f"quantization-aware training for {q.format} GGUF (decoder linears through ggml's"
             f" exact {q.format} round trip, embedding {emb}; {how}); export with"

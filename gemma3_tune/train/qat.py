@@ -15,9 +15,11 @@ blocks (tested: every tensor of the exported file dequantizes to the last step's
 - The tied embedding (input and LM head): `embeddings: q8_0` (the default: the head is the
   most sensitive matrix, and Q8_0 keeps the quickstart at 100%), `f16`, or `same` (the linears'
   format). Frozen under LoRA, it is quantized once; under full SFT, straight-through each step.
-- `target: teacher` is the report's recipe (section 2.3): the same model with fake quantization
-  off is the teacher, in the step (objectives/distill.py's loss, its settings from `distill:`
-  or the defaults); no second copy of the weights.
+- `target: teacher` is the report's recipe (section 2.3): the checkpoint the run starts from,
+  without fake quantization, is the teacher (objectives/distill.py's loss, 256 sampled ids):
+  under LoRA the same modules with the adapter and fake quantization off, in the step (no
+  second copy); under full SFT the checkpoint's targets cached before the student loads (the
+  trained weights' own unquantized copy would drift with them: `teacher_recipe`).
 - In bf16 (GPU) the quantized weight is cast to bf16 for the matmul: Q4_0 values need up to 15
   significant bits, so only fp32 training forwards exactly the shipped weight.
 """
@@ -171,8 +173,24 @@ def disabled(model) -> Iterator[None]:
             t.embedding_transform = f
 
 
+def teacher_recipe(recipe):
+    """`target: teacher` under full SFT: the teacher is the checkpoint the run starts from
+    (`model.path`), fixed, run once before the student loads (distill.cache); the weights being
+    trained are no teacher, since their unquantized copy drifts with them (measured: the labels'
+    CE rose from 1.0 to 2.0 while the loss to such a teacher fell). Under LoRA the teacher is
+    the model with its adapter and fake quantization off (SelfTeacher): the same checkpoint,
+    without a second copy. The recipe for the data and teacher phase, or None."""
+    from .recipe import DistillSection
+
+    q = recipe.qat
+    if q is None or q.target != "teacher" or recipe.method != "full":
+        return None
+    return recipe.model_copy(update={"distill": DistillSection(teacher=recipe.model.path)})
+
+
 class SelfTeacher:
-    """The student with fake quantization off, as objectives/distill.py's teacher (it calls
+    """The checkpoint under a LoRA student: the model with its adapter disabled (peft's
+    `disable_adapter`) and fake quantization off, as objectives/distill.py's teacher (it calls
     `teacher(**inputs, hidden_only=True)` and `teacher.get_output_embeddings()`)."""
 
     def __init__(self, model):
@@ -183,7 +201,7 @@ class SelfTeacher:
         was_training = self.model.training
         self.model.eval()
         try:
-            with disabled(self.model):
+            with self.model.disable_adapter(), disabled(self.model):
                 return self.model(**inputs)
         finally:
             self.model.train(was_training)

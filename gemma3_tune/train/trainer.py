@@ -364,11 +364,12 @@ def build_trainer(recipe: Recipe):
     qat.refuse_combinations(recipe)
     # Data first: bad data is refused before the model is loaded.
     distiller = None
+    teacher_recipe = qat.teacher_recipe(recipe) or recipe  # QAT full SFT: its checkpoint teaches
     try:
-        if recipe.distill is None:
+        if teacher_recipe.distill is None:
             tok, cfg, data = load_data(recipe)
         else:
-            tok, cfg, data, distiller = _distill_data(recipe)
+            tok, cfg, data, distiller = _distill_data(teacher_recipe)
     except DataErrors as e:
         n = f"{len(e.errors)}{'+' if e.more else ''}"
         raise UserError(
@@ -428,7 +429,7 @@ def build_trainer(recipe: Recipe):
     model = apply_method(model, recipe)
     if recipe.qat is not None:
         qat.attach_lora(model)
-        if recipe.qat.target == "teacher":  # the model itself, without fake quantization
+        if recipe.qat.target == "teacher" and distiller is None:  # LoRA: the adapter off
             from .objectives.distill import Distiller
             from .recipe import DistillSection
 
