@@ -51,6 +51,13 @@ def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "image_refs": images}
 
 
+def row_features(samples: Sequence[Sample]) -> dict[str, list]:
+    """One prepared row as the collator takes it: concat_row, images as plain dicts."""
+    r = concat_row(samples)
+    r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
+    return r
+
+
 class Collator:
     """rows -> {input_ids, labels, position_ids [B, T]; and, when there are images, either
     pixel_values [N, 3, S, S] or (from the feature cache) vision_features [N, mm_tokens, Dv]}.

@@ -67,6 +67,13 @@ def image_store(cfg: DataConfig) -> Path:
     return root / "images"
 
 
+def data_root(cfg: DataConfig, base: Path) -> Path:
+    """The prepared-data cache root: data.cache_dir (relative to `base`), else the default.
+    Teacher targets and teacher answers (distillation) live under it too."""
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return root if root.is_absolute() else base / root
+
+
 def default_cache_dir() -> Path:
     """$GEMMA3_TUNE_DATA_CACHE, else the package cache's data/ (~/.cache/gemma3-tune/data);
     data.cache_dir overrides both."""
@@ -580,8 +587,7 @@ def prepare(
     `prompts`: this data's prompts (`answers.find_prompts`): the key then hashes only their
     replies, so filling the store for other data leaves this cache valid."""
     vision = vision_tokens(model_config)
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    root = root if root.is_absolute() else base / root
+    root = data_root(cfg, base)
     keys = None if prompts is None else [p.key for p in prompts]
     digest = answers.digest(keys) if answers is not None else None
     key, inputs = cache_key(cfg, base, tok_folder, vision, seed, digest)

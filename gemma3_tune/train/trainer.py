@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..data.collate import Collator, bucket_lengths, concat_row
+from ..data.collate import Collator, bucket_lengths, row_features
 from ..data.feature_cache import FeatureCache, weights_fingerprint
 from ..data.images import preprocess
 from ..data.template import ensure_chat_template
@@ -108,8 +108,7 @@ def _rows_dataset(rows, teacher=None):
         keys = ("input_ids", "labels", "position_ids", "image_refs")
         out: dict[str, list] = {k: [] for k in keys}
         for i in batch["row"]:
-            r = concat_row(rows[i])
-            r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
+            r = row_features(rows[i])
             for k in keys:
                 out[k].append(r[k])
         out["row"] = batch["row"]  # which row: the collator passes it on as row_ids

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...data.collate import row_features
 from ...data.teacher_cache import TeacherCache, cache_key, fill
 from ...data.tokenizer import Tokenizer
 from ...errors import UserError
@@ -240,7 +241,7 @@ def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate)
         teacher, bar = state["teacher"], state["bar"]
         device = next(teacher.parameters()).device
         for i in indices:
-            batch = collate([rows_entry(rows, i)])
+            batch = collate([row_features(rows[i])])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             seed = recipe.training.seed
             ids, weights, token = teacher_soft_targets(teacher, batch, recipe.distill, seed, [i])
@@ -270,15 +271,6 @@ def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate)
     return cache
 
 
-def rows_entry(rows, i: int) -> dict:
-    """One prepared row as the collator takes it."""
-    from ...data.collate import concat_row
-
-    r = concat_row(rows[i])
-    r["image_refs"] = [{"path": im.path, "views": im.views} for im in r["image_refs"]]
-    return r
-
-
 class LazyTeacher:
     """Loads the teacher the first time it is needed (answers, cache fill, or the steps), and
     only then: a complete cache with answered prompts never loads it."""
@@ -301,16 +293,7 @@ class LazyTeacher:
             torch.cuda.empty_cache()
 
 
-def _data_root(recipe: Recipe) -> Path:
-    """The prepared-data cache root (data.cache_dir), where the answers live too."""
-    from ...data.prepare import default_cache_dir
-
-    c = recipe.data.cache_dir
-    root = Path(c).expanduser() if c else default_cache_dir()
-    return root if root.is_absolute() else recipe.base_dir / root
-
-
-def answers_folder(recipe: Recipe, spec: TeacherSpec, data_root: Path) -> Path:
+def answers_folder(recipe: Recipe, spec: TeacherSpec, root: Path) -> Path:
     """Where the teacher's replies to prompt-only samples are kept: one store per teacher and
     generation settings (replies to any prompt are reused by every dataset)."""
     g = recipe.distill.generate
@@ -322,7 +305,7 @@ def answers_folder(recipe: Recipe, spec: TeacherSpec, data_root: Path) -> Path:
             "seed": recipe.training.seed if g.temperature > 0 else None,
         }
     )
-    return data_root / "answers" / key
+    return root / "answers" / key
 
 
 def prompts_and_store(recipe: Recipe, spec: TeacherSpec, tok: Tokenizer, cfg):
@@ -330,11 +313,12 @@ def prompts_and_store(recipe: Recipe, spec: TeacherSpec, tok: Tokenizer, cfg):
     none, how many of them it has not answered yet). Validates every sample on the way."""
     from ...data.answers import AnswerStore, find_prompts
     from ...data.dataset import vision_tokens
+    from ...data.prepare import data_root
 
     prompts = find_prompts(recipe.data, tok, vision_tokens(cfg), recipe.base_dir)
     if not prompts:
         return prompts, None, 0
-    store = AnswerStore(answers_folder(recipe, spec, _data_root(recipe)))
+    store = AnswerStore(answers_folder(recipe, spec, data_root(recipe.data, recipe.base_dir)))
     answered = store.load()
     return prompts, store, sum(p.key not in answered for p in prompts)
 
