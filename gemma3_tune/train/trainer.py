@@ -140,6 +140,15 @@ def _missing_feature(pixels: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("feature cache: an image was not encoded before training (ZeRO-3)")
 
 
+def _crop_args(d) -> dict:
+    """data.pan_and_scan_* as preprocess() takes them."""
+    return {
+        "min_crop_size": d.pan_and_scan_min_crop_size,
+        "max_crops": d.pan_and_scan_max_crops,
+        "min_ratio": d.pan_and_scan_min_ratio,
+    }
+
+
 def _image_loader(recipe: Recipe, model, cfg, data):
     """pixels per image, or cached SigLIP features when data.feature_cache is set."""
     from ..data.template import ImageRef
@@ -147,11 +156,7 @@ def _image_loader(recipe: Recipe, model, cfg, data):
     if not cfg.is_multimodal:
         return None, "pixel_values"
     d = recipe.data
-    pas = {
-        "min_crop_size": d.pan_and_scan_min_crop_size,
-        "max_crops": d.pan_and_scan_max_crops,
-        "min_ratio": d.pan_and_scan_min_ratio,
-    }
+    pas = _crop_args(d)
     size = cfg.vision.image_size
     if d.feature_cache:
         base = unwrap(model)
@@ -213,11 +218,7 @@ def _distill_data(recipe: Recipe):
     load_image = None
     if cfg.is_multimodal:  # the teacher sees the pixels (its own tower), never cached features
         d, size = recipe.data, cfg.vision.image_size
-        pas = {
-            "min_crop_size": d.pan_and_scan_min_crop_size,
-            "max_crops": d.pan_and_scan_max_crops,
-            "min_ratio": d.pan_and_scan_min_ratio,
-        }
+        pas = _crop_args(d)
 
         def load_image(im):
             return preprocess(im["path"], size, d.pan_and_scan, **pas)
