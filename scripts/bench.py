@@ -1264,18 +1264,23 @@ def quant_kl_worker(reference: str, gguf: str, data: str) -> dict:
     q, _ = load_target(parse_target(gguf), "cpu", torch.float32)
     del tok
     tok = Tokenizer(reference)
-    total, n = 0.0, 0
+    total, n, reply, n_reply = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for line in Path(data).read_text().splitlines():
             msgs = json.loads(line)["messages"]
-            ids = torch.tensor(
-                [render([Turn(m["role"], [m["content"]]) for m in msgs], tok, None).input_ids]
-            )
+            sample = render([Turn(m["role"], [m["content"]]) for m in msgs], tok, None)
+            ids = torch.tensor([sample.input_ids])
             lp = torch.log_softmax(ref(ids).logits[0].float(), -1)  # [T, V]
             lq = torch.log_softmax(q(ids).logits[0].float(), -1)
-            total += (lp.exp() * (lp - lq)).sum().item()
+            kl = (lp.exp() * (lp - lq)).sum(-1)  # [T]
+            # Position t predicts token t+1: the reply positions are those whose next token is
+            # labelled (the assistant's tokens and its <end_of_turn>).
+            scored = torch.tensor(sample.labels[1:] + [-100]) != -100  # [T]
+            total += kl.sum().item()
             n += ids.shape[1]
-    return {"kl": total / n, "tokens": n}
+            reply += kl[scored].sum().item()
+            n_reply += int(scored.sum())
+    return {"kl": total / n, "tokens": n, "kl_reply": reply / n_reply, "reply_tokens": n_reply}
 
 
 def section_quant(args) -> str:
@@ -1285,8 +1290,9 @@ def section_quant(args) -> str:
     data = str(ROOT / "data/quickstart/eval.jsonl")
     reference = args.eval_model
     rows = [
-        "| file | format | size | json exact (llama.cpp, 60 held out) | KL(f32 \\|\\| file) per token |",
-        "|---|---|---|---|---|",
+        "| file | format | size | json exact (llama.cpp, 60 held out)"
+        " | KL(f32 \\|\\| file) per token, whole chats | KL per reply token |",
+        "|---|---|---|---|---|---|",
     ]
     for item in args.quant_targets:
         label, path = item.split("=", 1)
@@ -1300,7 +1306,7 @@ def section_quant(args) -> str:
         except (IndexError, KeyError, json.JSONDecodeError):
             score_txt = f"failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
         kl = run_worker(["quant-kl", reference, path, data])
-        kl_txt = kl["error"] if "error" in kl else f"{kl['kl']:.4f}"
+        kl_txt = kl["error"] if "error" in kl else f"{kl['kl']:.4f} | {kl['kl_reply']:.4f}"
         size = Path(path).stat().st_size / 2**20
         print(f"quant {label}: {score_txt}, KL {kl_txt}, {size:.1f} MiB", flush=True)
         rows.append(f"| `{Path(path).name}` | {label} | {size:.1f} MiB | {score_txt} | {kl_txt} |")
@@ -1309,8 +1315,9 @@ def section_quant(args) -> str:
         " `gemma3-tune eval FILE --backend llama.cpp --metric json` (real llama.cpp through"
         " llama-cpp-python 0.3.36, greedy, our rendered prompts) on the 60 held-out chats of"
         " data/quickstart/eval.jsonl; KL: mean over the held-out chats' tokens of"
-        f" KL(p_f32 || p_file) over the full vocabulary, the reference `{reference}` in fp32 and"
-        " the file's weights de-quantized exactly into our model."
+        " KL(p_f32 || p_file) over the full vocabulary (whole chats, prompts included; and over"
+        " the positions that predict the assistant's reply tokens, the ones SFT and QAT train),"
+        f" the reference `{reference}` in fp32 and the file's weights de-quantized exactly into our model."
     )
     return "\n".join([head, "", *rows])
 
