@@ -41,12 +41,16 @@ def bucket_lengths(max_len: int) -> list[int]:
 
 
 def concat_row(samples: Sequence[Sample]) -> dict[str, list]:
-    """Lay samples end to end; positions restart at 0 for each."""
+    """Lay samples end to end; positions restart at 0 for each (and at a pair's second
+    document)."""
     ids, labels, pos, images = [], [], [], []
     for s in samples:
         ids += s.input_ids
         labels += s.labels
-        pos += list(range(len(s)))
+        if s.split:
+            pos += list(range(s.split)) + list(range(len(s) - s.split))
+        else:
+            pos += list(range(len(s)))
         images += s.images
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "image_refs": images}
 
@@ -106,6 +110,10 @@ class Collator:
             batch[self.image_key] = torch.cat(pixels)
         if rows and all("teacher" in r for r in rows):
             batch.update(teacher_batch(rows))
+        if rows and all("reference" in r for r in rows):  # DPO: [pairs, 2] in row order
+            batch["ref_logps"] = torch.from_numpy(
+                np.concatenate([np.asarray(r["reference"]).reshape(-1, 2) for r in rows])
+            ).float()
         if self.validate is not None:
             self.validate(batch)
         return batch

@@ -306,6 +306,12 @@ def fit_one(
     saying what happened, "" when it fits)."""
     if len(sample) <= cfg.max_seq_len:
         return sample, ""
+    if sample.split:  # a preference pair: cutting one side would compare unlike replies
+        return None, (
+            f"{sample.origin}: the pair takes {len(sample)} tokens (prompt + chosen, prompt +"
+            f" rejected) > max_seq_len {cfg.max_seq_len}; a pair is never cut: raise"
+            " data.max_seq_len"
+        )
     image_tokens = _image_tokens(sample, vision)
     crops = _crops_note(sample, vision)
     if image_tokens > cfg.max_seq_len:  # truncating would cut an image: never

@@ -49,11 +49,12 @@ from .dataset import (
     split_eval,
     vision_tokens,
 )
+from .preference import render_pair
 from .sources import Record, SampleError, _read_jsonl, read_records, to_turns
 from .template import IGNORE, ImageRef, Sample, VisionTokens, has_images, render
 from .tokenizer import TOKENIZER_FILES, Tokenizer
 
-FORMAT_VERSION = 2  # bump when the files written here change
+FORMAT_VERSION = 3  # bump when the files written here change
 TEMPLATE_VERSION = 2  # bump when template.render or dataset.fit_one change their output
 CHUNK_BYTES = 4 << 20  # JSONL bytes per map task: small enough for a smooth progress bar
 FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones sampled
@@ -122,9 +123,11 @@ def cache_key(
     vision: VisionTokens | None,
     seed: int,
     answers: str | None = None,
+    pairs: bool = False,
 ) -> tuple[str, dict]:
     """(hex key, the inputs it hashes). Every input that changes the prepared rows is in it;
-    `answers` is the teacher replies' digest (AnswerStore.digest), absent without a teacher."""
+    `answers` is the teacher replies' digest (AnswerStore.digest), absent without a teacher;
+    `pairs` (preference data) only when set."""
 
     def sources(srcs: list[Source] | None) -> list[dict] | None:
         if srcs is None:
@@ -154,6 +157,8 @@ def cache_key(
     }
     if answers is not None:  # only then: the keys of data without a teacher stay as they were
         inputs["answers"] = answers
+    if pairs:
+        inputs["pairs"] = True
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24], inputs
 
@@ -239,9 +244,11 @@ def render_tasks(
     base: str,
     answers_path: str = "",
     answers_digest: str = "",
+    pairs: bool = False,
 ) -> dict:
     """datasets.map function: map tasks (file parts) in, one row per sample out. With
-    `answers_path` (an AnswerStore's file), prompts get the teacher's reply appended."""
+    `answers_path` (an AnswerStore's file), prompts get the teacher's reply appended; with
+    `pairs`, every record is a preference pair (data/preference.py)."""
     cfg = DataConfig.model_validate_json(cfg_json)
     vision = None if vision_json == "null" else VisionTokens(**json.loads(vision_json))
     tok = _tokenizer(tok_folder)
@@ -260,6 +267,7 @@ def render_tasks(
             "input_ids",
             "labels",
             "images",
+            "split",
         )
     }
 
@@ -279,6 +287,7 @@ def render_tasks(
         cols["images"].append(
             [{"path": im.path, "views": im.views} for im in sample.images] if sample else []
         )
+        cols["split"].append(sample.split if sample else 0)
 
     for i in range(len(batch["src"])):
         task = {k: batch[k][i] for k in batch}
@@ -287,7 +296,10 @@ def render_tasks(
         try:
             for rec in _records(task):
                 try:
-                    sample = _render_one(rec, cfg, tok, vision, options, answers)
+                    if pairs:
+                        sample = render_pair(rec, tok, vision, options)
+                    else:
+                        sample = _render_one(rec, cfg, tok, vision, options, answers)
                 except SampleError as e:
                     add(task["src"], e.origin, BAD, e.reason, None)
                     continue
@@ -333,6 +345,7 @@ def _features():
             "input_ids": datasets.Sequence(datasets.Value("int32")),
             "labels": datasets.Sequence(datasets.Value("int32")),
             "images": [{"path": datasets.Value("string"), "views": datasets.Value("int32")}],
+            "split": datasets.Value("int32"),
         }
     )
 
@@ -350,6 +363,7 @@ def _build(
     seed: int,
     num_proc: int,
     answers: tuple[str, str] = ("", ""),
+    pairs: bool = False,
 ) -> None:
     """Render, check, mix, split and pack into `folder`; `answers`: (store file, digest)."""
     import datasets
@@ -379,6 +393,7 @@ def _build(
                 "base": str(base),
                 "answers_path": answers[0],
                 "answers_digest": answers[1],
+                "pairs": pairs,
             },
             cache_file_name=str(folder / "samples.arrow"),
             load_from_cache_file=False,
@@ -497,7 +512,7 @@ class PreparedRows(Sequence):
 def sample_at(samples, j: int) -> Sample:
     r = samples[j]
     images = [ImageRef(im["path"], im["views"]) for im in r["images"]]
-    return Sample(r["input_ids"], r["labels"], images, r["origin"])
+    return Sample(r["input_ids"], r["labels"], images, r["origin"], r["split"])
 
 
 @dataclass
@@ -578,6 +593,7 @@ def prepare(
     wait_seconds: float = 3 * 3600,
     answers: AnswerStore | None = None,
     prompts: list[Prompt] | None = None,
+    pairs: bool = False,
 ) -> Prepared:
     """The prepared data for these settings: from the cache, or built (by local rank 0) and
     cached. Raises DataErrors listing bad samples, as `dataset.build` does.
@@ -585,12 +601,14 @@ def prepare(
     `answers`: a teacher's replies (filled by `answers.answer_prompts` first); conversations
     ending on the user's turn get theirs appended, a prompt without one is a bad sample.
     `prompts`: this data's prompts (`answers.find_prompts`): the key then hashes only their
-    replies, so filling the store for other data leaves this cache valid."""
+    replies, so filling the store for other data leaves this cache valid.
+    `pairs`: the data is preference pairs (objective dpo/orpo), each one sample of two
+    documents (data/preference.py)."""
     vision = vision_tokens(model_config)
     root = data_root(cfg, base)
     keys = None if prompts is None else [p.key for p in prompts]
     digest = answers.digest(keys) if answers is not None else None
-    key, inputs = cache_key(cfg, base, tok_folder, vision, seed, digest)
+    key, inputs = cache_key(cfg, base, tok_folder, vision, seed, digest, pairs)
     folder = root / key
     if _complete(folder):
         return _load(folder, built=False)
@@ -605,7 +623,7 @@ def prepare(
     try:
         num_proc = cfg.num_proc or os.cpu_count() or 1
         store = (str(answers.path), digest) if answers is not None else ("", "")
-        _build(tmp, cfg, tok_folder, vision, base, seed, num_proc, store)
+        _build(tmp, cfg, tok_folder, vision, base, seed, num_proc, store, pairs)
         (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))
         (tmp / COMPLETE).write_text("")
         try:

@@ -304,6 +304,12 @@ def to_turns(
         turns = _from_alpaca(data, ctx)
     elif data.get("prompt") is not None and not PAIRED_KEYS & data.keys():
         turns = _from_prompt(data, ctx, allow_prompt_only)
+    elif "chosen" in data or "rejected" in data:
+        raise SampleError(
+            origin,
+            "a preference pair (TRL's prompt/chosen/rejected), not a chat; set objective: dpo"
+            " (or orpo) to train on pairs",
+        )
     else:
         keys = ", ".join(sorted(map(str, data))) or "none"
         raise SampleError(

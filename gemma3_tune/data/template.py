@@ -72,6 +72,7 @@ class Sample:
     labels: list[int]  # IGNORE where there is no loss
     images: list[ImageRef] = field(default_factory=list)
     origin: str = ""  # "file:line", for error messages and reports
+    split: int = 0  # a preference pair: where its second document (prompt + rejected) starts
 
     def __len__(self) -> int:
         return len(self.input_ids)

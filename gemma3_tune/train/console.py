@@ -21,6 +21,10 @@ def train_line(step: int, max_steps: int, logs: dict) -> str:
     parts = [f"step {step:>{width}}/{max_steps}", f"loss {logs['loss']:.4f}"]
     if logs.get("kd_loss") is not None:  # distillation: its two terms
         parts.append(f"(kd {logs['kd_loss']:.4f}, ce {logs['ce_loss']:.4f})")
+    if logs.get("rewards/accuracies") is not None:  # DPO/ORPO
+        parts.append(
+            f"(acc {logs['rewards/accuracies']:.2f}, margin {logs['rewards/margins']:.3f})"
+        )
     if logs.get("lr") is not None:
         parts.append(f"lr {logs['lr']:.2e}")
     if logs.get("grad_norm") is not None:
@@ -38,9 +42,12 @@ def train_line(step: int, max_steps: int, logs: dict) -> str:
 
 def eval_line(step: int, max_steps: int, logs: dict) -> str:
     width = len(str(max_steps))
+    line = f"eval {step:>{width}}/{max_steps}  loss {logs['eval_loss']:.4f}"
+    if "eval_perplexity" in logs:
+        return line + f"  perplexity {logs['eval_perplexity']:.2f}"
     return (
-        f"eval {step:>{width}}/{max_steps}  loss {logs['eval_loss']:.4f}"
-        f"  perplexity {logs['eval_perplexity']:.2f}"
+        line + f"  reward accuracy {logs['eval_rewards/accuracies']:.2f}"
+        f"  margin {logs['eval_rewards/margins']:.3f}"
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset import DataErrors, data_loss, histogram, render_mask, shown
+from ..data.template import Sample
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from .recipe import Recipe, load_recipe, model_dir
@@ -35,7 +36,15 @@ def load_data(recipe: Recipe, answers=None, prompts=None):
 
     tok, cfg = tokenizer_and_config(recipe)
     folder = model_dir(recipe)
-    data = prepare(recipe.data, folder, cfg, recipe.base_dir, recipe.training.seed, answers=answers)
+    data = prepare(
+        recipe.data,
+        folder,
+        cfg,
+        recipe.base_dir,
+        recipe.training.seed,
+        answers=answers,
+        pairs=recipe.objective != "sft",
+    )
     return tok, cfg, data
 
 
@@ -140,6 +149,21 @@ def _print_crops(c: dict, images: int, listed: list[str], tokens_per_view: int, 
         print(f"  {line}", file=out)
 
 
+def documents(sample: Sample) -> list[tuple[str, Sample]]:
+    """A sample as data check shows it: one document, or a pair's two (scored: the replies)."""
+    if not sample.split:
+        return [("", sample)]
+    k = sample.split
+    first = len(sample.images) // 2  # the prompt's images, in each document
+    return [
+        ("prompt + chosen", Sample(sample.input_ids[:k], sample.labels[:k], sample.images[:first])),
+        (
+            "prompt + rejected",
+            Sample(sample.input_ids[k:], sample.labels[k:], sample.images[first:]),
+        ),
+    ]
+
+
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
     try:
@@ -156,7 +180,8 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     out = sys.stdout
     how = "prepared now" if data.built else "from the cache"
     print(f"prepared data      {data.folder} ({how})", file=out)
-    print(f"samples            {r.samples}  (+{r.eval_samples} eval)", file=out)
+    unit = " pairs" if recipe.objective != "sft" else ""
+    print(f"samples            {r.samples}{unit}  (+{r.eval_samples} eval)", file=out)
     print(f"tokens             {r.tokens}", file=out)
     print(f"trainable tokens   {r.trainable_tokens}", file=out)
     print(f"images             {r.images}", file=out)
@@ -183,7 +208,10 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
         legend = "green" if color else "[[...]]"
         print(f"\nfirst sample ({data.example.origin}), trained tokens in {legend}:", file=out)
         img = cfg.image_token_id if cfg.is_multimodal else None
-        print(render_mask(data.example, tok, color, img), file=out)
+        for title, doc in documents(data.example):
+            if title:
+                print(f"--- {title}", file=out)
+            print(render_mask(doc, tok, color, img), file=out)
     if as_json:
         summary = {**r.summary(), "cache": str(data.folder)}
         summary.update(crops or crop_counts(np.ones(r.images, np.int64)))  # off: no crops

@@ -31,6 +31,8 @@ class MetricsCallback(TrainerCallback):
         "skipped_steps",
     )
     DISTILL_KEYS = ("kd_loss", "ce_loss")  # distillation runs only
+    # DPO/ORPO runs: TRL's names (eval rows carry them with an eval_ prefix)
+    PREFERENCE_PREFIXES = ("rewards/", "logps/", "nll_loss", "log_odds")
 
     def __init__(self, out: Path):
         self.out = out
@@ -42,12 +44,13 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             row = {"step": state.global_step, **{k: logs.get(k) for k in self.TRAIN_KEYS}}
             row.update({k: logs[k] for k in self.DISTILL_KEYS if k in logs})
+            row.update({k: v for k, v in logs.items() if k.startswith(self.PREFERENCE_PREFIXES)})
         elif "eval_loss" in logs:
-            row = {
-                "step": state.global_step,
-                "eval_loss": logs["eval_loss"],
-                "eval_perplexity": logs["eval_perplexity"],
-            }
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
+            if "eval_perplexity" in logs:
+                row["eval_perplexity"] = logs["eval_perplexity"]
+            eval_keys = tuple("eval_" + p for p in self.PREFERENCE_PREFIXES)
+            row.update({k: v for k, v in logs.items() if k.startswith(eval_keys)})
         else:
             return
         with open(self.path, "a") as f:

@@ -51,6 +51,15 @@ def _objective(recipe: Recipe) -> str:
             f" exact {q.format} round trip, embedding {emb}; {how}); export with"
             f" `--format gguf --quantize {q.format}`"
         )
+    if recipe.objective == "dpo":
+        pr = recipe.preference
+        smooth = f", label smoothing {pr.label_smoothing:g}" if pr.label_smoothing else ""
+        return (
+            f"DPO ({pr.loss} loss, beta {pr.beta:g}{smooth}) on preference pairs, reference"
+            f" `{pr.reference}` (its log-probs computed before training)"
+        )
+    if recipe.objective == "orpo":
+        return f"ORPO (lambda {recipe.preference.orpo_lambda:g}) on preference pairs, no reference"
     if d is None:
         return "SFT: cross-entropy on the labels"
     mix = f"alpha {d.alpha:g}" + (f", temperature {d.temperature:g}" if d.temperature != 1 else "")
@@ -116,12 +125,21 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
                 f"| distillation | kd_loss {train[0]['kd_loss']:.4f} -> {last['kd_loss']:.4f},"
                 f" ce_loss {train[0]['ce_loss']:.4f} -> {last['ce_loss']:.4f} |"
             )
+        if "rewards/accuracies" in last:
+            lines.append(
+                f"| preference | reward accuracy {last['rewards/accuracies']:.2f}, margin"
+                f" {last['rewards/margins']:.4f} at step {last['step']} |"
+            )
     if evals:
         last = evals[-1]
-        lines.append(
-            f"| eval loss | {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.2f})"
-            f" at step {last['step']} |"
-        )
+        if "eval_perplexity" in last:
+            how = f"perplexity {last['eval_perplexity']:.2f}"
+        else:
+            how = (
+                f"reward accuracy {last.get('eval_rewards/accuracies', 0):.2f}, margin"
+                f" {last.get('eval_rewards/margins', 0):.4f}"
+            )
+        lines.append(f"| eval loss | {last['eval_loss']:.4f} ({how}) at step {last['step']} |")
     run = t.output_dir  # as the recipe has it, like every path in this card
     lines += [
         "",

@@ -187,6 +187,26 @@ class QatSection(_Strict):
     )
 
 
+class PreferenceSection(_Strict):
+    beta: float = Field(
+        default=0.1, gt=0, description="DPO/IPO: how far the policy may move from the reference"
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        default="sigmoid", description="dpo's loss: sigmoid (DPO) or ipo (IPO, per-token means)"
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="sigmoid: the share of pairs assumed flipped"
+    )
+    reference: str = Field(
+        default="base",
+        description="dpo's reference model: base (the starting model; for LoRA, the adapter off)"
+        " or an HF folder",
+    )
+    orpo_lambda: float = Field(
+        default=0.1, gt=0, description="orpo: weight of the odds-ratio term beside the chosen NLL"
+    )
+
+
 class Recipe(_Strict):
     model: ModelSection
     method: Literal["lora", "qlora", "full", "none"] = Field(
@@ -210,6 +230,11 @@ class Recipe(_Strict):
     qat: QatSection | None = Field(
         default=None, description="quantization-aware training for a GGUF export (train/qat.py)"
     )
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        default="sft",
+        description="sft: chats; dpo/orpo: preference pairs (train/objectives/preference.py)",
+    )
+    preference: PreferenceSection = PreferenceSection()
 
     base_dir: Path = Field(
         default=Path("."), exclude=True, description="relative data paths resolve here"

@@ -41,7 +41,7 @@ from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
-from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
+from ..model.gemma3 import Output, bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
 from . import precision, qat
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap, write_portable_config
@@ -59,6 +59,7 @@ from .distributed import init_distributed, load_model_zero3, world_size, zero_to
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
 from .model_card import model_card
+from .objectives.reference import reference_logps, row_reference
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import restart_at_current_step, scheduler
@@ -95,11 +96,12 @@ def peak_memory_gb() -> float:
     return 0.0
 
 
-def _rows_dataset(rows, teacher=None):
+def _rows_dataset(rows, teacher=None, reference=None):
     """Rows for the Trainer as a `datasets.Dataset` (TRL wants one) holding only the row
     numbers; each row's tokens are read from the prepared, memory-mapped data when the
     DataLoader asks for it (`set_transform`), so nothing is copied up front. With a teacher
-    cache, each row also carries its cached teacher targets (the collator batches them)."""
+    cache, each row also carries its cached teacher targets, and with DPO's reference
+    log-probs ([samples, 2]) its pairs' (the collator batches them)."""
     if not len(rows):
         return None
     import datasets
@@ -114,6 +116,8 @@ def _rows_dataset(rows, teacher=None):
         out["row"] = batch["row"]  # which row: the collator passes it on as row_ids
         if teacher is not None:
             out["teacher"] = [teacher.targets(i) for i in batch["row"]]
+        if reference is not None:
+            out["reference"] = [row_reference(reference, rows, i) for i in batch["row"]]
         return out
 
     ds = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
@@ -207,6 +211,36 @@ def _device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
+def _pixel_loader(recipe: Recipe, cfg):
+    """Image ref -> pixels, for a second model (a teacher, a reference) that runs its own tower
+    on them, never on the policy's cached features; None for a text-only model."""
+    if not cfg.is_multimodal:
+        return None
+    d, size = recipe.data, cfg.vision.image_size
+    pas = _crop_args(d)
+
+    def load_image(im):
+        return preprocess(im["path"], size, d.pan_and_scan, **pas)
+
+    return load_image
+
+
+def _refuse_preference(recipe: Recipe) -> None:
+    """objective dpo/orpo with what it cannot be combined with, one line each."""
+    if recipe.objective == "sft":
+        return
+    if recipe.distill is not None:
+        raise UserError(
+            f"objective: {recipe.objective} trains on preference pairs, distill: on a teacher's"
+            " distribution; remove one (distil first, then tune preferences from its run)"
+        )
+    if recipe.qat is not None:
+        raise UserError(
+            f"qat cannot be combined with objective: {recipe.objective}; tune preferences first,"
+            " then run QAT on the result"
+        )
+
+
 def _distill_data(recipe: Recipe):
     """Data for distillation: prompt-only samples answered by the teacher, the rows prepared,
     and the teacher's targets cached (objectives/distill.py), all before the student loads."""
@@ -215,14 +249,7 @@ def _distill_data(recipe: Recipe):
     from .objectives import distill
 
     tok, cfg = tokenizer_and_config(recipe)
-    load_image = None
-    if cfg.is_multimodal:  # the teacher sees the pixels (its own tower), never cached features
-        d, size = recipe.data, cfg.vision.image_size
-        pas = _crop_args(d)
-
-        def load_image(im):
-            return preprocess(im["path"], size, d.pan_and_scan, **pas)
-
+    load_image = _pixel_loader(recipe, cfg)  # the teacher sees the pixels (its own tower)
     if recipe.data.feature_cache and not recipe.distill.cache:
         raise UserError(
             "distill.cache: false runs the teacher in each step on pixels, but"
@@ -382,6 +409,13 @@ def build_trainer(recipe: Recipe):
         print(warning, file=sys.stderr)
     if not data.train_rows:
         raise UserError("data.train: no samples left to train on")
+    _refuse_preference(recipe)
+    reference = None
+    if recipe.objective == "dpo":  # before the policy loads: never both in memory
+        collate = Collator(tok.pad_id, _pixel_loader(recipe, cfg))
+        reference = reference_logps(
+            recipe, data, collate, resolve_dtype(recipe.model.dtype), _device()
+        )
     folder = model_dir(recipe)
     init_distributed(recipe.deepspeed is not None, recipe.training.ddp_timeout)
     resume = find_resume(recipe, out)
@@ -454,8 +488,8 @@ def build_trainer(recipe: Recipe):
     collator = Collator(
         tok.pad_id, load_image, image_key, bucket_to, rows_to, validate=_image_check(cfg)
     )
-    train_ds = _rows_dataset(data.train_rows, distiller.cache if distiller else None)
-    eval_ds = _rows_dataset(data.eval_rows)
+    train_ds = _rows_dataset(data.train_rows, distiller.cache if distiller else None, reference)
+    eval_ds = _rows_dataset(data.eval_rows, reference=reference)
     metrics = MetricsCallback(out)
     guard = NonFiniteGuard(recipe.training.max_skipped_steps, recipe.model.dtype)
     from transformers import AutoTokenizer
@@ -485,6 +519,7 @@ def build_trainer(recipe: Recipe):
         guard=guard,
         card=card,
         distiller=distiller,
+        recipe=recipe,
     )
     # TRL casts a 4-bit model's adapter weights to bf16 (pure bf16 updates, whatever the
     # recipe's dtype): give them back the dtype precision.py's rule gives every trainable.
@@ -596,9 +631,13 @@ def _make_trainer_class():
             guard: NonFiniteGuard | None = None,
             card=None,
             distiller=None,
+            recipe: Recipe | None = None,
             **kw,
         ):
             self.distiller = distiller  # objectives/distill.py, or None (SFT)
+            self.objective = recipe.objective if recipe is not None else "sft"
+            self.preference = recipe.preference if recipe is not None else None
+            self._pref: dict[str, list] = {"train": [], "eval": []}  # stats since the last log
             self._kd: list = []  # this process's (kd_loss, ce_loss) sums since the last log
             self.card = card  # (step, max_steps, done) -> the run's README.md
             self.projector_lr = projector_lr
@@ -648,10 +687,14 @@ def _make_trainer_class():
                     peak_memory_gb=round(peak_memory_gb(), 3),
                     skipped_steps=self.guard.skipped if self.guard else 0,
                     **self.distill_logs(step - step0),
+                    **self.preference_logs("train"),
                 )
                 self._last = (now, tokens, step)
             if "eval_loss" in logs:
-                logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+                if self.objective == "sft":
+                    logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+                else:  # a preference loss has no perplexity: TRL's reward stats instead
+                    logs.update(self.preference_logs("eval"))
                 # the next step's tokens/s and s/step must not count the evaluation's time
                 self._last = (time.perf_counter(), *self._last[1:])
             super().log(logs, start_time)
@@ -679,12 +722,52 @@ def _make_trainer_class():
             """The model's own loss: SFT, or with a distiller (training steps only; evaluation
             scores the labels) the distillation loss on the batch's teacher targets."""
             rows = inputs.pop("row_ids", None)  # eval batches carry it too; not for the model
+            if self.objective != "sft":
+                return self.preference_loss(model, inputs, return_outputs)
             if self.distiller is None or not model.training:
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             inputs["soft_targets"] = self.distiller.soft_targets(inputs, rows)
             loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
             self._kd.append((outputs["kd_loss"].detach(), outputs["ce_loss"].detach()))
             return (loss, outputs) if return_outputs else loss
+
+        def preference_loss(self, model, inputs, return_outputs: bool):
+            """DPO (against the batch's reference log-probs) or ORPO, on the per-pair reply
+            log-probs the model computes in chunks (objectives/preference.py). A micro-batch's
+            loss is its mean over pairs, divided by the accumulation steps (as TRL's DPOTrainer);
+            the stats are kept for the next train or eval log."""
+            from .objectives import preference as pref
+
+            ref = inputs.pop("ref_logps", None)
+            out = model(**inputs, sequence_logps=True)
+            policy, tokens = pref.pairs(out["logps"], out["tokens"])  # [P, 2] each
+            s = self.preference
+            if self.objective == "dpo":
+                if ref is None or ref.shape != policy.shape:
+                    raise RuntimeError(
+                        f"reference log-probs for {None if ref is None else tuple(ref.shape)}"
+                        f" pairs, the batch has {tuple(policy.shape)}; delete the reference"
+                        " cache folder to rebuild it"
+                    )
+                loss, stats = pref.dpo_loss(
+                    policy, ref.to(policy), tokens, s.beta, s.loss, s.label_smoothing
+                )
+            else:
+                loss, stats = pref.orpo_loss(policy, tokens, s.orpo_lambda)
+            self._pref["train" if model.training else "eval"].append(stats)
+            if model.training:  # HF divides only losses it did not see normalised: not ours
+                loss = loss / self.current_gradient_accumulation_steps
+            return (loss, Output(loss=loss)) if return_outputs else loss
+
+        def preference_logs(self, split: str) -> dict:
+            """The mean of each stat (TRL's names) since the last log of this split."""
+            stats, self._pref[split] = self._pref[split], []
+            if not stats:
+                return {}
+            prefix = "eval_" if split == "eval" else ""
+            keys = list(stats[0])
+            means = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats]).mean(0)
+            return {prefix + k: v for k, v in zip(keys, means.tolist(), strict=True)}
 
         def distill_logs(self, steps: int) -> dict:
             """kd_loss and ce_loss, per step, averaged since the last log (one host read)."""
