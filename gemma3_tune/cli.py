@@ -121,12 +121,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.metrics import METRICS
+    from .eval.metrics import METRICS, PREFERENCE
 
     metrics = list(dict.fromkeys(args.metric or ["exact"]))  # in the order given, once each
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"eval --metric {bad[0]}: choose from {', '.join(METRICS)}")
+    if PREFERENCE in metrics and len(metrics) > 1:
+        other = next(m for m in metrics if m != PREFERENCE)
+        raise UserError(
+            f"eval --metric preference scores preference pairs, --metric {other} chats: run"
+            " them as two evals, each on its own --data"
+        )
+    if args.batch_size < 1:
+        raise UserError(f"eval --batch-size {args.batch_size}: give 1 or more")
     if not Path(args.data).exists():
         raise UserError(f"eval --data {args.data}: no such file or folder")
     if args.out is not None:
@@ -137,15 +145,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     targets = [parse_target(t, args.adapter) for t in args.targets]
     from .eval.runner import (
+        check_llama_cpp,
         disagreements,
         evaluate,
         json_line,
+        load_pairs,
         load_samples,
         table,
         write_outputs,
     )
 
-    samples = load_samples(args.data, args.limit)
+    if args.backend == "llama.cpp":
+        check_llama_cpp(targets, metrics)  # before the data is read
+    load = load_pairs if PREFERENCE in metrics else load_samples
+    samples = load(args.data, args.limit)
     results = evaluate(
         targets, samples, metrics, args.max_new_tokens, args.batch_size, args.backend
     )
@@ -284,16 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser(
-        "eval", help="score runs, models, adapters or GGUF files on held-out chats, side by side"
+        "eval",
+        help="score runs, models, adapters or GGUF files on held-out chats (or preference"
+        " pairs), side by side",
     )
     s.add_argument(
         "targets", nargs="+", metavar="TARGET",
         help="run directory, HF folder, gguf:gemma3-270m or a .gguf file",
     )  # fmt: skip
-    s.add_argument("--data", required=True, help="chats (JSONL, JSON, Parquet, save_to_disk)")
+    s.add_argument(
+        "--data", required=True,
+        help="chats (JSONL, JSON, Parquet, save_to_disk); for --metric preference, TRL's"
+        " {prompt, chosen, rejected} pairs",
+    )  # fmt: skip
     s.add_argument(
         "--metric", action="append", default=None,
-        help="exact (default), json, contains or loss; repeatable",
+        help="exact (default), json, contains or loss; repeatable. preference (on pairs, on its"
+        " own): the share of pairs whose chosen reply gets the higher summed log-prob, and the"
+        " mean margin in nats",
     )  # fmt: skip
     s.add_argument("--adapter", type=Path, default=None, help="a peft adapter for HF folders")
     s.add_argument(
@@ -302,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--limit", type=int, default=None, help="the first N samples")
     s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    s.add_argument(
+        "--batch-size", type=int, default=16,
+        help="prompts decoded together (preference: pairs packed into one forward)",
+    )  # fmt: skip
     s.add_argument("--out", type=Path, default=None, help="predictions.jsonl and summary.json")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
     s.add_argument("--json", action="store_true", help="end with one JSON line of scores")

@@ -12,18 +12,30 @@ from pathlib import Path
 from ..data.sources import read_records, to_turns
 from ..errors import UserError
 from ..outputs import write_atomic
-from .runner import EvalSample, evaluate, load_samples, table
+from .metrics import PREFERENCE
+from .runner import EvalPair, EvalSample, _pair, evaluate, load_pairs, load_samples, table
 from .targets import Target
 
 
-def held_out_samples(recipe) -> list[EvalSample]:
-    """The chats the run held out, as eval samples (prompt turns + reference)."""
+def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
+    """The chats (or, for `eval.metric: preference`, the pairs) the run held out, as eval
+    samples (prompt turns + reference) or pairs."""
     d, limit = recipe.data, recipe.eval.limit
+    pairs = PREFERENCE in recipe.eval.metric
+    if pairs and len(recipe.eval.metric) > 1:
+        raise UserError(
+            "eval.metric: preference scores pairs, the other metrics chats; keep one of them"
+        )
+    if pairs and recipe.objective == "sft":
+        raise UserError(
+            "eval.metric: preference scores preference pairs, but objective is sft (chats);"
+            " use exact, json, contains or loss"
+        )
     if d.eval:
-        samples: list[EvalSample] = []
+        samples: list = []
         for src in d.eval:
             path = Path(src.path) if Path(src.path).is_absolute() else recipe.base_dir / src.path
-            samples += load_samples(path, None)
+            samples += load_pairs(path, None) if pairs else load_samples(path, None)
         return samples[:limit]
     if not d.eval_split:
         raise UserError(
@@ -36,11 +48,13 @@ def held_out_samples(recipe) -> list[EvalSample]:
     by_file: dict[str, set[str]] = defaultdict(set)
     for o in origins:
         by_file[o.rsplit(":", 1)[0]].add(o)
-    found: dict[str, EvalSample] = {}
+    found: dict = {}
     for file, wanted in by_file.items():
         base = Path(file).parent
         for record in read_records(file):
-            if record.origin in wanted:
+            if record.origin in wanted and pairs:
+                found[record.origin] = _pair(record, base)
+            elif record.origin in wanted:
                 turns = to_turns(record, base=base)
                 text = "".join(p for p in turns[-1].parts if isinstance(p, str))
                 found[record.origin] = EvalSample(record.origin, turns, text)
@@ -58,6 +72,8 @@ def score_run(run: Path, recipe) -> dict:
     summary = {"metric": metrics, "n": len(samples), "scores": r.scores}
     if r.perplexity is not None:
         summary["perplexity"] = r.perplexity
+    if r.margin is not None:
+        summary["margin"] = r.margin
     write_atomic(run / "eval.json", json.dumps(summary, indent=2) + "\n")
     print(table(results, metrics, len(samples)), file=sys.stderr)
     lines = ["", "## Held-out evaluation (`gemma3-tune eval`)", ""]

@@ -3,6 +3,10 @@
 Generation metrics give 1.0 or 0.0 per sample and average to the fraction of samples that
 pass; `loss` generates nothing: it is the mean token cross-entropy over the tokens training
 would put the loss on (every assistant turn, its `<end_of_turn>` included), and its perplexity.
+`preference` scores preference pairs, not chats: 1.0 where the target gives the chosen reply a
+higher summed log-probability than the rejected one (strictly), with the mean margin in nats
+(the target's own preference: unlike DPO's rewards/accuracies, no reference model is
+subtracted; eval/runner.py `pair_logps`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import json
 from collections.abc import Callable
 
 GENERATION = ("exact", "json", "contains")
-METRICS = (*GENERATION, "loss")
+PREFERENCE = "preference"
+METRICS = (*GENERATION, "loss", PREFERENCE)
+OURS_ONLY = ("loss", PREFERENCE)  # log-probs from our model: not from llama.cpp's replies
 
 
 def exact(reply: str, reference: str) -> bool:

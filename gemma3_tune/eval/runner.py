@@ -1,10 +1,17 @@
 """Score targets on held-out chats: greedy replies through our batched KV-cache decoder (or the
-training loss), a table with a row per target, and the samples where targets disagree.
+training loss), a table with a row per target, and the samples where targets disagree; or on
+held-out preference pairs (`--metric preference`, how a DPO/ORPO run is measured).
 
 Each sample's last assistant turn is the reference and the turns before it the prompt, both
 rendered exactly as training renders them (`data.template.render`). Models are loaded one at a
 time; replies are decoded in batches of text-only prompts (ragged, left-padded) and one at a
 time for prompts with images.
+
+A preference pair is rendered as training renders it (`data.preference.render_pair`: one sample
+of two documents, prompt + chosen then prompt + rejected, labels on the replies only). Up to
+`batch_size` pairs (and PAIR_TOKENS tokens) are packed into one row per forward, positions
+restarting at each document, and the model returns each document's summed reply log-prob
+(`sequence_logps=True`): a pair scores 1.0 when chosen > rejected, strictly.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.sources import SampleError, read_records, to_turns
+from ..data.preference import PAIR_KEYS, is_pair, split_pair
+from ..data.sources import Record, SampleError, read_records, to_turns
 from ..data.template import (
     ImageRef,
     Turn,
@@ -29,7 +37,7 @@ from ..data.template import (
     stop_at_call,
 )
 from ..errors import UserError
-from .metrics import GENERATION, SCORERS
+from .metrics import GENERATION, OURS_ONLY, PREFERENCE, SCORERS
 from .targets import Target, load_target, target_config
 
 
@@ -48,8 +56,29 @@ class EvalSample:
         return has_images(self.turns)
 
     def prompt_text(self) -> str:
-        last_user = self.prompt_turns[-1]
-        return " ".join(p if isinstance(p, str) else "<image>" for p in last_user.parts)
+        return _text(self.prompt_turns[-1])
+
+    def describe(self) -> dict:
+        """The sample's line in predictions.jsonl (before the targets' results)."""
+        return {"origin": self.origin, "prompt": self.prompt_text(), "reference": self.reference}
+
+
+@dataclass
+class EvalPair:
+    """A held-out preference pair. It is rendered per target (the tokenizer and the image
+    tokens are the target's) by training's own `render_pair`; the texts are for reports."""
+
+    origin: str  # "file:line"
+    record: Record
+    base: Path  # the data file's folder: image paths are relative to it, as in training
+    prompt: str  # the prompt's last user turn
+    chosen: str
+    rejected: str
+    has_images: bool
+
+    def describe(self) -> dict:
+        keys = ("origin", "prompt", "chosen", "rejected")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -59,15 +88,31 @@ class TargetResult:
     scores: dict[str, float] = field(default_factory=dict)  # metric -> mean score
     per_sample: dict[str, list[float]] = field(default_factory=dict)
     perplexity: float | None = None
+    margin: float | None = None  # preference: mean chosen - rejected log-prob (nats)
+    logps: list[tuple[float, float]] = field(default_factory=list)  # preference: per pair
+
+
+def _text(turn: Turn) -> str:
+    return " ".join(p if isinstance(p, str) else "<image>" for p in turn.parts)
+
+
+def _data_base(path: Path) -> Path:
+    return path if path.is_dir() else path.parent  # images beside the data, as in training
 
 
 def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
     """The chats of a data file (any format training reads), each ending in an assistant turn."""
     samples: list[EvalSample] = []
     path = Path(path)
-    base = path if path.is_dir() else path.parent  # images beside the data, as in training
+    base = _data_base(path)
     try:
         for record in read_records(path):
+            if is_pair(record.data):  # to_turns' own advice is for training (objective: dpo)
+                raise SampleError(
+                    record.origin,
+                    "a preference pair (prompt/chosen/rejected), not a chat; score pairs with"
+                    " --metric preference",
+                )
             turns = to_turns(record, base=base)
             if turns[-1].role != "assistant":
                 raise SampleError(
@@ -82,6 +127,53 @@ def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
     if not samples:
         raise UserError(f"eval --data {path}: no samples")
     return samples
+
+
+def load_pairs(path: str | Path, limit: int | None) -> list[EvalPair]:
+    """The preference pairs of a data file (TRL's preference format, any file type training
+    reads), each checked as training checks it, so a bad row is refused before any model loads."""
+    pairs: list[EvalPair] = []
+    path = Path(path)
+    base = _data_base(path)
+    try:
+        for record in read_records(path):
+            pairs.append(_pair(record, base))
+            if limit is not None and len(pairs) >= limit:
+                break
+    except SampleError as e:
+        raise UserError(f"eval --data: {e}") from None
+    if not pairs:
+        raise UserError(f"eval --data {path}: no pairs")
+    return pairs
+
+
+def _pair(record: Record, base: Path) -> EvalPair:
+    """Validate one row the way `render_pair` will (its prompt, then each document's turns)."""
+    origin, data = record.origin, record.data
+    if isinstance(data, SampleError):
+        raise data
+    if not is_pair(data):
+        keys = data if isinstance(data, dict) else {}
+        kind = next((k for k in ("messages", "conversations", "instruction") if k in keys), None)
+        what = f"a chat ('{kind}')" if kind else "a row with no 'chosen'/'rejected'"
+        raise SampleError(
+            origin,
+            f"{what}, not a preference pair: --metric preference scores TRL's"
+            " {prompt, chosen, rejected} rows; score chats with --metric exact, json, contains"
+            " or loss",
+        )
+    prompt, chosen, rejected = split_pair(data, origin)
+    extra = {k: v for k, v in data.items() if k not in PAIR_KEYS}
+
+    def turns(messages: list, prompt_only: bool = False) -> list[Turn]:
+        rec = Record(origin, {**extra, "messages": messages})
+        return to_turns(rec, base=base, allow_prompt_only=prompt_only)
+
+    context = turns(prompt, prompt_only=True)
+    replies = [_text(turns(prompt + reply)[-1]) for reply in (chosen, rejected)]
+    return EvalPair(
+        origin, record, base, _text(context[-1]), *replies, has_images=has_images(context)
+    )
 
 
 def _vision(model) -> VisionTokens | None:
@@ -163,7 +255,68 @@ def token_loss(model, tok, samples: list[EvalSample], bar) -> tuple[list[float],
     return sums, counts
 
 
-def check_target_fits(target: Target, config, samples: list[EvalSample]) -> None:
+PAIR_TOKENS = 4096  # tokens per forward when scoring pairs (a longer pair gets a row alone)
+
+
+def pair_groups(lengths: list[int], batch: int, budget: int = PAIR_TOKENS) -> list[list[int]]:
+    """Consecutive pairs, up to `batch` of them and `budget` tokens per group (one forward)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if groups and len(groups[-1]) < batch and used + n <= budget:
+            groups[-1].append(i)
+            used += n
+        else:
+            groups.append([i])
+            used = n
+    return groups
+
+
+def pair_logps(model, tok, pairs: list[EvalPair], batch: int, bar) -> list[tuple[float, float]]:
+    """Per pair, the summed log-probability of the chosen and of the rejected reply, as the DPO
+    objective sees them: each group of pairs is one packed row (training's collator), and the
+    model sums each document's labelled targets (`sequence_logps=True`)."""
+    from ..data.collate import Collator, row_features
+    from ..data.images import preprocess
+    from ..data.preference import render_pair
+    from ..train.objectives.preference import pairs as fold
+
+    vision = _vision(model)
+    samples = []
+    for p in pairs:
+        try:
+            samples.append(render_pair(p.record, tok, vision, {"base": p.base}))
+        except SampleError as e:
+            raise UserError(f"eval --data: {e}") from None
+    groups = pair_groups([len(s) for s in samples], batch)
+    size = model.config.vision.image_size if vision is not None else 0
+    collate = Collator(
+        tok.pad_id,
+        lambda im: preprocess(im["path"], size, im["views"] > 1),
+        bucket_to=max(sum(len(samples[i]) for i in g) for g in groups),  # few distinct lengths
+    )
+    p0 = next(model.parameters())
+    out: list[tuple[float, float]] = []
+    with torch.no_grad():
+        for group in groups:
+            b = collate([row_features([samples[i] for i in group])])  # [1, T] each
+            pixels = b.get("pixel_values")
+            got = model(
+                b["input_ids"].to(p0.device),
+                pixel_values=None if pixels is None else pixels.to(p0.device, p0.dtype),
+                position_ids=b["position_ids"].to(p0.device),
+                labels=b["labels"].to(p0.device),
+                sequence_logps=True,
+            )
+            logps, _ = fold(got.logps, got.tokens)  # [P, 2]: chosen, rejected
+            if logps.shape[0] != len(group):
+                raise RuntimeError(f"{logps.shape[0]} pairs scored in a group of {len(group)}")
+            out += [(float(c), float(r)) for c, r in logps.tolist()]
+            bar.update(len(group))
+    return out
+
+
+def check_target_fits(target: Target, config, samples: list[EvalSample] | list[EvalPair]) -> None:
     if config.is_multimodal:
         return
     for s in samples:
@@ -176,7 +329,7 @@ def check_target_fits(target: Target, config, samples: list[EvalSample]) -> None
 
 def evaluate(
     targets: list[Target],
-    samples: list[EvalSample],
+    samples: list[EvalSample] | list[EvalPair],
     metrics: list[str],
     max_new_tokens: int = 128,
     batch_size: int = 16,
@@ -190,7 +343,9 @@ def evaluate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generating = any(m in GENERATION for m in metrics)
-    per_target = len(samples) * (int(generating) + int("loss" in metrics))
+    per_target = len(samples) * (
+        int(generating) + int("loss" in metrics) + int(PREFERENCE in metrics)
+    )
     for target in targets:  # every refusal before the first model loads
         check_target_fits(target, target_config(target), samples)
     results = []
@@ -212,6 +367,8 @@ def evaluate(
                     res.per_sample[m] = [x / max(c, 1) for x, c in zip(sums, counts, strict=True)]
                     res.scores[m] = sum(sums) / max(sum(counts), 1)
                     res.perplexity = math.exp(min(res.scores[m], 50.0))
+                elif m == PREFERENCE:
+                    _score_pairs(res, pair_logps(model, tok, samples, batch_size, bar))
                 else:
                     ok = [
                         float(SCORERS[m](r, s.reference))
@@ -224,15 +381,25 @@ def evaluate(
     return results
 
 
+def _score_pairs(res: TargetResult, logps: list[tuple[float, float]]) -> None:
+    """1.0 where the chosen reply is the likelier (strictly: a tie prefers nothing), the share
+    of such pairs, and the mean margin chosen - rejected in nats."""
+    res.logps = logps
+    res.per_sample[PREFERENCE] = [float(c > r) for c, r in logps]
+    res.scores[PREFERENCE] = sum(res.per_sample[PREFERENCE]) / len(logps)
+    res.margin = sum(c - r for c, r in logps) / len(logps)
+
+
 def check_llama_cpp(targets: list[Target], metrics: list[str]) -> None:
-    """--backend llama.cpp: GGUF files only, generation metrics only, llama-cpp-python present."""
+    """--backend llama.cpp: generation metrics only, GGUF files only, llama-cpp-python present."""
     from . import llama_cpp
 
+    ours = [m for m in metrics if m in OURS_ONLY]
+    if ours:
+        raise UserError(f"eval --metric {ours[0]} runs our model; drop --backend llama.cpp for it")
     for t in targets:
         if t.kind != "gguf":
             raise UserError(f"eval --backend llama.cpp scores .gguf files; {t.label} is not one")
-    if "loss" in metrics:
-        raise UserError("eval --metric loss runs our model; drop --backend llama.cpp for it")
     llama_cpp.require()
 
 
@@ -253,6 +420,8 @@ def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens
 def _cell(metric: str, r: TargetResult) -> str:
     if metric == "loss":
         return f"{r.scores[metric]:.4f} (ppl {r.perplexity:.2f})"
+    if metric == PREFERENCE:
+        return f"{100 * r.scores[metric]:.1f}% (margin {r.margin:.2f})"
     return f"{100 * r.scores[metric]:.1f}%"
 
 
@@ -260,10 +429,13 @@ def table(results: list[TargetResult], metrics: list[str], n: int) -> str:
     head = "| target | " + " | ".join(metrics) + " |"
     rule = "|---|" + "---|" * len(metrics)
     rows = [f"| {r.label} | " + " | ".join(_cell(m, r) for m in metrics) + " |" for r in results]
-    return "\n".join([f"{n} samples", head, rule, *rows])
+    what = "pairs" if PREFERENCE in metrics else "samples"
+    return "\n".join([f"{n} {what}", head, rule, *rows])
 
 
-def disagreements(results: list[TargetResult], samples: list[EvalSample], k: int = 3) -> str:
+def disagreements(
+    results: list[TargetResult], samples: list[EvalSample] | list[EvalPair], k: int = 3
+) -> str:
     """The first k samples where the targets' replies differ."""
     if len(results) < 2 or results[0].replies[0] is None:
         return ""
@@ -281,45 +453,50 @@ def disagreements(results: list[TargetResult], samples: list[EvalSample], k: int
 
 
 def json_line(results: list[TargetResult], metrics: list[str], n: int) -> str:
+    """{"metric", "n", "scores": {target: score}} (or {target: {metric: score}} for several
+    metrics); preference adds "margin": {target: mean chosen - rejected, nats}."""
     if len(metrics) == 1:
         m = metrics[0]
-        scores = {r.label: r.scores[m] for r in results}
-        return json.dumps({"metric": m, "n": n, "scores": scores})
-    scores = {r.label: {m: r.scores[m] for m in metrics} for r in results}
-    return json.dumps({"metric": metrics, "n": n, "scores": scores})
+        line = {"metric": m, "n": n, "scores": {r.label: r.scores[m] for r in results}}
+    else:
+        scores = {r.label: {m: r.scores[m] for m in metrics} for r in results}
+        line = {"metric": metrics, "n": n, "scores": scores}
+    if PREFERENCE in metrics:
+        line["margin"] = {r.label: r.margin for r in results}
+    return json.dumps(line)
 
 
 def write_outputs(
     out: Path,
     results: list[TargetResult],
-    samples: list[EvalSample],
+    samples: list[EvalSample] | list[EvalPair],
     metrics: list[str],
     force: bool = False,
 ) -> None:
     """predictions.jsonl (a line per sample: prompt, reference, each target's reply and
-    scores) and summary.json, in `out` (staged: nothing half-written)."""
+    scores; for pairs: prompt, chosen, rejected, each target's two log-probs, margin and
+    score) and summary.json, in `out` (staged: nothing half-written)."""
     from ..outputs import staged_dir
 
     with staged_dir(out, force) as tmp:
         with open(tmp / "predictions.jsonl", "w") as f:
             for i, s in enumerate(samples):
-                row = {
-                    "origin": s.origin,
-                    "prompt": s.prompt_text(),
-                    "reference": s.reference,
-                    "targets": {
-                        r.label: {
-                            "reply": r.replies[i],
-                            **{m: r.per_sample[m][i] for m in metrics},
-                        }
-                        for r in results
-                    },
-                }
-                f.write(json.dumps(row) + "\n")
+                targets = {r.label: _per_sample(r, i, metrics) for r in results}
+                f.write(json.dumps({**s.describe(), "targets": targets}) + "\n")
         summary = {
             "n": len(samples),
             "metrics": metrics,
             "scores": {r.label: r.scores for r in results},
             "perplexity": {r.label: r.perplexity for r in results if r.perplexity is not None},
         }
+        if PREFERENCE in metrics:
+            summary["margin"] = {r.label: r.margin for r in results}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _per_sample(r: TargetResult, i: int, metrics: list[str]) -> dict:
+    scores = {m: r.per_sample[m][i] for m in metrics}
+    if r.logps:  # a pair: the two documents' summed reply log-probs
+        c, rej = r.logps[i]
+        return {"chosen_logp": c, "rejected_logp": rej, "margin": c - rej, **scores}
+    return {"reply": r.replies[i], **scores}

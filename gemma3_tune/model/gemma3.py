@@ -23,7 +23,13 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from .config import GLOBAL, Gemma3Config
 from .layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from .loss import IGNORE_INDEX, SoftTargets, chunked_cross_entropy, chunked_distillation
+from .loss import (
+    IGNORE_INDEX,
+    SoftTargets,
+    chunked_cross_entropy,
+    chunked_distillation,
+    document_logprobs,
+)
 from .masks import TokenInfo, flex_block_mask, token_info, visible
 from .siglip import MultiModalProjector, VisionTower, pool_patches
 
@@ -38,7 +44,10 @@ def activation_dtype(weight: Tensor) -> torch.dtype:
 
 
 class Output(dict):
-    """`loss` and/or `logits`; a dict (as HF's Trainer expects) with attribute access."""
+    """A dict (as HF's Trainer expects) with attribute access. Fields, by call: `loss` (with
+    labels; `kd_loss`, `ce_loss` when distilling), `logits` (without), `hidden` (hidden_only),
+    `logps` and `tokens` (sequence_logps: per document, the summed log-probability of its
+    labelled targets `[S]` fp32 and their count `[S]` int64)."""
 
     def __getattr__(self, name: str):
         try:
@@ -378,7 +387,9 @@ class Gemma3(nn.Module):
     labels != -100, next-token shifted inside, computed in chunks) and no logits; without labels
     it returns `.logits` `[B, T, V]`. Given `num_items_in_batch` (HF Trainer passes the number
     of labelled tokens across a gradient-accumulation step), the loss is this micro-batch's sum
-    divided by it, so accumulated steps weigh every token equally.
+    divided by it, so accumulated steps weigh every token equally. With labels and
+    `sequence_logps=True` it returns `.logps` and `.tokens` per document instead (preference
+    tuning: see `_sequence_logps`).
     """
 
     def __init__(self, config: Gemma3Config, attn_backend: str = "auto"):
@@ -528,6 +539,7 @@ class Gemma3(nn.Module):
         last_logits_only: bool = False,  # generation: project only the final position
         soft_targets: SoftTargets | None = None,  # distillation: a teacher's targets (loss.py)
         hidden_only: bool = False,  # the final hidden states [B, T, D], unprojected (a teacher)
+        sequence_logps: bool = False,  # preference tuning: per-document log p(labels), no loss
         **_: object,
     ) -> Output:
         b, t = input_ids.shape
@@ -545,11 +557,15 @@ class Gemma3(nn.Module):
         if hidden_only:
             return Output(hidden=h)
         if labels is None:
+            if sequence_logps:
+                raise ValueError("sequence_logps=True needs labels (the tokens to score)")
             if last_logits_only:
                 h = h[:, -1:]
             return Output(logits=h @ weight.T)
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
+        if sequence_logps:
+            return self._sequence_logps(h, weight, targets, info)
         flat = targets.reshape(-1)
         logs = {}
         if soft_targets is None:
@@ -564,6 +580,23 @@ class Gemma3(nn.Module):
             loss = loss * share
             logs = {k: v * share for k, v in logs.items()}
         return Output(loss=loss, **logs)
+
+    @staticmethod
+    def _sequence_logps(h: Tensor, weight: Tensor, targets: Tensor, info: TokenInfo) -> Output:
+        """Per document of the flattened batch (row-major; a document is what the masks keep
+        apart: a run whose positions increase), the sum of log p(target) over its labelled
+        targets and their count, for the documents with at least one. A target whose label is
+        the first token of the next document is dropped (a prediction across the boundary; the
+        data never labels it). h: [B, T, D]; targets: [B, T], already shifted."""
+        b, t = targets.shape
+        boundary = info.doc[:, 1:] != info.doc[:, :-1]  # [B, T-1]: the next token starts one
+        targets[:, :-1].masked_fill_(boundary, IGNORE_INDEX)
+        per_row = info.doc[:, -1]  # [B]: documents in each row (ids are 1-based per row)
+        doc = info.doc - 1 + (per_row.cumsum(0) - per_row)[:, None]  # [B, T]: batch-wide ids
+        logps, tokens = document_logprobs(
+            h.reshape(b * t, -1), weight, targets.reshape(-1), doc.reshape(-1)
+        )
+        return Output(logps=logps, tokens=tokens)
 
     def compile_layers(self) -> None:
         """Regional compilation: each decoder and SigLIP layer is compiled in place (its

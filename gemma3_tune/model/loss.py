@@ -11,6 +11,9 @@ their operands in the weights' dtype and accumulate in fp32: in bf16 they run on
 (with TF32 off, an fp32 matmul of the same size is several times slower), and the gradient of
 the weight is summed over chunks in fp32. The loop never reads a tensor value on the host, so
 on a GPU it queues all chunks without waiting for any.
+
+Preference tuning scores whole replies instead: `chunked_logprobs` gives log p(target) per token
+and `document_logprobs` sums them per packed document, by the same chunked projection.
 """
 
 from __future__ import annotations
@@ -262,3 +265,127 @@ def teacher_targets(
         token.append(pair // v + s)
         weights.append(count.float() / samples)
     return torch.cat(ids), torch.cat(weights), torch.cat(token)
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[i, targets[i]] per row, a chunk of rows at a time.
+
+    d logp_i / d z_i = onehot(y_i) - softmax(z_i). When only the hidden states need a gradient
+    (LoRA: the tied embedding is frozen), d logp_i / d h_i = W[y_i] - softmax(z_i) @ W is
+    prepared in the forward pass (one [c, V] @ [V, D] matmul per chunk while its softmax exists),
+    and backward only scales its rows by the incoming gradient. When the weight needs one too
+    (full fine-tuning), its gradient sums g_i (onehot - softmax)_i h_i^T over rows, which needs
+    the incoming g inside the sum: backward recomputes each chunk's softmax (one more [c, D] @
+    [D, V] matmul per chunk) rather than keeping [N, V] alive between the passes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, need_h: bool, need_w: bool):
+        # hidden: [N, D], weight: [V, D], targets: [N], every one a real token id (N >= 1)
+        n = hidden.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        prepare = need_h and not need_w
+        grad_h = torch.empty_like(hidden) if prepare else None
+        step = _chunk_rows(weight.shape[0])
+        for s in range(0, n, step):
+            h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
+            logits = _mm(h, weight.T, acc)  # [c, V]
+            picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
+            peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+            probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place  [c, V]
+            z = probs.sum(dim=-1)  # [c]
+            out[s : s + step] = picked - peak[:, 0] - z.log()
+            if prepare:
+                _onehot_minus_softmax(probs, z, tgt)
+                grad_h[s : s + step] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, probs
+        ctx.need = (need_h, need_w)
+        if prepare:
+            ctx.save_for_backward(grad_h)
+        elif need_w:
+            ctx.save_for_backward(hidden, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        need_h, need_w = ctx.need
+        if not need_w:
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        acc = grad_out.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc)
+        step = _chunk_rows(weight.shape[0])
+        for s in range(0, hidden.shape[0], step):
+            h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
+            probs = _mm(h, weight.T, acc)  # [c, V], the forward's logits again
+            probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+            _onehot_minus_softmax(probs, probs.sum(dim=-1), tgt)
+            g = probs.mul_(grad_out[s : s + step, None]).to(weight.dtype)  # d loss / d z  [c, V]
+            if need_h:
+                grad_h[s : s + step] = (g @ weight).to(hidden.dtype)  # [c, D]
+            grad_w += _mm(g.T, h.to(weight.dtype), acc)  # [V, D], summed in fp32
+            del probs, g
+        return grad_h, grad_w.to(weight.dtype), None, None, None
+
+
+def _onehot_minus_softmax(probs: Tensor, z: Tensor, targets: Tensor) -> None:
+    """In place: unnormalised softmax `probs` [c, V] (row sums `z` [c]) -> onehot(targets) -
+    softmax, the gradient of log p(target) in the logits."""
+    probs.mul_((-1.0 / z)[:, None])
+    probs[torch.arange(len(targets), device=probs.device), targets] += 1.0
+
+
+def _scored_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
+    """log p(target) `[K]` of the rows `keep` `[K]` (rows with a target), in chunks."""
+    need_h = torch.is_grad_enabled() and hidden.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    h = hidden.index_select(0, keep)
+    return _ChunkedLogProbs.apply(h, weight, targets[keep], need_h, need_w)
+
+
+def chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """log_softmax(hidden @ weight.T)[i, targets[i]] per row `[N]`, 0 where targets == -100.
+
+    hidden: `[N, D]`, weight: `[V, D]`, targets: `[N]`. fp32 (fp64 when given fp64), under the
+    same precision rules as chunked_cross_entropy; differentiable in hidden and weight. Only rows
+    with a target are projected (finding them is the one host sync), and no more than one chunk
+    of `[rows, V]` logits exists at a time.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    keep = _scored(hidden, targets)
+    if keep.numel() == 0:
+        return (hidden[:, 0] * 0.0).to(acc)  # zeros, graph intact
+    picked = _scored_logprobs(hidden, weight, targets, keep)  # [K]
+    return picked.new_zeros(hidden.shape[0]).index_put((keep,), picked)
+
+
+def document_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, doc: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per document, the sum of log p(target) over its targets and their count.
+
+    hidden: `[N, D]`, weight: `[V, D]`, targets: `[N]` (-100: none), doc: `[N]` the document
+    each row belongs to, non-decreasing. Returns (logps `[S]` fp32, tokens `[S]` int64) for the
+    S documents with at least one target, in order. Segment sums (index_add over a document
+    index renumbered with a cumsum), no loop over documents: two host reads in all, the rows
+    with a target (`nonzero`) and S.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    keep = _scored(hidden, targets)  # [K]
+    if keep.numel() == 0:
+        empty = (hidden.sum() * 0.0).to(acc).reshape(1)[:0]  # [0], graph intact
+        return empty, torch.zeros(0, dtype=torch.long, device=hidden.device)
+    picked = _scored_logprobs(hidden, weight, targets, keep)  # [K]
+    d = doc[keep]  # [K], non-decreasing
+    new = torch.ones_like(d, dtype=torch.bool)
+    new[1:] = d[1:] != d[:-1]
+    seg = new.long().cumsum(0) - 1  # [K]: 0 .. S-1, the scored documents renumbered
+    s = int(seg[-1]) + 1
+    logps = picked.new_zeros(s).index_add(0, seg, picked)
+    tokens = torch.zeros(s, dtype=torch.long, device=hidden.device).index_add_(
+        0, seg, torch.ones_like(seg)
+    )
+    return logps, tokens

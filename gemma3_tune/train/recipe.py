@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..data.dataset import DataConfig, Source
 from ..errors import UserError
@@ -121,10 +128,11 @@ class WandbSection(_Strict):
 
 
 class EvalSection(_Strict):
-    metric: list[Literal["exact", "json", "contains", "loss"]] = Field(
+    metric: list[Literal["exact", "json", "contains", "loss", "preference"]] = Field(
         default=[],  # pydantic copies defaults: not shared between recipes
         description="after training, score the held-out chats (data.eval or data.eval_split)"
-        " into eval.json and the model card, as `gemma3-tune eval` does",
+        " into eval.json and the model card, as `gemma3-tune eval` does; preference: the share"
+        " of held-out pairs whose chosen reply is the more likely (objective dpo/orpo)",
     )
     max_new_tokens: int = Field(
         default=128, gt=0, description="reply length for generation metrics"
@@ -205,6 +213,12 @@ class PreferenceSection(_Strict):
     orpo_lambda: float = Field(
         default=0.1, gt=0, description="orpo: weight of the odds-ratio term beside the chosen NLL"
     )
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self):
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("preference.label_smoothing applies to loss: sigmoid only")
+        return self
 
 
 class Recipe(_Strict):
