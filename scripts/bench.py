@@ -13,6 +13,7 @@ Sections (each answers one question a user asks before choosing a toolkit):
   kv       KV-cache bytes at 8K/32K/128K for 4B/27B: 5 local : 1 global vs all global.
   distill  distillation step (teacher targets cached, or computed in the step) vs SFT step, on
            the 270M at 512/2048 tokens: time, peak memory, teacher fill tokens/s, cache bytes.
+  dpo      one DPO step, ours vs TRL's DPOTrainer (--seq: tokens per pair)
   quant    GGUF files of the quickstart model (--quant-targets): size, held-out score in real
            llama.cpp, KL(f32 || file) per token.
   eval     the quickstart's 60 held-out chats scored by `gemma3-tune eval`, by the quickstart's
@@ -1322,6 +1323,12 @@ def section_quant(args) -> str:
     return "\n".join([head, "", *rows])
 
 
+def section_dpo(args) -> str:
+    from bench_preference import section_dpo as run
+
+    return run(args)
+
+
 SECTIONS = {
     "lora": ("LoRA step on the real Gemma 3 270M", section_lora),
     "compile": ("Compiled decoder layers on CPU (270M LoRA step)", section_compile),
@@ -1333,6 +1340,7 @@ SECTIONS = {
     "eval": ("Held-out evaluation of the quickstart model", section_eval),
     "distill": ("Distillation: step time and memory vs SFT (270M)", section_distill),
     "quant": ("GGUF formats of the quickstart model in llama.cpp", section_quant),
+    "dpo": ("DPO step: ours vs TRL's DPOTrainer (270M LoRA)", section_dpo),
 }
 
 
@@ -1359,6 +1367,11 @@ def worker(argv: list[str]) -> None:
     elif kind == "distill":
         impl, model_dir, seq, samples, targets = rest
         out = distill_worker(impl, model_dir, int(seq), int(samples), targets)
+    elif kind == "dpo":
+        from bench_preference import dpo_worker
+
+        impl, model_dir, pair_path, steps = rest
+        out = dpo_worker(impl, model_dir, pair_path, int(steps))
     elif kind == "loss":
         impl, hidden, tokens, steps = rest
         out = loss_worker(impl, int(hidden), int(tokens), int(steps))

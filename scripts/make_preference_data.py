@@ -72,12 +72,12 @@ def main(out: Path = OUT, seed: int = 11) -> None:
     assert INSTRUCTION  # the quickstart's instruction opens every prompt
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", 400), ("eval", 60)):
+    for name, n in (("train", 160), ("eval", 60)):
         rows = [pair(rng) for _ in range(n)]
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     check = sft_check(rng)
     (out / "sft_check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in check))
-    print(f"wrote {out}/train.jsonl (400 pairs), eval.jsonl (60) and sft_check.jsonl (60)")
+    print(f"wrote {out}/train.jsonl (160 pairs), eval.jsonl (60) and sft_check.jsonl (60)")
 
 
 if __name__ == "__main__":
