@@ -223,3 +223,36 @@ def test_recipe_objective_and_preference_keys(tmp_path, tiny_dir, objective):
     assert (r.objective, r.preference.beta, r.preference.loss) == (objective, 0.2, "ipo")
     with pytest.raises(UserError, match=r"preference\.loss: Input should be 'sigmoid' or 'ipo'"):
         load_recipe(path, ["preference.loss=hinge"])
+
+
+def test_parquet_and_saved_datasets_read_like_jsonl(tmp_path, tiny_dir):
+    """The same sources as chats: a Parquet file and a `save_to_disk` folder of TRL rows give
+    the pairs the JSONL gives."""
+    import datasets
+
+    from gemma3_tune.train.data_check import load_data
+    from gemma3_tune.train.recipe import load_recipe
+
+    rows = [
+        {"prompt": f"number {k}", "chosen": f"the answer is {k} {k}", "rejected": f"{k + 1}"}
+        for k in range(6)
+    ]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "pairs.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    got = []
+    for src in (jsonl, tmp_path / "pairs.parquet", tmp_path / "saved"):
+        recipe = write_recipe(
+            tmp_path / "r.yaml", tiny_dir, src, tmp_path / "out", objective="dpo",
+            data__eval_split=0.0,
+        )  # fmt: skip
+        _, _, prepared = load_data(load_recipe(recipe))
+        samples = sorted(
+            (tuple(s.input_ids), tuple(s.labels), s.split)
+            for row in prepared.train_rows
+            for s in row
+        )
+        got.append(samples)
+    assert len(got[0]) == 6 and got[0] == got[1] == got[2]

@@ -59,7 +59,7 @@ from .distributed import init_distributed, load_model_zero3, world_size, zero_to
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
 from .model_card import model_card
-from .objectives.reference import reference_logps, row_reference
+from .objectives.reference import reference_logps, resolve_reference, row_reference
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import restart_at_current_step, scheduler
@@ -239,6 +239,8 @@ def _refuse_preference(recipe: Recipe) -> None:
             f"qat cannot be combined with objective: {recipe.objective}; tune preferences first,"
             " then run QAT on the result"
         )
+    if recipe.objective == "dpo":
+        resolve_reference(recipe)  # a reference that does not exist: before any data work
 
 
 def _distill_data(recipe: Recipe):
@@ -389,6 +391,7 @@ def build_trainer(recipe: Recipe):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = prepare_output_dir(recipe)
     qat.refuse_combinations(recipe)
+    _refuse_preference(recipe)
     # Data first: bad data is refused before the model is loaded.
     distiller = None
     teacher_recipe = qat.teacher_recipe(recipe) or recipe  # QAT full SFT: its checkpoint teaches
@@ -409,10 +412,11 @@ def build_trainer(recipe: Recipe):
         print(warning, file=sys.stderr)
     if not data.train_rows:
         raise UserError("data.train: no samples left to train on")
-    _refuse_preference(recipe)
     reference = None
     if recipe.objective == "dpo":  # before the policy loads: never both in memory
-        collate = Collator(tok.pad_id, _pixel_loader(recipe, cfg))
+        # On CUDA, buckets: FlexAttention compiles one graph per length (collate.py)
+        bucket = recipe.data.max_seq_len if torch.cuda.is_available() else None
+        collate = Collator(tok.pad_id, _pixel_loader(recipe, cfg), bucket_to=bucket)
         reference = reference_logps(
             recipe, data, collate, resolve_dtype(recipe.model.dtype), _device()
         )
