@@ -100,51 +100,49 @@ def _data_base(path: Path) -> Path:
     return path if path.is_dir() else path.parent  # images beside the data, as in training
 
 
-def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
-    """The chats of a data file (any format training reads), each ending in an assistant turn."""
-    samples: list[EvalSample] = []
+def _read(path: str | Path, limit: int | None, one, what: str) -> list:
+    """`one(record, base)` for the records of a data file (any format training reads), at most
+    `limit`; a bad record is one line naming its file:line."""
+    out: list = []
     path = Path(path)
     base = _data_base(path)
     try:
         for record in read_records(path):
-            if is_pair(record.data):  # to_turns' own advice is for training (objective: dpo)
-                raise SampleError(
-                    record.origin,
-                    "a preference pair (prompt/chosen/rejected), not a chat; score pairs with"
-                    " --metric preference",
-                )
-            turns = to_turns(record, base=base)
-            if turns[-1].role != "assistant":
-                raise SampleError(
-                    record.origin,
-                    "the last turn must be the assistant's (it is the reference to score against)",
-                )
-            samples.append(EvalSample(record.origin, turns, reference_text(turns[-1])))
-            if limit is not None and len(samples) >= limit:
+            out.append(one(record, base))
+            if limit is not None and len(out) >= limit:
                 break
     except SampleError as e:
         raise UserError(f"eval --data: {e}") from None
-    if not samples:
-        raise UserError(f"eval --data {path}: no samples")
-    return samples
+    if not out:
+        raise UserError(f"eval --data {path}: no {what}")
+    return out
+
+
+def _chat(record: Record, base: Path) -> EvalSample:
+    if is_pair(record.data):  # to_turns' own advice is for training (objective: dpo)
+        raise SampleError(
+            record.origin,
+            "a preference pair (prompt/chosen/rejected), not a chat; score pairs with"
+            " --metric preference",
+        )
+    turns = to_turns(record, base=base)
+    if turns[-1].role != "assistant":
+        raise SampleError(
+            record.origin,
+            "the last turn must be the assistant's (it is the reference to score against)",
+        )
+    return EvalSample(record.origin, turns, reference_text(turns[-1]))
+
+
+def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
+    """The chats of a data file, each ending in an assistant turn."""
+    return _read(path, limit, _chat, "samples")
 
 
 def load_pairs(path: str | Path, limit: int | None) -> list[EvalPair]:
-    """The preference pairs of a data file (TRL's preference format, any file type training
-    reads), each checked as training checks it, so a bad row is refused before any model loads."""
-    pairs: list[EvalPair] = []
-    path = Path(path)
-    base = _data_base(path)
-    try:
-        for record in read_records(path):
-            pairs.append(_pair(record, base))
-            if limit is not None and len(pairs) >= limit:
-                break
-    except SampleError as e:
-        raise UserError(f"eval --data: {e}") from None
-    if not pairs:
-        raise UserError(f"eval --data {path}: no pairs")
-    return pairs
+    """The preference pairs of a data file (TRL's preference format), each checked as training
+    checks it, so a bad row is refused before any model loads."""
+    return _read(path, limit, _pair, "pairs")
 
 
 def _pair(record: Record, base: Path) -> EvalPair:
