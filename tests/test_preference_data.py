@@ -256,3 +256,42 @@ def test_parquet_and_saved_datasets_read_like_jsonl(tmp_path, tiny_dir):
         )
         got.append(samples)
     assert len(got[0]) == 6 and got[0] == got[1] == got[2]
+
+
+def test_tool_calling_pair(tiny_dir):
+    """A row with `tools`: both documents open with the declarations, and the chosen reply (a
+    call) and the rejected one (a guess) score as the last reply of a tool chat does."""
+    from test_tools import DEV, QUESTION, WEATHER
+
+    tok = Tokenizer(tiny_dir)
+    prompt = [{"role": "developer", "content": DEV}, {"role": "user", "content": QUESTION}]
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_current_weather", "arguments": {"location": "Tokyo"}},
+            }
+        ],
+    }
+    guess = {"role": "assistant", "content": "It is sunny in Tokyo."}
+    s = _pair({"prompt": prompt, "chosen": [call], "rejected": [guess], "tools": [WEATHER]}, tok)
+    for doc, reply in ((s.input_ids[: s.split], call), (s.input_ids[s.split :], guess)):
+        alone = render(
+            to_turns(Record("x", {"messages": [*prompt, reply], "tools": [WEATHER]})),
+            tok,
+            None,
+            "last",
+        )
+        assert doc == alone.input_ids
+    labels_c = _chat_tools([*prompt, call], tok)
+    assert s.labels[: s.split] == labels_c
+    assert "get_current_weather" in tok.decode(s.input_ids[: s.split], skip_special=False)
+
+
+def _chat_tools(turns: list, tok) -> list[int]:
+    from test_tools import WEATHER
+
+    rec = Record("x", {"messages": turns, "tools": [WEATHER]})
+    return render(to_turns(rec), tok, None, "last").labels
