@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 
 from .sources import Record, SampleError, to_turns
-from .template import IGNORE, Sample, VisionTokens, has_images, render
+from .template import IGNORE, Sample, Turn, VisionTokens, has_images, render
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -93,6 +93,24 @@ def _same(a: object, b: object) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+def pair_turns(rec: Record, options: dict) -> tuple[list[Turn], list[Turn], list[Turn]]:
+    """A preference row (`is_pair`) validated into turns: (the prompt, prompt + chosen,
+    prompt + rejected). `options`: to_turns' keyword arguments (image root, Pan & Scan, ...)."""
+    data, origin = rec.data, rec.origin
+    prompt, chosen, rejected = split_pair(data, origin)
+    extra = {k: v for k, v in data.items() if k not in PAIR_KEYS}
+    context = to_turns(
+        Record(origin, {**extra, "messages": prompt}), allow_prompt_only=True, **options
+    )
+    if context[-1].role != "user":
+        raise SampleError(origin, "the prompt must end on a user turn (the replies answer it)")
+    c, r = (
+        to_turns(Record(origin, {**extra, "messages": prompt + reply}), **options)
+        for reply in (chosen, rejected)
+    )
+    return context, c, r
+
+
 def render_pair(
     rec: Record,
     tok: Tokenizer,
@@ -112,19 +130,12 @@ def render_pair(
             f"{what} is not a preference pair: objective dpo/orpo needs {FORMAT}; for chats use"
             " objective: sft",
         )
-    prompt, chosen, rejected = split_pair(data, origin)
-    extra = {k: v for k, v in data.items() if k not in PAIR_KEYS}
-    context = to_turns(
-        Record(origin, {**extra, "messages": prompt}), allow_prompt_only=True, **options
-    )
-    if context[-1].role != "user":
-        raise SampleError(origin, "the prompt must end on a user turn (the replies answer it)")
+    context, *replies = pair_turns(rec, options)
     if vision is None and has_images(context):
         raise SampleError(origin, "has an image, but the model is text-only (use a 4B+ Gemma 3)")
     prefix = len(render(context, tok, vision).input_ids)
     docs = []
-    for reply in (chosen, rejected):
-        turns = to_turns(Record(origin, {**extra, "messages": prompt + reply}), **options)
+    for turns in replies:
         doc = render(turns, tok, vision, "assistant")
         doc.labels[:prefix] = [IGNORE] * prefix  # the prompt is context, earlier replies too
         docs.append(doc)

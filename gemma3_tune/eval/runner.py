@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.preference import PAIR_KEYS, is_pair, split_pair
+from ..data.preference import is_pair, pair_turns
 from ..data.sources import Record, SampleError, read_records, to_turns
 from ..data.template import (
     ImageRef,
@@ -160,15 +160,8 @@ def _pair(record: Record, base: Path) -> EvalPair:
             " {prompt, chosen, rejected} rows; score chats with --metric exact, json, contains"
             " or loss",
         )
-    prompt, chosen, rejected = split_pair(data, origin)
-    extra = {k: v for k, v in data.items() if k not in PAIR_KEYS}
-
-    def turns(messages: list, prompt_only: bool = False) -> list[Turn]:
-        rec = Record(origin, {**extra, "messages": messages})
-        return to_turns(rec, base=base, allow_prompt_only=prompt_only)
-
-    context = turns(prompt, prompt_only=True)
-    replies = [_text(turns(prompt + reply)[-1]) for reply in (chosen, rejected)]
+    context, *docs = pair_turns(record, {"base": base})  # as render_pair will see them
+    replies = [_text(turns[-1]) for turns in docs]
     return EvalPair(
         origin, record, base, _text(context[-1]), *replies, has_images=has_images(context)
     )
