@@ -189,7 +189,7 @@ def _image_loader(recipe: Recipe, model, cfg, data):
                 _fill_cache(cache, data.image_refs())
                 cache.encode = _missing_feature  # every image is cached now
         return (lambda im: cache.features(ImageRef(im["path"], im["views"]))), "vision_features"
-    return (lambda im: preprocess(im["path"], size, d.pan_and_scan, **pas)), "pixel_values"
+    return _pixel_loader(recipe, cfg), "pixel_values"
 
 
 def _image_check(cfg):
@@ -212,8 +212,9 @@ def _device() -> str:
 
 
 def _pixel_loader(recipe: Recipe, cfg):
-    """Image ref -> pixels, for a second model (a teacher, a reference) that runs its own tower
-    on them, never on the policy's cached features; None for a text-only model."""
+    """Image ref -> pixels (Pan & Scan as data: says); None for a text-only model. Training's
+    images without a feature cache, and a second model's (a teacher, a reference): it runs its
+    own tower on the pixels, never on the policy's cached features."""
     if not cfg.is_multimodal:
         return None
     d, size = recipe.data, cfg.vision.image_size
