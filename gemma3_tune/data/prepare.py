@@ -503,10 +503,11 @@ class PreparedRows(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return [
-            sample_at(self.samples, int(j))
-            for j in self.members[self.offsets[i] : self.offsets[i + 1]]
-        ]
+        return [sample_at(self.samples, int(j)) for j in self.indices(i)]
+
+    def indices(self, i: int) -> np.ndarray:
+        """Row i's sample indices (into `samples`), in row order."""
+        return self.members[self.offsets[i] : self.offsets[i + 1]]
 
 
 def sample_at(samples, j: int) -> Sample:

@@ -103,13 +103,12 @@ def load_reference(recipe: Recipe, dtype: torch.dtype, device: str):
 
 @torch.no_grad()
 def score_rows(model, rows, collate, batch_rows: int, device: str, out: np.ndarray) -> int:
-    """Each pair's (chosen, rejected) reply log-probabilities into out[sample index]; rows are
-    lists of pair samples (prepared rows). Returns the pairs scored."""
+    """Each pair's (chosen, rejected) reply log-probabilities into out[sample index], for the
+    prepared rows `rows` (PreparedRows). Returns the pairs scored."""
     from tqdm import tqdm
 
     from .preference import pairs
 
-    members = rows.members if hasattr(rows, "members") else None
     bar = tqdm(total=len(rows), desc="reference log-probs", unit="row", file=sys.stderr)
     done = 0
     for start in range(0, len(rows), batch_rows):
@@ -119,12 +118,7 @@ def score_rows(model, rows, collate, batch_rows: int, device: str, out: np.ndarr
         batch.pop("row_ids", None)
         res = model(**batch, sequence_logps=True)
         logps, _ = pairs(res["logps"], res["tokens"])  # [P, 2]
-        if members is not None:
-            idx = np.concatenate(
-                [members[rows.offsets[i] : rows.offsets[i + 1]] for i in chunk]
-            ).astype(np.int64)
-        else:  # in-memory rows: one running index
-            idx = np.arange(done, done + logps.shape[0])
+        idx = np.concatenate([rows.indices(i) for i in chunk]).astype(np.int64)
         if len(idx) != logps.shape[0]:
             raise RuntimeError(f"reference: {len(idx)} pairs in the rows, {logps.shape[0]} scored")
         out[idx] = logps.double().cpu().numpy()
@@ -170,5 +164,4 @@ def reference_logps(
 
 def row_reference(logps: np.ndarray, rows, i: int) -> np.ndarray:
     """The reference log-probs [pairs in row i, 2] of a prepared row, in the row's order."""
-    idx = rows.members[rows.offsets[i] : rows.offsets[i + 1]]
-    return np.asarray(logps[idx], dtype=np.float64)
+    return np.asarray(logps[rows.indices(i)], dtype=np.float64)
