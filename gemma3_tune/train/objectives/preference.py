@@ -56,6 +56,20 @@ def _means(**values: Tensor) -> dict[str, Tensor]:
     return {k.replace("__", "/"): v.detach().mean() for k, v in values.items()}
 
 
+def _pair_metrics(rewards: Tensor, logps: Tensor, **more: Tensor) -> dict[str, Tensor]:
+    """TRL's reward metrics from per-reply rewards and log-probs `[P, 2]` (chosen, rejected),
+    means over pairs, and `more` beside them."""
+    return _means(
+        rewards__chosen=rewards[:, 0],
+        rewards__rejected=rewards[:, 1],
+        rewards__margins=rewards[:, 0] - rewards[:, 1],
+        rewards__accuracies=(rewards[:, 0] > rewards[:, 1]).float(),
+        logps__chosen=logps[:, 0],
+        logps__rejected=logps[:, 1],
+        **more,
+    )
+
+
 def dpo_loss(
     policy: Tensor,
     reference: Tensor,
@@ -81,16 +95,7 @@ def dpo_loss(
     else:
         avg = ratio / tokens.clamp(min=1)  # [P, 2]: per reply token
         per_pair = (avg[:, 0] - avg[:, 1] - 1 / (2 * beta)) ** 2
-    rewards = beta * ratio.detach()  # [P, 2]
-    metrics = _means(
-        rewards__chosen=rewards[:, 0],
-        rewards__rejected=rewards[:, 1],
-        rewards__margins=rewards[:, 0] - rewards[:, 1],
-        rewards__accuracies=(rewards[:, 0] > rewards[:, 1]).float(),
-        logps__chosen=policy[:, 0],
-        logps__rejected=policy[:, 1],
-    )
-    return per_pair.mean(), metrics
+    return per_pair.mean(), _pair_metrics(beta * ratio, policy)
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -107,16 +112,7 @@ def orpo_loss(policy: Tensor, tokens: Tensor, lam: float) -> tuple[Tensor, dict[
     log_odds = (avg[:, 0] - avg[:, 1]) - (_log1mexp(avg[:, 0]) - _log1mexp(avg[:, 1]))  # [P]
     ratio = F.logsigmoid(log_odds)  # [P]
     nll = -policy[:, 0].sum() / tokens[:, 0].sum().clamp(min=1)  # chosen reply tokens, pooled
-    rewards = lam * avg.detach()
-    metrics = _means(
-        rewards__chosen=rewards[:, 0],
-        rewards__rejected=rewards[:, 1],
-        rewards__margins=rewards[:, 0] - rewards[:, 1],
-        rewards__accuracies=(rewards[:, 0] > rewards[:, 1]).float(),
-        logps__chosen=avg[:, 0],
-        logps__rejected=avg[:, 1],
-        nll_loss=nll,
-        log_odds_ratio=ratio,
-        log_odds_chosen=log_odds,
+    metrics = _pair_metrics(
+        lam * avg, avg, nll_loss=nll, log_odds_ratio=ratio, log_odds_chosen=log_odds
     )
     return nll - lam * ratio.mean(), metrics
