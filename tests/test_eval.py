@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from trainutil import chat_set, colour_set, write_recipe
+from trainutil import chat_set, colour_set, refused_in_one_line, write_recipe
 
 from gemma3_tune.cli import main
 from gemma3_tune.eval.metrics import contains, exact, json_equal
@@ -105,12 +105,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tuned, tiny_dir, tmp_path, cap
     out = tmp_path / "out"
 
     def refused(argv, *needles):
-        capsys.readouterr()
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-        for n in needles:
-            assert n in err, err
+        refused_in_one_line(capsys, argv, *needles)
         assert not out.exists() or (out / "keep").is_file()
 
     base = ["--data", str(held), "--out", str(out)]

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from trainutil import chat_set, colour_set
+from trainutil import chat_set, colour_set, refused_in_one_line
 
 from gemma3_tune.cli import main
 from gemma3_tune.data.images import preprocess
@@ -178,12 +178,7 @@ def test_refusals_are_one_line(tmp_path, tiny_dir, capsys):
     chats = chat_set(tmp_path / "chats.jsonl", n=2)
 
     def refused(argv, *needles):
-        capsys.readouterr()
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-        for n in needles:
-            assert n in err, err
+        refused_in_one_line(capsys, argv, *needles)
 
     model = str(tiny_dir)
     pref = ["--metric", "preference"]

@@ -106,3 +106,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def refused_in_one_line(capsys, argv: list[str], *needles: str) -> str:
+    """`gemma3-tune ARGV` exits 2 with one `error: ` line holding every needle; returns it."""
+    from gemma3_tune.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+    return err
