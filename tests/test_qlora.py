@@ -102,3 +102,68 @@ def test_quantized_load_peak_stays_below_the_fp32_model(tmp_path):
     n, peak = map(int, done.stdout.split())
     assert n == 7 * preset("1b").num_hidden_layers
     assert peak < 0.75 * fp32_bytes, (peak / 2**30, fp32_bytes / 2**30)
+
+
+def test_only_decoder_linears_are_4bit_on_a_vision_model(tmp_path, tiny_vision_dir):
+    """A tiny-vision QLoRA run (fp32, 2 steps, images): the 7 linears of every decoder layer are
+    NF4 and nothing else is; every SigLIP and projector weight stays in the compute dtype. The
+    export's rebuilt base leaves the tower and projector bitwise as stored, and QAT fake-quantizes
+    the decoder only. (SigLIP's q/k/v_proj were NF4 before: on AVX512-BF16 CPUs the 32-wide
+    tower then failed in bitsandbytes' CPU packing before the first step.)"""
+    import bitsandbytes as bnb
+    from trainutil import colour_set
+
+    from gemma3_tune.train import qat
+    from gemma3_tune.train.qlora import dequantize_like_run
+    from gemma3_tune.train.recipe import QatSection, load_recipe
+    from gemma3_tune.train.trainer import build_trainer
+
+    data = colour_set(tmp_path / "img", 8, seed=3)
+    run = tmp_path / "run"
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_vision_dir, data, run, method="qlora",
+        training__max_steps=2, training__save_steps=100,
+    )  # fmt: skip
+    trainer, *_ = build_trainer(load_recipe(r))
+    trainer.train()
+    model = trainer.model.get_base_model()
+    layers = model.config.num_hidden_layers
+    nf4 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(nf4) == 7 * layers
+    assert all(n.startswith("model.language_model.layers.") for n in nf4), nf4
+    for part in (model.vision_tower, model.projector):
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in part.modules())
+        assert {p.dtype for p in part.parameters()} == {torch.float32}
+
+    stored = load_model(tiny_vision_dir, dtype=torch.float32).state_dict()
+    export_base = load_model(tiny_vision_dir, dtype=torch.float32)
+    dequantize_like_run(export_base, run)
+    changed = {k for k, v in export_base.state_dict().items() if not torch.equal(v, stored[k])}
+    assert len(changed) == 7 * layers
+    assert all(k.startswith("model.language_model.layers.") for k in changed), sorted(changed)
+
+    plain = load_model(tiny_vision_dir, dtype=torch.float32)
+    qat.apply(plain, QatSection(format="q8_0"), trains_embedding=False)
+    fake = [n for n, m in plain.named_modules() if isinstance(m, qat.QATLinear)]
+    assert len(fake) == 7 * layers
+    assert all(n.startswith("model.language_model.layers.") for n in fake), fake
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_computes_as_it_trains_in_eval(dtype):
+    """In eval mode under no_grad (reference log-probs, eval, the export check) an NF4 linear
+    gives, bitwise, dequantize-then-matmul in the compute dtype, as in training. On CPUs with
+    AVX512-BF16, bitsandbytes would repack it for a bf16 kernel instead (bf16 activations and
+    scales whatever the compute dtype: 0.045 off in this file's fp32 export check)."""
+    import bitsandbytes.functional as bnbf
+
+    from gemma3_tune.train.qlora import linear4bit
+
+    w = torch.randn(96, 128)
+    q = linear4bit(w, dtype, "cpu").eval()
+    x = torch.randn(3, 5, 128, dtype=dtype)
+    want = torch.nn.functional.linear(x, bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state))
+    with torch.no_grad():
+        got = q(x)
+    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+    assert got.dtype == dtype and torch.equal(got, want)

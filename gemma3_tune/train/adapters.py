@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model.gemma3 import Gemma3
-from .qlora import quantize_decoder  # noqa: F401  (scripts/bench.py builds QLoRA with it)
+from .qlora import DECODER_LAYER, quantize_decoder
 from .recipe import Recipe
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,7 +41,7 @@ def target_regex(targets: list[str] | str) -> str:
             f"lora.targets: unknown module {unknown[0]!r}; choose from {', '.join(DECODER_LINEARS)} or all-linear"
         )
     alts = "|".join(f"{_SUBMODULE[n]}\\.{n}" for n in names)
-    return rf"model\.(?:language_model\.)?layers\.\d+\.(?:{alts})"
+    return rf"{DECODER_LAYER}\.(?:{alts})"
 
 
 def apply_method(model: Gemma3, recipe: Recipe) -> nn.Module:

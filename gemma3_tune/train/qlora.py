@@ -16,6 +16,7 @@ kind), and merges the adapter onto it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,8 +30,13 @@ DOUBLE_QUANT = True  # compress_statistics: quantize the absmax statistics too
 QUANT_STORAGE = torch.uint8
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit
 SETTINGS_FILE = "qlora.json"
-_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-_LINEAR += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# A decoder layer's module name: `model.layers.N` (text-only) or `model.language_model.layers.N`
+# (multimodal). Anchored on the language model: SigLIP's `model.vision_tower.encoder.layers.N.
+# self_attn.q_proj` ends the same way and must stay in full precision.
+DECODER_LAYER = r"model\.(?:language_model\.)?layers\.\d+"
+_QUANTIZED = re.compile(
+    DECODER_LAYER + r"\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight"
+)
 
 
 def hf_quantization_config(compute_dtype: torch.dtype):
@@ -47,11 +53,9 @@ def hf_quantization_config(compute_dtype: torch.dtype):
 
 
 def is_quantized_weight(key: str) -> bool:
-    """Decoder linear weights (`...layers.N.self_attn.q_proj.weight`, ...) are the 4-bit ones;
-    embeddings/LM head, norms, the vision tower and the projector stay in full precision."""
-    return (
-        ".layers." in key and key.endswith(".weight") and key[: -len(".weight")].endswith(_LINEAR)
-    )
+    """Decoder linear weights (`model.layers.N.self_attn.q_proj.weight`, ...) are the 4-bit
+    ones; embeddings/LM head, norms, the vision tower and the projector stay in full precision."""
+    return _QUANTIZED.fullmatch(key) is not None
 
 
 def nf4_weight(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.Parameter:
@@ -71,7 +75,13 @@ def nf4_weight(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.P
 
 
 def linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.Module:
-    """A bias-free bitsandbytes Linear4bit holding `weight` in NF4."""
+    """A bias-free bitsandbytes Linear4bit holding `weight` in NF4.
+
+    It always computes as it trains: dequantize into the compute dtype, then matmul. On CPUs
+    with AVX512-BF16, bitsandbytes 0.50 would otherwise switch a Linear4bit in eval mode under
+    no_grad to a packed bf16 kernel (bf16 activations and bf16 block scales, whatever the
+    compute dtype) and keep the weight repacked: the DPO reference, eval and the export check
+    would score another model than the one that trains (measured: 0.045 in logits, fp32)."""
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape
@@ -86,6 +96,7 @@ def linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.M
             quant_storage=QUANT_STORAGE,
         )
     q.weight = nf4_weight(weight, compute_dtype, device)
+    q.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward: never the packed path
     return q
 
 
