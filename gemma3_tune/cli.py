@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     load = load_pairs if PREFERENCE in metrics else load_samples
     samples = load(args.data, args.limit)
     results = evaluate(
-        targets, samples, metrics, args.max_new_tokens, args.batch_size, args.backend
+        targets, samples, metrics, args.max_new_tokens, args.batch_size, args.backend, args.dtype
     )
     print(table(results, metrics, len(samples)))
     differ = disagreements(results, samples)
@@ -288,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    s.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32",
+    )  # fmt: skip
     s.add_argument("--interactive", action="store_true", help="a chat loop")
     s.add_argument("--no-cache", action="store_true", help="recompute every step (reference path)")
     s.add_argument(
@@ -323,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--limit", type=int, default=None, help="the first N samples")
     s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="every target decodes in it; auto: bfloat16 on CUDA and on CPUs with AVX512-BF16"
+        " or AMX, else float32",
+    )  # fmt: skip
     s.add_argument(
         "--batch-size", type=int, default=16,
         help="prompts decoded together (preference: pairs packed into one forward)",

@@ -112,3 +112,51 @@ def test_one_precision_rule_per_launcher(launcher, tmp_path, tiny_vision_dir):
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     assert {v.dtype for v in saved.values()} == {torch.float32}
     assert any("mm_input_projection_weight" in k for k in saved)
+
+
+@pytest.mark.parametrize("flags,want", [("avx512_bf16", "bfloat16"), ("avx2", "float32")])
+def test_dtype_auto_is_recorded_as_what_it_resolved_to(flags, want, tmp_path, tiny_dir, monkeypatch):
+    """A run with `model.dtype: auto` trains in, and writes into its recipe.yaml, the dtype auto
+    meant on that CPU (the probe's two answers, from CPU flags), so eval, export and a resume on
+    another machine read the dtype it trained in."""
+    import yaml
+    from trainutil import chat_set
+
+    from gemma3_tune.model import dtypes
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"flags\t\t: fpu avx512f {flags}\n")
+    monkeypatch.setattr(dtypes, "CPUINFO", info)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, chat_set(tmp_path / "c.jsonl", 8), run,
+        model__dtype="auto", training__max_steps=1, training__save_steps=100,
+    )  # fmt: skip
+    assert main(["train", str(r)]) == 0
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["model"]["dtype"] == want
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
+
+
+def test_float16_keeps_the_residual_stream_in_fp32(tiny_dir):
+    """Gemma 3's residual stream outgrows fp16 (the real 270M reaches 104,061 on the quickstart
+    chats; max 65,504). Here the post-MLP norms are scaled until the tiny model's does too: in
+    float16 the forward stays finite and within fp16's error of float32's (the residual adds
+    and norms in fp32, the matmuls in fp16), and so do the loss and every gradient."""
+    ref = load_model(tiny_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in ref.text_model.layers:
+            layer.post_feedforward_layernorm.weight.fill_(3e4)
+    half = load_model(tiny_dir, dtype=torch.float16)
+    half.load_state_dict({k: v.half() for k, v in ref.state_dict().items()})
+    seen = []
+    ref.text_model.norm.register_forward_hook(lambda m, i, o: seen.append(i[0].abs().max()))
+    ids = torch.randint(3, ref.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    want, got = ref(ids).logits, half(ids).logits
+    assert seen[0] > 65504  # the fp32 residual stream is beyond fp16's range
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() <= 2e-2 * want.abs().max()
+    loss32, loss16 = ref(ids, labels=ids).loss, half(ids, labels=ids).loss
+    assert abs(loss16.item() - loss32.item()) <= 1e-2 * loss32.item()
+    loss16.backward()
+    assert all(torch.isfinite(p.grad).all() for p in half.parameters() if p.grad is not None)

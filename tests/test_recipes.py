@@ -54,21 +54,47 @@ def test_readme_documents_every_key():
 
 
 def test_dtype_auto_is_valid_and_the_default(tmp_path):
-    """model.dtype: auto (bf16 on CUDA, fp32 on CPU) validates and is what an unset key means."""
-    import torch
-
-    from gemma3_tune.train.trainer import resolve_dtype
-
+    """model.dtype: auto validates and is what an unset key means."""
     p = tmp_path / "r.yaml"
     p.write_text("model: {path: m}\ndata: {train: d.jsonl}\n")
     assert load_recipe(p).model.dtype == "auto"
     assert load_recipe(p, ["model.dtype=auto"]).model.dtype == "auto"
-    want = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    assert resolve_dtype("auto") == want
     assert load_recipe(p).training.compile == "auto"
     assert load_recipe(p, ["training.compile=false"]).training.compile is False
     with pytest.raises(UserError, match="training.compile"):
         load_recipe(p, ["training.compile=sometimes"])
+
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbugs\t\t: none\n"
+
+
+@pytest.mark.parametrize(
+    "extra,want,why",
+    [
+        ("avx512_bf16 avx512_vnni", "bfloat16", "(CPU has AVX512-BF16)"),
+        ("amx_tile amx_bf16 amx_int8", "bfloat16", "(CPU has AMX)"),
+        ("avx512_vnni", "float32", "(CPU has no AVX512-BF16 or AMX"),
+    ],
+)
+def test_dtype_auto_follows_the_cpus_bf16_support(extra, want, why, tmp_path, monkeypatch, capsys):
+    """On a CPU, auto is bf16 only where the flags say bf16 matmuls are native; the choice is
+    printed once, with its reason."""
+    import torch
+
+    from gemma3_tune.model import dtypes
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(extra=extra))
+    monkeypatch.setattr(dtypes, "CPUINFO", info)
+    monkeypatch.setattr(dtypes, "_announced", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dtypes.resolve_dtype("auto", announce=True) == getattr(torch, want)
+    assert dtypes.resolve_dtype("auto", announce=True) == getattr(torch, want)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dtype auto -> {want} {why}"), err
+    assert dtypes.resolve_dtype("float32") == torch.float32  # explicit dtypes are kept
+    info.unlink()  # no /proc/cpuinfo (macOS, Windows): the safe side
+    assert dtypes.resolve_dtype("auto") == torch.float32
 
 
 def test_ddp_timeout_reaches_the_process_group_settings(tmp_path):

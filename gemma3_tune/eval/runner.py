@@ -37,6 +37,7 @@ from ..data.template import (
     stop_at_call,
 )
 from ..errors import UserError
+from ..model.dtypes import resolve_dtype
 from .metrics import GENERATION, OURS_ONLY, PREFERENCE, SCORERS
 from .targets import Target, load_target, target_config
 
@@ -325,14 +326,17 @@ def evaluate(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     backend: str = "ours",
+    dtype: str = "auto",
 ) -> list[TargetResult]:
+    """Score every target on `samples`, each loaded in turn in `dtype` (`auto`: bf16 where
+    bf16 matmuls are native, see model/dtypes.py)."""
     from tqdm.auto import tqdm
 
     if backend == "llama.cpp":
         check_llama_cpp(targets, metrics)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    weights = resolve_dtype(dtype, announce=backend == "ours")
     generating = any(m in GENERATION for m in metrics)
     per_target = len(samples) * (
         int(generating) + int("loss" in metrics) + int(PREFERENCE in metrics)
@@ -348,7 +352,7 @@ def evaluate(
             if backend == "llama.cpp":  # generation metrics only (check_llama_cpp)
                 res.replies = _llama_cpp_replies(target, samples, max_new_tokens, bar)
             else:
-                model, tok = load_target(target, device, dtype)
+                model, tok = load_target(target, device, weights)
                 res.replies = [None] * len(samples)
                 if generating:
                     res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)

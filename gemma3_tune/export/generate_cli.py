@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from ..data.template import Turn, stop_at_call
 from ..data.tokenizer import Tokenizer
 from ..data.tools import START_RESP
 from ..errors import UserError
 from ..model.checkpoint import read_config
 from ..model.config import preset
+from ..model.dtypes import resolve_dtype
 from ..model.generate import kv_cache_bytes
 from .inference import load_with_adapter, reply, resolve_run
 
@@ -69,7 +68,7 @@ def run(args) -> int:
         return 0
     base, adapter = resolve_run(args.model)
     adapter = args.adapter or adapter
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, announce=True)
     if args.image and not read_config(base).is_multimodal:  # before the (slow) load
         raise UserError("--image given, but the model is text-only")
     print(f"loading {base}" + (f" + {adapter}" if adapter else ""), file=sys.stderr)

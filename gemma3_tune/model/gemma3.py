@@ -43,6 +43,15 @@ def activation_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def residual_dtype(compute: torch.dtype) -> torch.dtype:
+    """The residual stream's dtype: the compute dtype, except fp32 when computing in fp16.
+    Gemma 3's residual stream outgrows fp16's 65,504 (measured on the real 270M in fp32: up
+    to 104,061 by layer 14 on the quickstart chats, so fp16 gave NaN losses), while what feeds
+    the matmuls stays small (normed inputs; linear outputs <= 2,000 there). So in fp16 the
+    embedding, the residual adds and every norm's input are fp32, the matmuls fp16."""
+    return torch.float32 if compute == torch.float16 else compute
+
+
 class Output(dict):
     """A dict (as HF's Trainer expects) with attribute access. Fields, by call: `loss` (with
     labels; `kd_loss`, `ce_loss` when distilling), `logits` (without), `hidden` (hidden_only),
@@ -266,10 +275,12 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: KVCache | None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        x = x + self.post_attention_layernorm(h)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+        """x: the residual stream `[B, T, D]` (residual_dtype); cos/sin are in the compute dtype."""
+        dt = cos.dtype
+        h = self.self_attn(self.input_layernorm(x, dt), cos, sin, mask, cache)
+        x = x + self.post_attention_layernorm(h, x.dtype)
+        h = self.mlp(self.pre_feedforward_layernorm(x, dt))
+        return x + self.post_feedforward_layernorm(h, x.dtype)
 
 
 class TextModel(nn.Module):
@@ -307,13 +318,14 @@ class TextModel(nn.Module):
         """`weight`: embedding_weight(), when the caller already computed it (the head uses it
         too: QAT's fake quantization then runs once per forward, not twice)."""
         w = self.embed_tokens.weight
-        dtype = activation_dtype(w)
+        dtype = residual_dtype(activation_dtype(w))
         if self.embedding_transform is None:
             rows = self.embed_tokens(input_ids)
         else:
             weight = self.embedding_weight() if weight is None else weight
             rows = F.embedding(input_ids, weight, self.embed_tokens.padding_idx)
         # sqrt(D) is cast to the activation dtype first, as the reference does (it rounds in bf16).
+        # [B, T, D] in the residual stream's dtype
         return rows.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
 
     def forward(
@@ -324,7 +336,8 @@ class TextModel(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         freqs = self.inv_freq_on(x.device)
-        rope = {t: rope_cos_sin(f, info.pos, x.dtype) for t, f in freqs.items()}
+        compute = activation_dtype(self.embed_tokens.weight)
+        rope = {t: rope_cos_sin(f, info.pos, compute) for t, f in freqs.items()}
         masks = {t: self._mask(t, info, backend, cache) for t in set(self.config.layer_types)}
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
@@ -333,7 +346,7 @@ class TextModel(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        return self.norm(x)  # [B, T, D]
+        return self.norm(x, compute)  # [B, T, D]
 
     def _mask(self, layer_type: str, info: TokenInfo, backend: str, cache: KVCache | None):
         window = None if layer_type == GLOBAL else self.config.sliding_window

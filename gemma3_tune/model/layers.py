@@ -18,10 +18,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Returns `dtype` (default: x's): the residual stream and the compute dtype differ in
+        float16 (gemma3.residual_dtype)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return (xf * (1.0 + self.weight.float())).to(dtype or x.dtype)
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0) -> Tensor:

@@ -36,7 +36,7 @@ class ModelSection(_Strict):
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         default="auto",
         description="compute and frozen weights (trained ones keep fp32 masters); auto: bfloat16"
-        " on CUDA, float32 on CPU",
+        " on CUDA and on CPUs with AVX512-BF16 or AMX, else float32 (recipe.yaml records which)",
     )
     attn_backend: Literal["auto", "sdpa", "flex"] = Field(
         default="auto", description="flex on CUDA by default"

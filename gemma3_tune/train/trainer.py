@@ -41,6 +41,7 @@ from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
+from ..model.dtypes import dtype_name, resolve_dtype
 from ..model.gemma3 import Output, bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
 from . import precision, qat
@@ -65,19 +66,6 @@ from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import restart_at_current_step, scheduler
 
 log = logging.getLogger("gemma3_tune")
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """auto: bf16 on CUDA; fp32 on CPU, where bf16 matmuls are only fast with AMX (measured
-    here without it: 0.5 GFLOP/s in bf16 against 48 in fp32)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if name == "float16":
-        print(
-            "warning: Gemma 3 overflows in float16; use bfloat16 (or float32 on CPU)",
-            file=sys.stderr,
-        )
-    return getattr(torch, name)
 
 
 def is_main_process() -> bool:
@@ -391,6 +379,8 @@ def build_trainer(recipe: Recipe):
         # it would pick) so it does not warn "Setting accelerator to CPU" in every CPU run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = prepare_output_dir(recipe)
+    # `auto` becomes the dtype it means here, once: the run's recipe.yaml records that one
+    recipe.model.dtype = dtype_name(resolve_dtype(recipe.model.dtype, announce=is_main_process()))
     qat.refuse_combinations(recipe)
     _refuse_preference(recipe)
     # Data first: bad data is refused before the model is loaded.

@@ -1,0 +1,134 @@
+"""Precision on CPU: what `model.dtype: auto` buys, and whether float16 trains.
+
+    python scripts/bench_precision.py auto     # quickstart in fp32 and bf16: step time, eval
+    python scripts/bench_precision.py fp16     # the real 270M in fp16 vs fp32: logits, 5 steps
+
+`auto`: `gemma3-tune train recipes/quickstart.yaml` with model.dtype=float32 and =bfloat16, one
+after the other on the same data and seed, then `gemma3-tune eval` of each run in its own dtype
+on the 60 held-out chats (metric json, the quickstart's): median step seconds, eval seconds and
+the score. On a CPU without AVX512-BF16 or AMX the bf16 arm is ~100x slower: it is skipped there.
+
+`fp16`: the real 270M's logits in fp16 and bf16 against fp32 on held-out chats (the full
+rendered chat, every position), and the first 5 steps of the quickstart recipe in fp32, fp16 and
+bf16 (losses side by side), at the quickstart's lr and at a tenth of it.
+
+Prints a markdown block for BENCHMARKS.md, headed by the CPU and its bf16/fp16 flags.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gemma3_tune.model.dtypes import cpu_flags, dtype_name  # noqa: E402
+
+EVAL = ROOT / "data/quickstart/eval.jsonl"
+CLI = [sys.executable, "-m", "gemma3_tune"]
+
+
+def header() -> str:
+    from bench import machine
+
+    flags = sorted(f for f in cpu_flags() if "bf16" in f or "fp16" in f or f.startswith("amx"))
+    return f"Machine: {machine()}; CPU flags: {' '.join(flags) or 'no bf16/fp16/AMX flags'}"
+
+
+def train(dtype: str, out: Path, *over: str) -> list[dict]:
+    """One quickstart run in `dtype`; its metrics.jsonl rows."""
+    cmd = [*CLI, "train", str(ROOT / "recipes/quickstart.yaml"), f"model.dtype={dtype}"]
+    cmd += [f"training.output_dir={out}", *over]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def evaluate(run: Path, dtype: str) -> tuple[float, float]:
+    """(held-out json score, seconds) of `gemma3-tune eval` on the run, decoding in `dtype`."""
+    cmd = [*CLI, "eval", str(run), "--data", str(EVAL), "--metric", "json", "--dtype", dtype]
+    t = time.perf_counter()
+    done = subprocess.run([*cmd, "--json"], check=True, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    return json.loads(done.stdout.strip().splitlines()[-1])["scores"][0]["json"], seconds
+
+
+def section_auto() -> str:
+    from gemma3_tune.model.dtypes import native_bf16_cpu
+
+    rows = ["| model.dtype | median s/step | tok/s | eval s (60 chats) | held-out json |"]
+    rows.append("|---|---|---|---|---|")
+    dtypes = ["float32", "bfloat16"] if native_bf16_cpu() else ["float32"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in dtypes:
+            run = Path(tmp) / dtype
+            steps = [r for r in train(dtype, run, "training.logging_steps=1") if "loss" in r]
+            sec = statistics.median(r["step_seconds"] for r in steps[1:])
+            tps = statistics.median(r["tokens_per_second"] for r in steps[1:])
+            score, eval_s = evaluate(run, dtype)
+            rows.append(f"| {dtype} | {sec:.2f} | {tps:.0f} | {eval_s:.0f} | {score:.1%} |")
+    if len(dtypes) == 1:
+        rows.append("| bfloat16 | not measured on such a CPU | | | |")
+    return "\n".join(rows)
+
+
+def logits_vs_fp32(folder: Path, dtype: torch.dtype, n: int = 20) -> tuple[float, float, float]:
+    """(max |`dtype` - fp32| logit, max |fp32 logit|, share of positions with the same argmax)."""
+    from gemma3_tune.data.sources import read_records, to_turns
+    from gemma3_tune.data.template import render
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.model import load_model
+
+    tok = Tokenizer(folder)
+    ref = load_model(folder, dtype=torch.float32).eval()
+    half = load_model(folder, dtype=dtype).eval()
+    worst = top = 0.0
+    same = total = 0
+    with torch.no_grad():
+        for record in list(read_records(str(EVAL)))[:n]:
+            ids = torch.tensor([render(to_turns(record, base=EVAL.parent), tok, None).input_ids])
+            a, b = ref(ids).logits.float(), half(ids).logits.float()
+            assert torch.isfinite(b).all(), f"{dtype} logits not finite"
+            worst = max(worst, (a - b).abs().max().item())
+            top = max(top, a.abs().max().item())
+            same += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            total += ids.shape[1]
+    return worst, top, same / total
+
+
+def section_fp16() -> str:
+    from gemma3_tune.model.embedded import embedded_model_dir
+
+    lines = []
+    for dtype in (torch.float16, torch.bfloat16):
+        worst, top, agree = logits_vs_fp32(embedded_model_dir("gemma3-270m"), dtype)
+        lines.append(
+            f"- logits, {dtype_name(dtype)} vs float32, 20 held-out chats (every position): max"
+            f" |diff| {worst:.3f} (largest |logit| {top:.1f}); same argmax at {agree:.1%}"
+        )
+    arms = ("float32", "float16", "bfloat16")
+    for lr in ("1e-3", "1e-4"):  # the quickstart's, and one where the steps stay small
+        lines += ["", f"lr {lr}:", "", "| step | " + " | ".join(arms) + " | fp16 / fp32 |"]
+        lines.append("|---" * (len(arms) + 2) + "|")
+        over = ("training.max_steps=5", "training.logging_steps=1", f"training.lr={lr}")
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = {d: [r for r in train(d, Path(tmp) / d, *over) if "loss" in r] for d in arms}
+        for rows in zip(*runs.values(), strict=True):
+            losses = [r["loss"] for r in rows]
+            cells = " | ".join(f"{x:.4f}" for x in losses)
+            lines.append(f"| {rows[0]['step']} | {cells} | {losses[1] / losses[0]:.4f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["auto", "fp16"]
+    print(header())
+    for name in which:
+        print(f"\n### {name}\n\n" + {"auto": section_auto, "fp16": section_fp16}[name]())
