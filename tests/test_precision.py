@@ -115,7 +115,9 @@ def test_one_precision_rule_per_launcher(launcher, tmp_path, tiny_vision_dir):
 
 
 @pytest.mark.parametrize("flags,want", [("avx512_bf16", "bfloat16"), ("avx2", "float32")])
-def test_dtype_auto_is_recorded_as_what_it_resolved_to(flags, want, tmp_path, tiny_dir, monkeypatch):
+def test_dtype_auto_is_recorded_as_what_it_resolved_to(
+    flags, want, tmp_path, tiny_dir, monkeypatch
+):
     """A run with `model.dtype: auto` trains in, and writes into its recipe.yaml, the dtype auto
     meant on that CPU (the probe's two answers, from CPU flags), so eval, export and a resume on
     another machine read the dtype it trained in."""
@@ -151,7 +153,9 @@ def test_float16_keeps_the_residual_stream_in_fp32(tiny_dir):
     half.load_state_dict({k: v.half() for k, v in ref.state_dict().items()})
     seen = []
     ref.text_model.norm.register_forward_hook(lambda m, i, o: seen.append(i[0].abs().max()))
-    ids = torch.randint(3, ref.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        3, ref.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)
+    )
     want, got = ref(ids).logits, half(ids).logits
     assert seen[0] > 65504  # the fp32 residual stream is beyond fp16's range
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
