@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument(
         "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-        help="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32",
+        help="auto: a run's own dtype; a model folder's bfloat16 on CUDA and on CPUs with"
+        " AVX512-BF16 or AMX, else float32",
     )  # fmt: skip
     s.add_argument("--interactive", action="store_true", help="a chat loop")
     s.add_argument("--no-cache", action="store_true", help="recompute every step (reference path)")
@@ -328,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument(
         "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-        help="every target decodes in it; auto: bfloat16 on CUDA and on CPUs with AVX512-BF16"
-        " or AMX, else float32",
+        help="one for every target; auto: the dtype the first run given trained in, else"
+        " bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, float32 elsewhere",
     )  # fmt: skip
     s.add_argument(
         "--batch-size", type=int, default=16,

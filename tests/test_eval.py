@@ -5,6 +5,7 @@ input (one line each, nothing written)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def test_loss_metric_equals_transformers(tmp_path, tiny_dir, capsys):
 
     data = chat_set(tmp_path / "held.jsonl", n=6, seed=3)
     argv = ["eval", str(tiny_dir), "--data", str(data), "--metric", "loss", "--json"]
+    argv += ["--dtype", "float32"]  # the reference's (auto is bf16 on native-bf16 CPUs)
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["metric"] == "loss" and got["n"] == 6
@@ -165,3 +167,25 @@ def test_recipe_eval_metric_scores_the_held_out_split(tmp_path, tiny_dir, capsys
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["scores"][str(run)]["exact"] == got["scores"]["exact"]
     assert abs(again["scores"][str(run)]["loss"] - got["scores"]["loss"]) <= 1e-6
+
+
+def test_eval_dtype_is_one_for_all_targets(tmp_path, monkeypatch):
+    """eval --dtype auto: the dtype the first run directory trained in (its recipe.yaml), for
+    every target; with no run among them, the machine's auto; an explicit --dtype wins."""
+    import torch
+    import yaml
+
+    from gemma3_tune.eval.targets import Target, eval_dtype
+    from gemma3_tune.model import dtypes
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu avx2\n")  # no native bf16: the machine's auto is fp32
+    monkeypatch.setattr(dtypes, "CPUINFO", info)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"path": "m", "dtype": "bfloat16"}}))
+    base, tuned = Target("gguf:gemma3-270m", "embedded", Path("x")), Target(str(run), "run", run)
+    assert eval_dtype([base, tuned], "auto") == torch.bfloat16
+    assert eval_dtype([base], "auto") == torch.float32
+    assert eval_dtype([base, tuned], "float32") == torch.float32

@@ -108,7 +108,7 @@ def test_score_and_margin_equal_the_plain_logits(tmp_path, tiny_dir, capsys):
     out = tmp_path / "eval"
     folder = str(tiny_dir)
     argv = ["eval", folder, str(gguf), "--data", str(data), "--metric", "preference",
-            "--batch-size", "3", "--out", str(out), "--json"]  # fmt: skip
+            "--batch-size", "3", "--out", str(out), "--json", "--dtype", "float32"]  # fmt: skip
     got = _run(argv, capsys)
 
     model, tok = load_model(tiny_dir).eval(), Tokenizer(tiny_dir)
@@ -155,7 +155,7 @@ def test_vision_pairs_score_with_their_images(tmp_path, tiny_vision_dir, capsys)
     ]  # fmt: skip
     data = _write(tmp_path / "pairs.jsonl", rows)
     argv = ["eval", str(tiny_vision_dir), "--data", str(data), "--metric", "preference",
-            "--batch-size", "2", "--json"]  # fmt: skip
+            "--batch-size", "2", "--json", "--dtype", "float32"]  # fmt: skip
     line = _run(argv, capsys)["json"]
 
     from gemma3_tune.data.dataset import vision_tokens

@@ -5,6 +5,7 @@ enough for its slow bf16 matmuls)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,3 +165,40 @@ def test_float16_keeps_the_residual_stream_in_fp32(tiny_dir):
     assert abs(loss16.item() - loss32.item()) <= 1e-2 * loss32.item()
     loss16.backward()
     assert all(torch.isfinite(p.grad).all() for p in half.parameters() if p.grad is not None)
+
+
+def _objective(name: str, tmp_path: Path, tiny_dir: Path, tiny_vision_dir: Path):
+    """(model, data, recipe overrides) of a short run of each objective."""
+    from test_preference_train import pair_set
+    from trainutil import chat_set
+
+    cache = {"data__cache_dir": str(tmp_path / "cache")}
+    if name == "distill":  # the teacher's targets cached in the run's dtype
+        return tiny_dir, chat_set(tmp_path / "c.jsonl"), {"distill": {"teacher": str(tiny_dir)}}
+    if name == "dpo":  # reference log-probs computed in it
+        return tiny_dir, pair_set(tmp_path / "p.jsonl"), {"objective": "dpo", **cache}
+    if name == "qat":
+        return tiny_dir, chat_set(tmp_path / "c.jsonl"), {"qat": {"format": "q4_0"}}
+    data = colour_set(tmp_path / "img", 8, seed=4)  # feature_cache: SigLIP's output cached
+    return tiny_vision_dir, data, {"data__feature_cache": str(tmp_path / "features")}
+
+
+@pytest.mark.parametrize("name", ["distill", "dpo", "qat", "feature_cache"])
+def test_objectives_train_in_bf16_as_in_fp32(name, tmp_path, tiny_dir, tiny_vision_dir):
+    """What `dtype: auto` now picks on native-bf16 CPUs: each objective's run in bf16 gives the
+    fp32 run's first loss (before any update: the forward's numerics alone) within bf16's
+    error, and finite losses after."""
+    model, data, over = _objective(name, tmp_path, tiny_dir, tiny_vision_dir)
+    first = {}
+    for dtype in ("float32", "bfloat16"):
+        run = tmp_path / dtype
+        r = write_recipe(
+            tmp_path / f"{dtype}.yaml", model, data, run, model__dtype=dtype,
+            training__max_steps=3, training__logging_steps=1, training__save_steps=100, **over,
+        )  # fmt: skip
+        assert main(["train", str(r)]) == 0
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [x["loss"] for x in rows if "loss" in x and "step" in x]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
+        first[dtype] = losses[0]
+    assert first["bfloat16"] == pytest.approx(first["float32"], rel=0.02), first

@@ -88,8 +88,9 @@ def test_dtype_auto_follows_the_cpus_bf16_support(extra, want, why, tmp_path, mo
     monkeypatch.setattr(dtypes, "CPUINFO", info)
     monkeypatch.setattr(dtypes, "_announced", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert dtypes.resolve_dtype("auto", announce=True) == getattr(torch, want)
-    assert dtypes.resolve_dtype("auto", announce=True) == getattr(torch, want)
+    assert dtypes.resolve_dtype("auto") == getattr(torch, want)
+    dtypes.announce_auto()
+    dtypes.announce_auto()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"dtype auto -> {want} {why}"), err
     assert dtypes.resolve_dtype("float32") == torch.float32  # explicit dtypes are kept

@@ -37,9 +37,8 @@ from ..data.template import (
     stop_at_call,
 )
 from ..errors import UserError
-from ..model.dtypes import resolve_dtype
 from .metrics import GENERATION, OURS_ONLY, PREFERENCE, SCORERS
-from .targets import Target, load_target, target_config
+from .targets import Target, eval_dtype, load_target, target_config
 
 
 @dataclass
@@ -328,21 +327,21 @@ def evaluate(
     backend: str = "ours",
     dtype: str = "auto",
 ) -> list[TargetResult]:
-    """Score every target on `samples`, each loaded in turn in `dtype` (`auto`: bf16 where
-    bf16 matmuls are native, see model/dtypes.py)."""
+    """Score every target on `samples`, each loaded in turn in one dtype (targets.eval_dtype:
+    `auto` is a run's own dtype, else bf16 where bf16 matmuls are native)."""
     from tqdm.auto import tqdm
 
     if backend == "llama.cpp":
         check_llama_cpp(targets, metrics)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights = resolve_dtype(dtype, announce=backend == "ours")
     generating = any(m in GENERATION for m in metrics)
     per_target = len(samples) * (
         int(generating) + int("loss" in metrics) + int(PREFERENCE in metrics)
     )
     for target in targets:  # every refusal before the first model loads
         check_target_fits(target, target_config(target), samples)
+    weights = eval_dtype(targets, dtype) if backend == "ours" else None
     results = []
     with tqdm(total=per_target * len(targets), desc="eval", unit="sample", file=sys.stderr) as bar:
         for target in targets:

@@ -76,6 +76,21 @@ def target_config(target: Target):
     return read_config(target.path)
 
 
+def eval_dtype(targets: list[Target], dtype: str) -> torch.dtype:
+    """One dtype for every target (the table compares models, not dtypes): `dtype` as given;
+    `auto`: the dtype the first run directory among them trained in (its recipe.yaml), else
+    the machine's (model/dtypes.py)."""
+    from ..model.dtypes import announce_auto, resolve_dtype
+    from ..train.runs import run_dtype
+
+    if dtype == "auto":
+        runs = (run_dtype(t.path) for t in targets if t.kind == "run")
+        dtype = next((d for d in runs if d), "auto")
+    if dtype == "auto":
+        announce_auto()
+    return resolve_dtype(dtype)
+
+
 def load_target(target: Target, device: str, dtype: torch.dtype):
     """(model in eval mode on `device`, tokenizer) for a target."""
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..data.template import Turn, stop_at_call
 from ..data.tokenizer import Tokenizer
@@ -10,8 +11,9 @@ from ..data.tools import START_RESP
 from ..errors import UserError
 from ..model.checkpoint import read_config
 from ..model.config import preset
-from ..model.dtypes import resolve_dtype
+from ..model.dtypes import announce_auto, resolve_dtype
 from ..model.generate import kv_cache_bytes
+from ..train.runs import run_dtype
 from .inference import load_with_adapter, reply, resolve_run
 
 
@@ -68,9 +70,14 @@ def run(args) -> int:
         return 0
     base, adapter = resolve_run(args.model)
     adapter = args.adapter or adapter
-    dtype = resolve_dtype(args.dtype, announce=True)
+    want = args.dtype
+    if want == "auto":  # a run decodes in the dtype it trained in
+        want = run_dtype(Path(args.model)) or "auto"
+    dtype = resolve_dtype(want)
     if args.image and not read_config(base).is_multimodal:  # before the (slow) load
         raise UserError("--image given, but the model is text-only")
+    if want == "auto":
+        announce_auto()
     print(f"loading {base}" + (f" + {adapter}" if adapter else ""), file=sys.stderr)
     model = load_with_adapter(base, adapter, dtype=dtype).eval()
     tok = Tokenizer(base)

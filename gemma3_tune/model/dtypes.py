@@ -55,14 +55,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_dtype(name: str, announce: bool = False) -> torch.dtype:
-    """`auto` | `bfloat16` | `float32` | `float16` -> a torch dtype. With `announce`, `auto`'s
-    choice is printed once per process (`dtype auto -> bfloat16 (CPU has AVX512-BF16)`)."""
-    if name != "auto":
-        return getattr(torch, name)
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` | `bfloat16` | `float32` | `float16` -> a torch dtype."""
+    return auto_dtype()[0] if name == "auto" else getattr(torch, name)
+
+
+def announce_auto() -> None:
+    """Print auto's choice and its reason once per process, after the refusals of bad input
+    (those stay one line): `dtype auto -> bfloat16 (CPU has AVX512-BF16)`."""
     dtype, why = auto_dtype()
     line = f"dtype auto -> {dtype_name(dtype)} ({why})"
-    if announce and line not in _announced:
+    if line not in _announced:
         _announced.add(line)
         print(line, file=sys.stderr)
-    return dtype

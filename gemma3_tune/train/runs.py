@@ -23,6 +23,17 @@ def run_method(src: Path) -> str | None:
     return yaml.safe_load((src / "recipe.yaml").read_text()).get("method", "lora")
 
 
+def run_dtype(src: Path) -> str | None:
+    """The dtype a run trained in (`train` records what `auto` resolved to), or None: not a
+    run, or a run from before that was recorded."""
+    if not (src / "recipe.yaml").is_file():
+        return None
+    import yaml
+
+    dtype = (yaml.safe_load((src / "recipe.yaml").read_text()).get("model") or {}).get("dtype")
+    return None if dtype in (None, "auto") else dtype
+
+
 def recipe_base(run: Path) -> Path:
     """The base model folder a run's recipe.yaml names."""
     import yaml

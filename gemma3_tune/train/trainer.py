@@ -41,7 +41,7 @@ from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
-from ..model.dtypes import dtype_name, resolve_dtype
+from ..model.dtypes import announce_auto, dtype_name, resolve_dtype
 from ..model.gemma3 import Output, bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
 from . import precision, qat
@@ -380,7 +380,7 @@ def build_trainer(recipe: Recipe):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = prepare_output_dir(recipe)
     # `auto` becomes the dtype it means here, once: the run's recipe.yaml records that one
-    recipe.model.dtype = dtype_name(resolve_dtype(recipe.model.dtype, announce=is_main_process()))
+    asked, recipe.model.dtype = recipe.model.dtype, dtype_name(resolve_dtype(recipe.model.dtype))
     qat.refuse_combinations(recipe)
     _refuse_preference(recipe)
     # Data first: bad data is refused before the model is loaded.
@@ -526,6 +526,8 @@ def build_trainer(recipe: Recipe):
     if is_main_process():
         trainer.add_callback(Console())
     trainer.resume_checkpoint = resume
+    if asked == "auto" and is_main_process():
+        announce_auto()  # after every refusal: those stay one line
     return trainer, out, folder
 
 
