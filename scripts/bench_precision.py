@@ -5,8 +5,9 @@
 
 `auto`: `gemma3-tune train recipes/quickstart.yaml` with model.dtype=float32 and =bfloat16, one
 after the other on the same data and seed, then `gemma3-tune eval` of each run in its own dtype
-on the 60 held-out chats (metric json, the quickstart's): median step seconds, eval seconds and
-the score. On a CPU without AVX512-BF16 or AMX the bf16 arm is ~100x slower: it is skipped there.
+on the 60 held-out chats (metric json, the quickstart's): median step seconds (steps 2-24), one
+decode step of our KV-cache decoder at the eval's batch of 16, eval seconds end to end (model
+load included), the longest reply, and the score. On a CPU without AVX512-BF16 or AMX the bf16 arm is ~100x slower: it is skipped there.
 
 `fp16`: the real 270M's logits in fp16 and bf16 against fp32 on held-out chats (the full
 rendered chat, every position), and the first 5 steps of the quickstart recipe in fp32, fp16 and
@@ -51,20 +52,51 @@ def train(dtype: str, out: Path, *over: str) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def evaluate(run: Path, dtype: str) -> tuple[float, float]:
-    """(held-out json score, seconds) of `gemma3-tune eval` on the run, decoding in `dtype`."""
+def evaluate(run: Path, dtype: str) -> tuple[float, float, int]:
+    """(held-out json score, seconds, longest reply in tokens) of `gemma3-tune eval` on the
+    run, decoding in `dtype`. A batch decodes until its longest reply stops, so one reply that
+    never ends (to --max-new-tokens, 128) sets the time of its batch of 16."""
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.model.embedded import embedded_model_dir
+
+    out = run.parent / f"{run.name}-eval"
     cmd = [*CLI, "eval", str(run), "--data", str(EVAL), "--metric", "json", "--dtype", dtype]
     t = time.perf_counter()
-    done = subprocess.run([*cmd, "--json"], check=True, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [*cmd, "--json", "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - t
-    return json.loads(done.stdout.strip().splitlines()[-1])["scores"][0]["json"], seconds
+    tok = Tokenizer(embedded_model_dir("gemma3-270m"))
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    longest = max(len(tok.encode(r["targets"][str(run)]["reply"])) for r in rows)
+    return json.loads(done.stdout.strip().splitlines()[-1])["scores"][str(run)], seconds, longest
+
+
+def decode_step_seconds(dtype: torch.dtype, batch: int = 16, steps: int = 40) -> float:
+    """Seconds per decode step of our KV-cache decoder on the real 270M: `batch` prompts of
+    ~120 tokens (the eval's batch), every row decoding `steps` tokens."""
+    from gemma3_tune.model import load_model
+    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.model.generate import generate_batch
+
+    model = load_model(embedded_model_dir("gemma3-270m"), dtype=dtype).eval()
+    prompts = [list(range(1000, 1120 + i)) for i in range(batch)]
+    with torch.no_grad():
+        generate_batch(model, prompts, max_new_tokens=2)  # warm-up
+        t = time.perf_counter()
+        generate_batch(model, prompts, max_new_tokens=1)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        generate_batch(model, prompts, max_new_tokens=steps + 1, stop_ids=set())
+    return (time.perf_counter() - t - prefill) / steps
 
 
 def section_auto() -> str:
     from gemma3_tune.model.dtypes import native_bf16_cpu
 
-    rows = ["| model.dtype | median s/step | tok/s | eval s (60 chats) | held-out json |"]
-    rows.append("|---|---|---|---|---|")
+    rows = ["| model.dtype | median s/step | tok/s | decode step (batch 16) | eval s (60 chats)"]
+    rows[0] += " | longest reply | held-out json |"
+    rows.append("|---" * 7 + "|")
     dtypes = ["float32", "bfloat16"] if native_bf16_cpu() else ["float32"]
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
@@ -72,10 +104,14 @@ def section_auto() -> str:
             steps = [r for r in train(dtype, run, "training.logging_steps=1") if "loss" in r]
             sec = statistics.median(r["step_seconds"] for r in steps[1:])
             tps = statistics.median(r["tokens_per_second"] for r in steps[1:])
-            score, eval_s = evaluate(run, dtype)
-            rows.append(f"| {dtype} | {sec:.2f} | {tps:.0f} | {eval_s:.0f} | {score:.1%} |")
+            score, eval_s, longest = evaluate(run, dtype)
+            step = decode_step_seconds(getattr(torch, dtype))
+            rows.append(
+                f"| {dtype} | {sec:.2f} | {tps:.0f} | {step * 1000:.0f} ms | {eval_s:.0f} s"
+                f" | {longest} tokens | {score:.1%} |"
+            )
     if len(dtypes) == 1:
-        rows.append("| bfloat16 | not measured on such a CPU | | | |")
+        rows.append("| bfloat16 | not measured on such a CPU |" + " |" * 5)
     return "\n".join(rows)
 
 

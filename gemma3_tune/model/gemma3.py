@@ -574,7 +574,10 @@ class Gemma3(nn.Module):
                 raise ValueError("sequence_logps=True needs labels (the tokens to score)")
             if last_logits_only:
                 h = h[:, -1:]
-            return Output(logits=h @ weight.T)
+            # One [B*T, D] x [D, V] matmul: given the non-contiguous h[:, -1:] and a head that
+            # needs no grad, a 3-D matmul falls back to a bmm over B copies of the [V, D] head
+            # (5 GB copied per prefill at batch 16: measured 13 s of a 14 s eval batch)
+            return Output(logits=(h.reshape(-1, h.shape[-1]) @ weight.T).view(*h.shape[:2], -1))
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
         if sequence_logps:
