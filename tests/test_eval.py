@@ -189,3 +189,30 @@ def test_eval_dtype_is_one_for_all_targets(tmp_path, monkeypatch):
     assert eval_dtype([base, tuned], "auto") == torch.bfloat16
     assert eval_dtype([base], "auto") == torch.float32
     assert eval_dtype([base, tuned], "float32") == torch.float32
+
+
+def test_merged_export_stops_at_end_of_turn_in_transformers(tuned, tmp_path):
+    """Every model folder we write stops where the template ends a turn: transformers'
+    `generate` with no stop argument ends a fine-tune's reply at `<end_of_turn>` (the folder's
+    generation_config.json and config.json carry [<eos>, <end_of_turn>], as Google's do), and
+    the reply is our decoder's."""
+    import transformers
+
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.eval.runner import load_samples, prompt_ids
+
+    out = tmp_path / "merged"
+    assert main(["export", str(tuned / "run"), "--out", str(out), "--dtype", "float32"]) == 0
+    tok = Tokenizer(out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_id, tok.end_of_turn]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    stopped = 0
+    for sample in load_samples(chat_set(tmp_path / "held.jsonl", n=4, seed=5), None):
+        ids, _ = prompt_ids(tok, sample, None)
+        with torch.no_grad():
+            new = hf.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[
+                0, len(ids) :
+            ]
+        stopped += int(new[-1]) == tok.end_of_turn and len(new) < 30
+    assert stopped == 4

@@ -383,3 +383,23 @@ def ensure_chat_template(folder: Path) -> None:
     if cfg_file.is_file() and not cfg.get("chat_template"):
         cfg["chat_template"] = template
         cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if (folder / "config.json").is_file():
+        ensure_stop_tokens(folder)
+
+
+def ensure_stop_tokens(folder: Path) -> None:
+    """A model folder stops where the template ends a turn, as Google's checkpoints do: the
+    EOS ids of generation_config.json (what vLLM and transformers' `generate` stop on) and of
+    config.json are [<eos>, <end_of_turn>] (1 and 106 in Gemma's vocabulary). With `<eos>`
+    alone, a fine-tune served by vLLM ran on past its reply to max_tokens."""
+    tok = Tokenizer(folder)
+    stops = [tok.eos_id, tok.end_of_turn]
+    gen_file, cfg_file = folder / "generation_config.json", folder / "config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    gen.update(bos_token_id=tok.bos_id, eos_token_id=stops, pad_token_id=tok.pad_id)
+    gen_file.write_text(json.dumps(gen, indent=2) + "\n")
+    cfg = json.loads(cfg_file.read_text())
+    for section in (cfg, cfg.get("text_config")):
+        if isinstance(section, dict) and "eos_token_id" in section:
+            section["eos_token_id"] = stops
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
