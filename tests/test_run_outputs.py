@@ -175,3 +175,26 @@ def test_vision_adapter_with_projector_loads_with_auto_peft(tmp_path, tiny_visio
     with torch.no_grad():
         base = load_model(tiny_vision_dir).eval()(ids, pixel_values=pixels).logits
     assert (ours - base).abs().max().item() > 1e-3  # LoRA and projector changed the logits
+
+
+def test_the_last_step_is_logged_whatever_logging_steps_says(tmp_path, tiny_dir, capsys):
+    """5 steps with logging_steps 2: metrics.jsonl, the console and the model card end at step
+    5 (they ended at step 4)."""
+    from gemma3_tune.cli import main
+
+    run = tmp_path / "run"
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, chat_set(tmp_path / "c.jsonl", 16), run,
+        training__max_steps=5, training__logging_steps=2, training__save_steps=100,
+    )  # fmt: skip
+    capsys.readouterr()
+    assert main(["train", str(r)]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [
+        1,
+        2,
+        4,
+        5,
+    ]  # the first, every 2nd, the last
+    assert "step 5/5" in capsys.readouterr().err
+    assert "at step 5 (" in (run / "README.md").read_text()

@@ -15,7 +15,7 @@ schedule for the new total (schedule.py); a checkpoint that already completes th
 refused with the key to raise.
 
 With eval data, the last step is always evaluated (`training.eval_steps` unset: only there),
-inside the loop and so before the final checkpoint (FinalEval), as HF does at the end of a run
+inside the loop and so before the final checkpoint (LastStep), as HF does at the end of a run
 whose eval_steps do not divide its last step.
 """
 
@@ -508,7 +508,7 @@ def build_trainer(recipe: Recipe):
                 out, recipe.training.save_total_limit, lambda ckpt: folder_files(ckpt, folder)
             ),
         ]
-        + ([FinalEval()] if eval_ds is not None else []),
+        + [LastStep(evaluate=eval_ds is not None)],
         projector_lr=recipe.train_projector_lr,
         pad_id=tok.pad_id,
         guard=guard,
@@ -589,17 +589,23 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
     return out
 
 
-class FinalEval(TrainerCallback):
-    """Evaluate at the last step whatever `training.eval_steps` says (unset: eval_strategy
-    "no", so only there). HF's DefaultFlowCallback does the same for a step strategy whose
-    eval_steps do not divide the last step, and runs at most one evaluation per step, so an
-    eval_steps that divides it gets no second one. In the loop, the evaluation comes before the
-    final checkpoint, whose trainer state (and so a resumed run) then records it, and metrics.jsonl
-    gets it like any other. Every rank flags it, so every rank joins the (collective) evaluation."""
+class LastStep(TrainerCallback):
+    """Log the last step whatever `training.logging_steps` says (a 5-step run with logging_steps
+    2 ended metrics.jsonl, the console and the card at step 4), and evaluate there whatever
+    `training.eval_steps` says (unset: eval_strategy "no", so only there). HF's
+    DefaultFlowCallback does the same for a step strategy whose eval_steps do not divide the last
+    step, and runs at most one evaluation per step, so an eval_steps that divides it gets no
+    second one. In the loop, the evaluation comes before the final checkpoint, whose trainer
+    state (and so a resumed run) then records it, and metrics.jsonl gets it like any other. Every
+    rank flags it, so every rank joins the (collective) evaluation."""
+
+    def __init__(self, evaluate: bool):
+        self.evaluate = evaluate
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step >= state.max_steps:
-            control.should_evaluate = True
+            control.should_log = True
+            control.should_evaluate = control.should_evaluate or self.evaluate
 
 
 TRACE_ROWS = "GEMMA3_TUNE_TRACE_ROWS"
