@@ -235,7 +235,7 @@ def answer_prompts(
     were generated now. Text-only prompts go in batches (longest first, so the memory peak
     shows at once), prompts with images one at a time; each reply stops at a stop token
     (`tok.stop_ids()`) or after max_new_tokens (kept, and counted in the closing line)."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     have = store.load()
     todo = list({p.key: p for p in prompts if p.key not in have}.values())
@@ -250,13 +250,7 @@ def answer_prompts(
     was_training = model.training
     model.eval()  # no dropout in the teacher (an adapter's LoRA dropout included)
     try:
-        with tqdm(
-            total=len(todo),
-            desc="teacher answers",
-            unit="prompt",
-            file=sys.stderr,
-            disable=not progress,
-        ) as bar:
+        with progress_bar(len(todo), "teacher answers", "prompt", enabled=progress) as bar:
             for group in groups:
                 replies = _generate(model, tok, group, max_new_tokens, temperature, seed)
                 store.append(

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs import wait_for_file
+from ..progress import on_terminal
 from .answers import AnswerStore, Prompt, answered
 from .dataset import (
     DataConfig,
@@ -376,7 +377,7 @@ def _build(
     procs = max(1, min(num_proc, len(tasks)))
     t0 = time.perf_counter()
     was = datasets.is_progress_bar_enabled()
-    if not sys.stderr.isatty():
+    if not on_terminal():  # the one rule for bars (progress.py)
         datasets.disable_progress_bars()
     try:
         ds = datasets.Dataset.from_dict(table).map(

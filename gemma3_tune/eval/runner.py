@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,7 +328,7 @@ def evaluate(
 ) -> list[TargetResult]:
     """Score every target on `samples`, each loaded in turn in one dtype (targets.eval_dtype:
     `auto` is a run's own dtype, else bf16 where bf16 matmuls are native)."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     if backend == "llama.cpp":
         check_llama_cpp(targets, metrics)
@@ -343,7 +342,7 @@ def evaluate(
         check_target_fits(target, target_config(target), samples)
     weights = eval_dtype(targets, dtype) if backend == "ours" else None
     results = []
-    with tqdm(total=per_target * len(targets), desc="eval", unit="sample", file=sys.stderr) as bar:
+    with progress_bar(per_target * len(targets), "eval", "sample") as bar:
         for target in targets:
             bar.set_postfix_str(target.label)
             res = TargetResult(target.label)

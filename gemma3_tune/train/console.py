@@ -14,6 +14,8 @@ from typing import TextIO
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from ..progress import on_terminal
+
 
 def train_line(step: int, max_steps: int, logs: dict) -> str:
     """`step  12/300  loss 1.2345  lr 2.00e-04  grad 0.87  3,210 tok/s  0.41 s/step  1.2 GB`"""
@@ -60,7 +62,7 @@ class Console(TrainerCallback):
         self.eval_bar: tqdm | None = None
 
     def _tty(self) -> bool:
-        return hasattr(self.stream, "isatty") and self.stream.isatty()
+        return on_terminal(self.stream)
 
     def _write(self, line: str) -> None:
         if self.bar is not None:

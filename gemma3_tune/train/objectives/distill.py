@@ -230,13 +230,11 @@ def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate)
     state: dict = {}
 
     def targets_for(indices: list[int]):
-        from tqdm import tqdm
+        from ...progress import bar as progress_bar
 
         if "teacher" not in state:
             state["teacher"] = teacher_loader()
-            state["bar"] = tqdm(
-                total=len(rows), desc="teacher targets", unit="row", file=sys.stderr
-            )
+            state["bar"] = progress_bar(len(rows), "teacher targets", "row")
             state["t0"], state["tokens"] = time.perf_counter(), 0
         teacher, bar = state["teacher"], state["bar"]
         device = next(teacher.parameters()).device

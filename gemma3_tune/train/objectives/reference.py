@@ -105,11 +105,10 @@ def load_reference(recipe: Recipe, dtype: torch.dtype, device: str):
 def score_rows(model, rows, collate, batch_rows: int, device: str, out: np.ndarray) -> int:
     """Each pair's (chosen, rejected) reply log-probabilities into out[sample index], for the
     prepared rows `rows` (PreparedRows). Returns the pairs scored."""
-    from tqdm import tqdm
-
+    from ...progress import bar as progress_bar
     from .preference import pairs
 
-    bar = tqdm(total=len(rows), desc="reference log-probs", unit="row", file=sys.stderr)
+    bar = progress_bar(len(rows), "reference log-probs", "row")
     done = 0
     for start in range(0, len(rows), batch_rows):
         chunk = list(range(start, min(len(rows), start + batch_rows)))
