@@ -326,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours: GGUFs de-quantized into our model; llama.cpp: real llama.cpp (llama-cpp-python)",
     )  # fmt: skip
     s.add_argument("--limit", type=int, default=None, help="the first N samples")
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="longest reply; default: twice the longest reference reply in tokens, at least 32"
+        " (a base model never ends its turn)",
+    )  # fmt: skip
     s.add_argument(
         "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
         help="one for every target; auto: the dtype the first run given trained in, else"

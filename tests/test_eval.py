@@ -216,3 +216,32 @@ def test_merged_export_stops_at_end_of_turn_in_transformers(tuned, tmp_path):
             ]
         stopped += int(new[-1]) == tok.end_of_turn and len(new) < 30
     assert stopped == 4
+
+
+def test_a_base_model_stops_near_the_references_length(tmp_path, tiny_dir):
+    """A base model never ends its turn: without --max-new-tokens its replies stop at twice the
+    longest reference reply in tokens, at least 32 (they ran to 128), or at <end_of_turn> or
+    <eos> before that: the eval's replies are our decoder's with that budget."""
+    from gemma3_tune.data.template import stop_at_call
+    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.eval.runner import load_samples, prompt_ids, reply_budget
+    from gemma3_tune.model import load_model
+    from gemma3_tune.model.generate import generate_batch
+
+    held = chat_set(tmp_path / "held.jsonl", n=6, seed=11)
+    tok = Tokenizer(tiny_dir)
+    samples = load_samples(held, None)
+    budget = reply_budget(tok, samples, None)
+    longest = max(len(tok.encode(s.reference)) for s in samples)
+    assert budget == max(32, 2 * longest) and reply_budget(tok, samples, 7) == 7
+    out = tmp_path / "eval"
+    argv = ["eval", str(tiny_dir), "--data", str(held), "--out", str(out), "--dtype", "float32"]
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    model = load_model(tiny_dir, dtype=torch.float32).eval()
+    prompts = [prompt_ids(tok, s, None)[0] for s in samples]
+    with torch.no_grad():
+        ids = generate_batch(model, prompts, max_new_tokens=budget, stop_ids=tok.stop_ids())
+    assert max(len(x) for x in ids) == budget  # the random model runs to the budget
+    for row, new in zip(rows, ids, strict=True):
+        assert row["targets"][str(tiny_dir)]["reply"] == stop_at_call(tok.decode(new))

@@ -191,9 +191,21 @@ def prompt_ids(
     return generation_prompt(sample.prompt_turns, tok, vision)
 
 
-def replies(model, tok, samples: list[EvalSample], max_new_tokens: int, batch: int, bar):
-    """Greedy replies (text), stopping at `<end_of_turn>`, EOS or a call's end."""
+def reply_budget(tok, samples: list[EvalSample], max_new_tokens: int | None) -> int:
+    """`max_new_tokens`, or when not given twice the longest reference reply in tokens (at
+    least 32): a base model never ends its turn, and each of its replies ran to 128 tokens
+    (30 samples x 2 targets took 5m48) where the task needs a tenth of that."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return max(32, 2 * max((len(tok.encode(s.reference)) for s in samples), default=0))
+
+
+def replies(model, tok, samples: list[EvalSample], max_new_tokens: int | None, batch: int, bar):
+    """Greedy replies (text), stopping at `<end_of_turn>`, EOS or a call's end, or after
+    `reply_budget` tokens."""
     from ..model.generate import generate, generate_batch
+
+    max_new_tokens = reply_budget(tok, samples, max_new_tokens)
 
     stops = tok.stop_ids()
     out: list[str | None] = [None] * len(samples)
@@ -321,7 +333,7 @@ def evaluate(
     targets: list[Target],
     samples: list[EvalSample] | list[EvalPair],
     metrics: list[str],
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     batch_size: int = 16,
     backend: str = "ours",
     dtype: str = "auto",
@@ -396,10 +408,11 @@ def check_llama_cpp(targets: list[Target], metrics: list[str]) -> None:
     llama_cpp.require()
 
 
-def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens: int, bar):
+def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens: int | None, bar):
     from . import llama_cpp
 
     tok = llama_cpp.gguf_tokenizer(target.path)
+    max_new_tokens = reply_budget(tok, samples, max_new_tokens)
     prompts = [
         prompt_ids(tok, s, None)[0] for s in samples
     ]  # text-only: GGUF import refuses vision

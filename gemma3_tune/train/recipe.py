@@ -134,8 +134,11 @@ class EvalSection(_Strict):
         " into eval.json and the model card, as `gemma3-tune eval` does; preference: the share"
         " of held-out pairs whose chosen reply is the more likely (objective dpo/orpo)",
     )
-    max_new_tokens: int = Field(
-        default=128, gt=0, description="reply length for generation metrics"
+    max_new_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="reply length for generation metrics; default: twice the longest reference"
+        " reply in tokens, at least 32",
     )
     limit: int | None = Field(
         default=None, gt=0, description="score only the first N held-out chats"
