@@ -31,7 +31,6 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import logging
 
     from .train.recipe import load_recipe, model_dir, output_dir
 
@@ -39,9 +38,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     output_dir(recipe)  # refuse a taken output_dir or a missing model before the slow imports
     if not recipe.model.path.startswith("gguf:"):
         model_dir(recipe)
-    # peft imports bitsandbytes whenever it is installed, which warns on CPU about an optional
-    # kernel package on every run; QLoRA works without it (BENCHMARKS.md measures it)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from .train.trainer import train
 
     out = train(recipe)
@@ -363,11 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libraries() -> None:
+    """peft imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 its CPU
+    backend then asks the kernels hub for an optional 4-bit kernel on import, and both log a
+    warning on every command ("Failed to load CPU gemm_4bit_forward ...", "Skipping publisher
+    trust check ..."). Our NF4 layers never use that kernel (train/qlora.py), so only their
+    errors are shown."""
+    import logging
+
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     # We never contact a model hub: no downloads, no telemetry.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

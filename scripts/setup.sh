@@ -14,8 +14,11 @@ HASH="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi
-pip_install() {  # quiet, minus pip's warnings about this machine's local index folders
-  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+# Quiet: minus pip's warnings about this machine's local index folders, and (PYTHONWARNINGS,
+# inherited by the build backend) setuptools' warning wall about editable installs.
+pip_install() {
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither" || true; }
   return "${PIPESTATUS[0]}"
 }
 pip_install --upgrade pip
