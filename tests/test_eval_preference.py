@@ -125,7 +125,7 @@ def test_score_and_margin_equal_the_plain_logits(tmp_path, tiny_dir, capsys):
     for label in (folder, str(gguf)):
         assert line["scores"][label] == share
         assert abs(line["margin"][label] - margin) <= 1e-4, (line, margin)
-    assert f"| {folder} | {100 * share:.1f}% (margin {margin:.2f}) |" in got["stdout"]
+    assert f"| {folder} | {100 * share:.1f}% (log-prob margin {margin:.2f} nats) |" in got["stdout"]
     assert f"{len(PAIRS)} pairs" in got["stdout"]
 
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]

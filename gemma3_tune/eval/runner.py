@@ -427,7 +427,7 @@ def _cell(metric: str, r: TargetResult) -> str:
     if metric == "loss":
         return f"{r.scores[metric]:.4f} (ppl {r.perplexity:.2f})"
     if metric == PREFERENCE:
-        return f"{100 * r.scores[metric]:.1f}% (margin {r.margin:.2f})"
+        return f"{100 * r.scores[metric]:.1f}% (log-prob margin {r.margin:.2f} nats)"
     return f"{100 * r.scores[metric]:.1f}%"
 
 

@@ -25,7 +25,8 @@ def train_line(step: int, max_steps: int, logs: dict) -> str:
         parts.append(f"(kd {logs['kd_loss']:.4f}, ce {logs['ce_loss']:.4f})")
     if logs.get("rewards/accuracies") is not None:  # DPO/ORPO
         parts.append(
-            f"(acc {logs['rewards/accuracies']:.2f}, margin {logs['rewards/margins']:.3f})"
+            f"(acc {logs['rewards/accuracies']:.2f},"
+            f" reward margin {logs['rewards/margins']:.3f})"
         )
     if logs.get("lr") is not None:
         parts.append(f"lr {logs['lr']:.2e}")
@@ -49,7 +50,7 @@ def eval_line(step: int, max_steps: int, logs: dict) -> str:
         return line + f"  perplexity {logs['eval_perplexity']:.2f}"
     return (
         line + f"  reward accuracy {logs['eval_rewards/accuracies']:.2f}"
-        f"  margin {logs['eval_rewards/margins']:.3f}"
+        f"  reward margin {logs['eval_rewards/margins']:.3f} (beta-scaled log-ratio)"
     )
 
 

@@ -127,8 +127,8 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
             )
         if "rewards/accuracies" in last:
             lines.append(
-                f"| preference | reward accuracy {last['rewards/accuracies']:.2f}, margin"
-                f" {last['rewards/margins']:.4f} at step {last['step']} |"
+                f"| preference | reward accuracy {last['rewards/accuracies']:.2f}, reward margin"
+                f" {last['rewards/margins']:.4f} (beta-scaled log-ratio) at step {last['step']} |"
             )
     if evals:
         last = evals[-1]
@@ -136,8 +136,8 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
             how = f"perplexity {last['eval_perplexity']:.2f}"
         else:
             how = (
-                f"reward accuracy {last.get('eval_rewards/accuracies', 0):.2f}, margin"
-                f" {last.get('eval_rewards/margins', 0):.4f}"
+                f"reward accuracy {last.get('eval_rewards/accuracies', 0):.2f}, reward margin"
+                f" {last.get('eval_rewards/margins', 0):.4f} (beta-scaled log-ratio)"
             )
         lines.append(f"| eval loss | {last['eval_loss']:.4f} ({how}) at step {last['step']} |")
     run = t.output_dir  # as the recipe has it, like every path in this card
