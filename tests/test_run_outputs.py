@@ -198,3 +198,33 @@ def test_the_last_step_is_logged_whatever_logging_steps_says(tmp_path, tiny_dir,
     ]  # the first, every 2nd, the last
     assert "step 5/5" in capsys.readouterr().err
     assert "at step 5 (" in (run / "README.md").read_text()
+
+
+def test_tensorboard_gets_the_logged_losses(tmp_path, tiny_dir, capsys):
+    """training.report_to: [tensorboard] writes an event file under output_dir/tensorboard whose
+    train/loss scalars are metrics.jsonl's; a tracker that is not installed is one line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gemma3_tune.cli import main
+
+    run = tmp_path / "run"
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, chat_set(tmp_path / "c.jsonl", 16), run,
+        training__max_steps=3, training__logging_steps=1, training__save_steps=100,
+        training__report_to=["tensorboard"],
+    )  # fmt: skip
+    os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+    assert main(["train", str(r)]) == 0
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    want = [(x["step"], x["loss"]) for x in rows if "loss" in x]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    capsys.readouterr()
+    over = [f"training.output_dir={tmp_path / 'run2'}", "training.report_to=[mlflow]"]
+    if __import__("importlib").util.find_spec("mlflow") is None:
+        assert main(["train", str(r), *over]) == 2
+        assert "training.report_to: mlflow is not installed" in capsys.readouterr().err

@@ -92,6 +92,12 @@ class Gemma3Config:
         """The transformers config.json dict (what loggers such as wandb record)."""
         return config_to_hf(self)
 
+    def to_json_string(self) -> str:
+        """The same as JSON (HF's TensorBoard callback records it as text)."""
+        import json
+
+        return json.dumps(self.to_dict(), indent=2)
+
     def replace(self, **changes: Any) -> Gemma3Config:
         return dataclasses.replace(self, **changes)
 

@@ -123,8 +123,7 @@ FOREIGN_KEYS: dict[str, Hint] = {
     # logging, distribution, publishing
     "wandb_project": Hint("wandb.project"),  # Axolotl
     "wandb_mode": Hint("wandb.mode"),  # Axolotl
-    "report_to": Hint("wandb.project", note="set it to log to Weights & Biases"),
-    "metric_logger": Hint("wandb.project", note="set it to log to Weights & Biases"),
+    "metric_logger": Hint("training.report_to", note="tensorboard | mlflow | wandb"),
     "push_to_hub": Hint(None, note="run `gemma3-tune export`, then upload the folder"),
     "hub_model_id": Hint(None, note="run `gemma3-tune export`, then upload the folder"),
 }

@@ -105,6 +105,12 @@ class TrainingSection(_Strict):
         description="seconds a rank waits for the others in a collective before the job fails",
     )
     force: bool = Field(default=False, description="allow writing into a non-empty output_dir")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default=[],
+        description="trackers, as HF's report_to: tensorboard (output_dir/tensorboard), mlflow"
+        " (if installed; MLFLOW_TRACKING_URI, else output_dir/mlruns), wandb (also on when"
+        " wandb.project is set); metrics.jsonl is always written",
+    )
 
     @field_validator("max_steps")
     @classmethod

@@ -306,15 +306,35 @@ def _deepspeed_config_path(recipe: Recipe) -> str:
     return str(p)
 
 
+def trackers(recipe: Recipe, out: Path) -> list[str]:
+    """HF's `report_to` for the recipe: training.report_to, plus wandb when wandb.project is set
+    (and not disabled). Each tracker writes under the run unless its own variable says where;
+    one that is not installed is refused in one line before the model loads."""
+    import importlib.util
+
+    names = list(dict.fromkeys(recipe.training.report_to))
+    if recipe.wandb.project and recipe.wandb.mode != "disabled" and "wandb" not in names:
+        names.append("wandb")
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"training.report_to: {name} is not installed; pip install {name}")
+    if "wandb" in names:
+        if recipe.wandb.project:
+            os.environ["WANDB_PROJECT"] = recipe.wandb.project
+        os.environ["WANDB_MODE"] = recipe.wandb.mode
+        os.environ.setdefault("WANDB_DIR", str(out))
+    if "tensorboard" in names:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    if "mlflow" in names:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").as_uri())
+    return names
+
+
 def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool = False):
     from trl import SFTConfig
 
     t = recipe.training
-    report_to = ["wandb"] if recipe.wandb.project and recipe.wandb.mode != "disabled" else []
-    if report_to:
-        os.environ["WANDB_PROJECT"] = recipe.wandb.project
-        os.environ["WANDB_MODE"] = recipe.wandb.mode
-        os.environ.setdefault("WANDB_DIR", str(out))
+    report_to = trackers(recipe, out)
     return SFTConfig(
         output_dir=str(out),
         max_steps=t.max_steps,
