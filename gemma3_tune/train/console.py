@@ -25,8 +25,7 @@ def train_line(step: int, max_steps: int, logs: dict) -> str:
         parts.append(f"(kd {logs['kd_loss']:.4f}, ce {logs['ce_loss']:.4f})")
     if logs.get("rewards/accuracies") is not None:  # DPO/ORPO
         parts.append(
-            f"(acc {logs['rewards/accuracies']:.2f},"
-            f" reward margin {logs['rewards/margins']:.3f})"
+            f"(acc {logs['rewards/accuracies']:.2f}, reward margin {logs['rewards/margins']:.3f})"
         )
     if logs.get("lr") is not None:
         parts.append(f"lr {logs['lr']:.2e}")
