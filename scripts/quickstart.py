@@ -42,6 +42,14 @@ def evaluate(targets: list[str], rows: int) -> tuple[list[float], list]:
     return [r.scores["json"] for r in results], list(zip(samples, results[-1].replies, strict=True))
 
 
+def shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
     try:
         refuse_existing(out, force)
@@ -62,7 +70,7 @@ def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
         sys.exit(1)
 
     print("[3/4] held-out score, base and fine-tuned (gemma3-tune eval)", file=sys.stderr)
-    (before, after), results = evaluate(["gguf:gemma3-270m", str(out / "train")], eval_n)
+    (before, after), results = evaluate(["gguf:gemma3-270m", shown(out / "train")], eval_n)
 
     print("[4/4] merged export (transformers / vLLM folder)", file=sys.stderr)
     if (
@@ -92,7 +100,7 @@ def run(out: Path, steps: int | None, eval_n: int, force: bool) -> dict:
             f"> {sample.prompt_text().splitlines()[-1]}\n{text.strip()}   {'(exact)' if ok else '(wrong)'}\n"
         )
     print(
-        f"done in {minutes:.1f} min; merged model in {out / 'merged'}; eval in {out / 'eval.json'}"
+        f"done in {minutes:.1f} min; merged model in {shown(out / 'merged')}; eval in {shown(out / 'eval.json')}"
     )
     return report
 
