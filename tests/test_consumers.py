@@ -107,7 +107,7 @@ from vllm import LLM, SamplingParams
 job = json.load(sys.stdin)
 kw = {"enable_lora": True, "max_lora_rank": 16} if job.get("lora") else {}
 llm = LLM(model=job["model"], dtype="float32", max_model_len=512, enforce_eager=True, **kw)
-sp = SamplingParams(temperature=0, max_tokens=job["n"], stop_token_ids=job["stop"])
+sp = SamplingParams(temperature=0, max_tokens=job["n"])  # stops: the folder's own config
 req = None
 if job.get("lora"):
     from vllm.lora.request import LoRARequest
@@ -129,6 +129,8 @@ def test_vllm_greedy_tokens_equal_ours(how, tuned):
         job["model"], job["lora"] = str(tuned["base"]), str(d / "lora")
     *got, chat_prompt = _consumer(python, VLLM, job)
     assert [_cut(g, tuned["stop"]) for g in got] == tuned["ours"]
+    # given no stop tokens, it stopped where ours did (the folder's generation_config.json)
+    assert all(len(g) <= len(o) + 1 for g, o in zip(got, tuned["ours"], strict=True))
     # llm.chat used the folder's own chat template: the same prompt ids as ours
     assert chat_prompt == tuned["ids"][0]
 
@@ -185,10 +187,14 @@ def test_transformers_greedy_tokens_equal_ours(how, tuned):
     for ids in tuned["ids"]:
         with torch.no_grad():
             out = model.generate(
-                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=tuned["stop"], pad_token_id=0,
-            )  # fmt: skip
-        got.append(_cut(out[0, len(ids) :].tolist(), tuned["stop"]))
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )  # fmt: skip  (no eos_token_id: the folder's generation_config.json stops it)
+        new = out[0, len(ids) :].tolist()
+        assert len(new) <= len(_cut(new, tuned["stop"])) + 1  # stopped at its first stop token
+        got.append(_cut(new, tuned["stop"]))
     assert got == tuned["ours"]
 
 
