@@ -67,11 +67,7 @@ def score_run(run: Path, recipe) -> dict:
     samples = held_out_samples(recipe)
     if not samples:
         raise UserError("eval.metric: no held-out samples to score")
-    target = Target(str(run), "run", run)
-    # in the dtype the run trained in (train resolved `auto` into recipe.model.dtype)
-    results = evaluate(
-        [target], samples, metrics, recipe.eval.max_new_tokens, dtype=recipe.model.dtype
-    )
+    results = evaluate([Target(str(run), "run", run)], samples, metrics, recipe.eval.max_new_tokens)
     r = results[0]
     summary = {"metric": metrics, "n": len(samples), "scores": r.scores}
     if r.perplexity is not None:
