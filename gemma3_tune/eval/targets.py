@@ -80,15 +80,9 @@ def eval_dtype(targets: list[Target], dtype: str) -> torch.dtype:
     """One dtype for every target (the table compares models, not dtypes): `dtype` as given;
     `auto`: the dtype the first run directory among them trained in (its recipe.yaml), else
     the machine's (model/dtypes.py)."""
-    from ..model.dtypes import announce_auto, resolve_dtype
-    from ..train.runs import run_dtype
+    from ..train.runs import decode_dtype
 
-    if dtype == "auto":
-        runs = (run_dtype(t.path) for t in targets if t.kind == "run")
-        dtype = next((d for d in runs if d), "auto")
-    if dtype == "auto":
-        announce_auto()
-    return resolve_dtype(dtype)
+    return decode_dtype(dtype, [t.path for t in targets if t.kind == "run"])
 
 
 def load_target(target: Target, device: str, dtype: torch.dtype):

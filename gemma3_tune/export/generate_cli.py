@@ -11,9 +11,8 @@ from ..data.tools import START_RESP
 from ..errors import UserError
 from ..model.checkpoint import read_config
 from ..model.config import preset
-from ..model.dtypes import announce_auto, resolve_dtype
 from ..model.generate import kv_cache_bytes
-from ..train.runs import run_dtype
+from ..train.runs import decode_dtype
 from .inference import load_with_adapter, reply, resolve_run
 
 
@@ -70,14 +69,9 @@ def run(args) -> int:
         return 0
     base, adapter = resolve_run(args.model)
     adapter = args.adapter or adapter
-    want = args.dtype
-    if want == "auto":  # a run decodes in the dtype it trained in
-        want = run_dtype(Path(args.model)) or "auto"
-    dtype = resolve_dtype(want)
     if args.image and not read_config(base).is_multimodal:  # before the (slow) load
         raise UserError("--image given, but the model is text-only")
-    if want == "auto":
-        announce_auto()
+    dtype = decode_dtype(args.dtype, [Path(args.model)])  # auto: a run's own dtype
     print(f"loading {base}" + (f" + {adapter}" if adapter else ""), file=sys.stderr)
     model = load_with_adapter(base, adapter, dtype=dtype).eval()
     tok = Tokenizer(base)

@@ -8,30 +8,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from ..model.checkpoint import load_model
 from ..model.gemma3 import Gemma3
 from .recipe import Recipe, model_dir
 
 
-def run_method(src: Path) -> str | None:
-    """The `method` a run directory's recipe trained with (None: not a run)."""
+def _run_recipe(src: Path) -> dict | None:
+    """A run directory's recipe.yaml as written (None: not a run)."""
     if not (src / "recipe.yaml").is_file():
         return None
     import yaml
 
-    return yaml.safe_load((src / "recipe.yaml").read_text()).get("method", "lora")
+    return yaml.safe_load((src / "recipe.yaml").read_text())
+
+
+def run_method(src: Path) -> str | None:
+    """The `method` a run directory's recipe trained with (None: not a run)."""
+    recipe = _run_recipe(src)
+    return None if recipe is None else recipe.get("method", "lora")
 
 
 def run_dtype(src: Path) -> str | None:
     """The dtype a run trained in (`train` records what `auto` resolved to), or None: not a
     run, or a run from before that was recorded."""
-    if not (src / "recipe.yaml").is_file():
-        return None
-    import yaml
-
-    dtype = (yaml.safe_load((src / "recipe.yaml").read_text()).get("model") or {}).get("dtype")
+    dtype = ((_run_recipe(src) or {}).get("model") or {}).get("dtype")
     return None if dtype in (None, "auto") else dtype
+
+
+def decode_dtype(dtype: str, sources: list[Path]) -> torch.dtype:
+    """The dtype `eval` and `generate` load models in: `dtype` as given; `auto`: the dtype the
+    first run directory among `sources` trained in, else the machine's (model/dtypes.py, its
+    choice printed once)."""
+    from ..model.dtypes import announce_auto, resolve_dtype
+
+    if dtype == "auto":
+        dtype = next((d for d in map(run_dtype, sources) if d), "auto")
+    if dtype == "auto":
+        announce_auto()
+    return resolve_dtype(dtype)
 
 
 def recipe_base(run: Path) -> Path:
