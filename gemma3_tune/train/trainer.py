@@ -44,7 +44,7 @@ from ..model.checkpoint import load_model, save_model
 from ..model.dtypes import announce_auto, dtype_name, resolve_dtype
 from ..model.gemma3 import Output, bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
-from . import precision, qat
+from . import precision, qat, trackers
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap, write_portable_config
 from .checkpoints import (
     UNREAD,
@@ -306,35 +306,11 @@ def _deepspeed_config_path(recipe: Recipe) -> str:
     return str(p)
 
 
-def trackers(recipe: Recipe, out: Path) -> list[str]:
-    """HF's `report_to` for the recipe: training.report_to, plus wandb when wandb.project is set
-    (and not disabled). Each tracker writes under the run unless its own variable says where;
-    one that is not installed is refused in one line before the model loads."""
-    import importlib.util
-
-    names = list(dict.fromkeys(recipe.training.report_to))
-    if recipe.wandb.project and recipe.wandb.mode != "disabled" and "wandb" not in names:
-        names.append("wandb")
-    for name in names:
-        if importlib.util.find_spec(name) is None:
-            raise UserError(f"training.report_to: {name} is not installed; pip install {name}")
-    if "wandb" in names:
-        if recipe.wandb.project:
-            os.environ["WANDB_PROJECT"] = recipe.wandb.project
-        os.environ["WANDB_MODE"] = recipe.wandb.mode
-        os.environ.setdefault("WANDB_DIR", str(out))
-    if "tensorboard" in names:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
-    if "mlflow" in names:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").as_uri())
-    return names
-
-
 def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool = False):
     from trl import SFTConfig
 
     t = recipe.training
-    report_to = trackers(recipe, out)
+    report_to = trackers.report_to(recipe, out)
     return SFTConfig(
         output_dir=str(out),
         max_steps=t.max_steps,
