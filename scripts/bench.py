@@ -20,8 +20,8 @@ Sections (each answers one question a user asks before choosing a toolkit):
            previous scorer and by transformers' generate (needs runs/quickstart/merged).
   gpu      LoRA/QLoRA steps on 1B and 4B shapes up to 32K, ours vs transformers + peft (eager,
            + torch.compile, + Liger), fused linear-CE kernels, and tokens/s of real
-           `gemma3-tune train` runs; CUDA only. `--cases 1b-8k` runs one case (scripts/gpu_check.sh
-           runs them one at a time, each with its own timeout).
+           `gemma3-tune train` runs; CUDA only (scripts/bench_gpu.py). `--cases 1b-8k` runs one
+           case; scripts/gpu_check.sh runs them one at a time, each with its own --budget.
 
 Each measurement runs in a fresh subprocess (`python scripts/bench.py _worker ...`), so peak
 RSS is that run's own and nothing is shared between ours and the baseline but the files.
@@ -479,405 +479,6 @@ def section_kv(args) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Section 5: GPU
-
-
-# name: (preset, tokens per document, documents, gradient checkpointing, method)
-GPU_CASES = {
-    "1b-8k": ("1b", 8192, 1, False, "lora"),
-    "1b-16x512": ("1b", 512, 16, False, "lora"),
-    "4b-8k": ("4b", 8192, 1, False, "lora"),
-    "1b-32k-gc": ("1b", 32768, 1, True, "lora"),
-    "4b-4k-qlora": ("4b", 4096, 1, False, "qlora"),
-}
-# Tables of section gpu that are not a model case: the fused-loss kernels and real CLI runs.
-GPU_EXTRA = ("loss", "cli")
-# Each side of a case, in its own process, in this order; the column header of each.
-GPU_IMPLS = {
-    "ours": "ours",
-    "hf": "transformers + peft",
-    "hf-compile": "+ torch.compile (each decoder layer)",
-    "hf-liger": "+ Liger",
-}
-
-
-def _gpu_text_cfg(name: str):
-    """The preset's decoder alone: the benchmark is text-only."""
-    from gemma3_tune.model.config import preset
-
-    cfg = preset(name)
-    return cfg.replace(vision=None) if cfg.is_multimodal else cfg
-
-
-def _hf_text_model(cfg, method: str, scratch: Path):
-    """transformers' Gemma3ForCausalLM with our preset's shape, random bf16 weights, sdpa.
-    QLoRA takes the NF4 settings ours uses (`gemma3_tune/train/qlora.py`), quantized from the
-    same bf16 weights, so the two sides differ only in code, not in quantization. The bf16
-    checkpoint QLoRA loads is written once per case in `scratch` and reused by each side."""
-    import transformers
-
-    from gemma3_tune.model.config import config_to_hf
-    from gemma3_tune.train.qlora import hf_quantization_config
-
-    hc = config_to_hf(cfg, "bfloat16")
-    hc.pop("architectures")
-    hcfg = transformers.Gemma3TextConfig(**hc)
-    hcfg._attn_implementation = "sdpa"
-    if method != "qlora":
-        with torch.device("cuda"):
-            return transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16)
-    # 4-bit needs from_pretrained: random bf16 weights saved once, loaded quantized by each side
-    # (renamed when complete: a side killed while saving leaves no half checkpoint behind).
-    ckpt, partial = scratch / "hf", scratch / "hf.partial"
-    if not ckpt.exists():
-        with torch.device("cuda"):
-            transformers.Gemma3ForCausalLM(hcfg).to(torch.bfloat16).save_pretrained(partial)
-        partial.rename(ckpt)
-        torch.cuda.empty_cache()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        ckpt,
-        dtype=torch.bfloat16,
-        quantization_config=hf_quantization_config(torch.bfloat16),
-        attn_implementation="sdpa",
-        device_map={"": 0},
-    )
-
-
-def _apply_liger() -> str | None:
-    """Liger's public Gemma 3 entry point with its defaults (RoPE, RMSNorm, GeGLU, fused linear
-    cross-entropy), as `TrainingArguments(use_liger_kernel=True)` would: it patches
-    transformers' Gemma 3 classes, so it runs before the model is built. Returns the reason
-    when liger_kernel is not installed (the row then says so instead of failing)."""
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] != "liger_kernel":
-            raise
-        return "not installed"
-    apply_liger_kernel_to_gemma3_text()
-    return None
-
-
-def _gpu_model(impl: str, cfg, method: str, gc: bool, scratch: Path) -> torch.nn.Module:
-    """One side's model with LoRA r=16 on every decoder linear, compiled where that side is."""
-    import peft
-
-    from gemma3_tune.model.gemma3 import Gemma3
-    from gemma3_tune.train.adapters import quantize_decoder, target_regex
-
-    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    if impl == "ours":
-        with torch.device("cuda"):
-            model = Gemma3(cfg, attn_backend="flex").to(torch.bfloat16)
-        if method == "qlora":
-            quantize_decoder(model, torch.bfloat16)
-        lora.target_modules = target_regex("all-linear")
-    else:
-        model = _hf_text_model(cfg, method, scratch)
-    if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(model, lora)
-    if impl == "ours":
-        model.get_base_model().compile_layers()
-    elif impl == "hf-compile":  # regional, as ours: the LM head and the loss stay eager
-        for layer in model.get_base_model().model.layers:
-            layer.compile()
-    return model
-
-
-def _gpu_measure(impl: str, case: str, steps: int, scratch: Path) -> dict:
-    from gemma3_tune.model.flops import train_step_flops
-
-    name, doc, n_docs, gc, method = GPU_CASES[case]
-    cfg = _gpu_text_cfg(name)
-    if impl == "hf-liger" and (reason := _apply_liger()):
-        return {"error": reason}
-    torch.manual_seed(0)
-    model = _gpu_model(impl, cfg, method, gc, scratch)
-    if impl == "ours":  # one packed row; positions restart at each document
-        ids = torch.randint(10, 200000, (1, doc * n_docs), device="cuda")
-        kw = {"position_ids": torch.arange(doc, device="cuda").repeat(n_docs)[None]}
-    else:  # one row per document: transformers leaks attention across packed documents
-        ids = torch.randint(10, 200000, (n_docs, doc), device="cuda")
-        kw = {}
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids, **kw).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    step()  # the first step: compilation and autotuning, reported on a line of its own
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t
-    torch.cuda.reset_peak_memory_stats()
-    s = statistics.median(timed_steps(step, steps, torch.cuda.synchronize))
-    adapter = sum(p.numel() for p in trainable)
-    return {
-        "first_step_s": first,
-        "step_s": s,
-        "tokens_s": doc * n_docs / s,
-        "flops": train_step_flops(cfg, [doc] * n_docs, adapter_params=adapter),
-        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-    }
-
-
-def _out_of_memory() -> dict:
-    peak = torch.cuda.max_memory_allocated() / GIB
-    total = torch.cuda.get_device_properties(0).total_memory / GIB
-    return {"error": f"out of memory (peak before failing {peak:.1f} of {total:.0f} GiB)"}
-
-
-def gpu_worker(impl: str, case: str, steps: int, scratch: str) -> dict:
-    """One side of one case of GPU_CASES: random weights, LoRA r=16 on all decoder linears,
-    bf16, AdamW, loss on every token. Ours packs the documents into one row (FlexAttention,
-    compiled layers); transformers gets one row per document. Running out of memory is a
-    result (that side does not fit on this card), so it becomes a labelled cell, not a crash.
-    `scratch`: a folder the sides of one case share (the QLoRA baseline's bf16 checkpoint)."""
-    try:
-        return _gpu_measure(impl, case, steps, Path(scratch))
-    except torch.cuda.OutOfMemoryError:
-        return _out_of_memory()
-    except RuntimeError as e:  # bitsandbytes and some kernels raise a plain RuntimeError
-        if "out of memory" not in str(e).lower():
-            raise
-        return _out_of_memory()
-
-
-def gpu_case_table(case: str, results: dict[str, dict], device: str, steps: int) -> str:
-    """One case: a column per side (GPU_IMPLS), a row per measure; the first step, where
-    compilation happens, on its own row so it never hides in (or inflates) the throughput."""
-    from gemma3_tune.model.flops import peak_flops
-
-    peak = peak_flops(device)
-    name, doc, n_docs, gc, method = GPU_CASES[case]
-    kind = {"lora": "LoRA r=16", "qlora": "QLoRA r=16"}[method]
-    title = f"{case}: {name.upper()}, {n_docs} x {doc:,} tokens, {kind}"
-    title += ", gradient checkpointing" if gc else ""
-    ours = results.get("ours", {})
-
-    def row(label: str, fmt, show_error: bool = False) -> str:
-        """One measure across the sides; a failed side shows its reason once, in the first row."""
-        cells = []
-        for impl in GPU_IMPLS:
-            r = results.get(impl, {"error": "not run"})
-            cells.append(fmt(r) if "error" not in r else r["error"] if show_error else "")
-        return f"| {label} | " + " | ".join(cells) + " |"
-
-    def vs_ours(r: dict) -> str:
-        return "" if "error" in ours else f"{r['tokens_s'] / ours['tokens_s']:.2f}x"
-
-    mfu = (
-        row("MFU", lambda r: f"{r['flops'] / r['step_s'] / peak:.1%}")
-        if peak
-        else f"| MFU: not computed, no dense bf16 peak known for {device}"
-        " (gemma3_tune/model/flops.py) |" + " |" * len(GPU_IMPLS)
-    )
-    return "\n".join(
-        [
-            f"| {title} | " + " | ".join(GPU_IMPLS.values()) + " |",
-            "|---" * (1 + len(GPU_IMPLS)) + "|",
-            row(f"tokens/s (median of {steps} steps)", lambda r: f"{r['tokens_s']:,.0f}", True),
-            row("tokens/s vs ours", vs_ours),
-            mfu,
-            row("peak GiB (after the first step)", lambda r: f"{r['peak_gib']:.1f}"),
-            row("first step s (compile + autotune)", lambda r: f"{r['first_step_s']:.1f}"),
-        ]
-    )
-
-
-def _loss_fn(impl: str):
-    """fn(hidden [N, D], weight [V, D], labels [N]) -> mean loss, for each implementation."""
-    from gemma3_tune.model.loss import chunked_cross_entropy
-
-    if impl == "ours":
-        return chunked_cross_entropy
-    if impl == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        liger = LigerFusedLinearCrossEntropyLoss()
-        return lambda h, w, y: liger(w, h, y)
-    from cut_cross_entropy import linear_cross_entropy
-
-    return linear_cross_entropy
-
-
-def loss_worker(impl: str, hidden: int, tokens: int, steps: int) -> dict:
-    """Fused linear cross-entropy over Gemma 3's 262k vocabulary, bf16, forward + backward to
-    the hidden states (the tied head is frozen under LoRA): ours (chunked, labelled rows only)
-    vs Liger's and Apple's cut-cross-entropy kernels, which the [gpu] extra would bring."""
-    try:
-        fn = _loss_fn(impl)
-    except ModuleNotFoundError as e:  # the optional kernels may be absent on an offline card
-        if (e.name or "").split(".")[0] not in ("liger_kernel", "cut_cross_entropy"):
-            raise
-        return {"error": "not installed"}
-    dev, vocab = torch.device("cuda"), 262144
-    torch.manual_seed(0)
-    w = torch.randn(vocab, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
-    h = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    y = torch.randint(0, vocab, (tokens,), device=dev)
-    with torch.no_grad():  # fp32 reference, 1024 rows at a time (full logits would be 32 GiB)
-        ref = (
-            sum(
-                torch.nn.functional.cross_entropy(
-                    h[i : i + 1024].float() @ w.float().T, y[i : i + 1024], reduction="sum"
-                )
-                for i in range(0, tokens, 1024)
-            )
-            / tokens
-        )
-
-    def step() -> None:
-        h.grad = None
-        fn(h, w, y).backward()
-
-    loss = fn(h, w, y).item()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = timed_steps(step, steps, torch.cuda.synchronize)
-    return {
-        "ms": 1000 * statistics.median(times),
-        "extra_gib": (torch.cuda.max_memory_allocated() - base) / GIB,
-        "loss_error": abs(loss - ref.item()),
-    }
-
-
-def gpu_loss_rows(args) -> list[str]:
-    rows = [
-        "| linear cross-entropy, 262k vocab, bf16, fwd+bwd | ours (chunked) | Liger | cut-cross-entropy |",
-        "|---|---|---|---|",
-    ]
-    for hidden, tokens in ((1152, 8192), (2560, 8192), (2560, 32768)):
-        cells = []
-        for impl in ("ours", "liger", "cce"):
-            r = run_worker(["loss", impl, str(hidden), str(tokens), str(args.steps)])
-            print(f"gpu loss {impl} {hidden} {tokens}: {r}", flush=True)
-            cells.append(
-                r["error"]
-                if "error" in r
-                else f"{r['ms']:.1f} ms, +{r['extra_gib']:.2f} GiB, |Δloss| {r['loss_error']:.1e}"
-            )
-        rows.append(f"| D {hidden}, {tokens} tokens | " + " | ".join(cells) + " |")
-    return rows
-
-
-def _chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
-    """Chats with log-normal token counts (median ~350), as in section packing."""
-    rng = random.Random(seed)
-    words = "the a model data token train answer question value result".split()
-    with path.open("w") as f:
-        for length in chat_lengths(n, seed):
-            reply = " ".join(rng.choice(words) for _ in range(max(4, length - 20)))
-            msgs = [
-                {"role": "user", "content": f"Question {rng.randint(0, 10**6)}?"},
-                {"role": "assistant", "content": reply},
-            ]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return path
-
-
-def gpu_cli_rows(args) -> list[str]:
-    """tokens/s of a real `gemma3-tune train` run (1B preset, variable-length chats, LoRA r=16,
-    bf16), unpacked and packed: the median of metrics.jsonl's tokens_per_second after the
-    first 5 steps (compilation)."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        cli = [sys.executable, "-m", "gemma3_tune"]
-        subprocess.run(
-            [*cli, "init-model", "--preset", "1b", "--out", str(t / "1b")], check=True, env=env
-        )
-        data = _chat_jsonl(t / "chats.jsonl", 4000)
-        for packing, micro in ((False, 4), (True, 1)):
-            out = t / f"run-{packing}"
-            cmd = [
-                *cli, "train", str(ROOT / "recipes" / "chat-lora-1b.yaml"),
-                f"model.path={t / '1b'}", f"data.train={data}", "data.eval=null", "data.eval_split=0",
-                "data.max_seq_len=8192", f"data.packing={str(packing).lower()}",
-                f"training.micro_batch_size={micro}", "training.grad_accum=1",
-                f"training.max_steps={args.gpu_cli_steps}", "training.save_steps=100000",
-                "training.eval_steps=null", "training.gradient_checkpointing=false",
-                f"training.output_dir={out}",
-            ]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            label = f"`gemma3-tune train`, 1B, {'packed 8K rows' if packing else f'unpacked, micro-batch {micro}'}"
-            if proc.returncode != 0:
-                rows.append(
-                    f"| {label} | exit {proc.returncode}: {proc.stderr.strip()[-200:]} | | | |"
-                )
-                continue
-            logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")][5:]
-            peak = max(r.get("peak_memory_gb") or 0 for r in logs)
-            rows.append(f"| {label} | {statistics.median(tps):,.0f} | | | {peak:.1f} GiB |")
-    return rows
-
-
-def gpu_notes(steps: int, device: str, peak: float | None) -> str:
-    """What every column of the case tables is, so a reader can rerun any of them."""
-    from gemma3_tune.model.flops import peak_card
-
-    mfu = (
-        f"against the {peak / 1e12:.1f} TFLOP/s dense bf16 peak of the {peak_card(device)}"
-        if peak
-        else f"not computed: no published dense bf16 peak for {device!r} in the table of"
-        " `gemma3_tune/model/flops.py`"
-    )
-    return (
-        "Random weights of the preset's shape (4B: its decoder alone), LoRA r=16 on all decoder"
-        " linears, bf16, AdamW, loss on every token. ours: FlexAttention, each decoder layer"
-        " compiled (`compile_layers`), the documents packed in one row. transformers + peft:"
-        " `Gemma3ForCausalLM` (sdpa), one row per document (it leaks attention across packed"
-        " documents), eager; '+ torch.compile': the same with each decoder layer compiled in"
-        " place (`layer.compile()`, regional like ours; LM head and loss eager); '+ Liger': the"
-        " same with `liger_kernel.transformers.apply_liger_kernel_to_gemma3_text()` (its"
-        " defaults: RoPE, RMSNorm, GeGLU, fused linear cross-entropy) applied before the model"
-        " is built, 'not installed' where liger_kernel is absent. QLoRA: the same bitsandbytes"
-        " NF4 settings on both sides (double quantization, bf16 compute, quantized from bf16"
-        " weights: `gemma3_tune/train/qlora.py`, transformers through its"
-        " `hf_quantization_config`), no `prepare_model_for_kbit_training` on either. Every side"
-        " runs in its own process. The first step (compilation and autotuning) is timed on its"
-        f" own row; then one more warm-up step and the median of {steps} timed steps. Peak GiB:"
-        " `torch.cuda.max_memory_allocated` after the first step; a side that does not fit says"
-        " 'out of memory' with its peak before failing. MFU counts the same FLOPs for every"
-        " column (4 per frozen weight and token, 6 per LoRA weight, attention over visible keys"
-        f" only: `gemma3_tune/model/flops.py`), {mfu}. Card: {device}."
-    )
-
-
-def section_gpu(args) -> str:
-    if not torch.cuda.is_available():
-        return "Not run: no CUDA device on this machine."
-    from gemma3_tune.model.flops import peak_flops
-
-    device = torch.cuda.get_device_name(0)
-    peak = peak_flops(device)
-    tables = []
-    for case in args.gpu_cases:
-        if case == "loss":
-            tables.append("\n".join(gpu_loss_rows(args)))
-        elif case == "cli" and args.gpu_cli_steps:
-            head = ["| run | tokens/s | | | peak GiB |", "|---|---|---|---|---|"]
-            tables.append("\n".join(head + gpu_cli_rows(args)))
-        elif case in GPU_CASES:
-            results = {}
-            with tempfile.TemporaryDirectory(prefix=f"bench-{case}-") as scratch:
-                for impl in GPU_IMPLS:  # printed as each finishes: a run cut short keeps them
-                    cmd = ["gpu", impl, case, str(args.steps), scratch]
-                    results[impl] = run_worker(cmd, timeout=args.worker_timeout)
-                    print(f"gpu {case} {impl}: {results[impl]}", flush=True)
-            tables.append(gpu_case_table(case, results, device, args.steps))
-    return gpu_notes(args.steps, device, peak) + "\n\n" + "\n\n".join(tables)
-
-
-# ---------------------------------------------------------------------------------------------
 
 # ---------------------------------------------------------------------------------------------
 # Section: data preparation at scale
@@ -1329,13 +930,19 @@ def section_dpo(args) -> str:
     return run(args)
 
 
+def _section_gpu(args) -> str:
+    from bench_gpu import section_gpu
+
+    return section_gpu(args)
+
+
 SECTIONS = {
     "lora": ("LoRA step on the real Gemma 3 270M", section_lora),
     "compile": ("Compiled decoder layers on CPU (270M LoRA step)", section_compile),
     "packing": ("Packing efficiency", section_packing),
     "cache": ("Vision-feature cache", section_cache),
     "kv": ("KV cache: 5 local : 1 global vs all global", section_kv),
-    "gpu": ("GPU: LoRA and QLoRA steps, bf16, ours vs transformers + peft", section_gpu),
+    "gpu": ("GPU: LoRA and QLoRA steps, bf16, ours vs transformers + peft", _section_gpu),
     "prep": ("Data preparation at scale", section_prep),
     "eval": ("Held-out evaluation of the quickstart model", section_eval),
     "distill": ("Distillation: step time and memory vs SFT (270M)", section_distill),
@@ -1353,8 +960,10 @@ def worker(argv: list[str]) -> None:
         shape, mode, steps = rest
         out = cache_worker(shape, mode, int(steps))
     elif kind == "gpu":
-        impl, case, steps, scratch = rest
-        out = gpu_worker(impl, case, int(steps), scratch)
+        from bench_gpu import gpu_worker
+
+        impl, case, steps, scratch, profile = rest
+        out = gpu_worker(impl, case, int(steps), scratch, profile == "1")
     elif kind == "prep":
         out = prep_worker(*rest)
     elif kind == "eval":
@@ -1373,6 +982,8 @@ def worker(argv: list[str]) -> None:
         impl, model_dir, pair_path, steps = rest
         out = dpo_worker(impl, model_dir, pair_path, int(steps))
     elif kind == "loss":
+        from bench_gpu import loss_worker
+
         impl, hidden, tokens, steps = rest
         out = loss_worker(impl, int(hidden), int(tokens), int(steps))
     else:
@@ -1385,11 +996,24 @@ def _ints(s: str) -> list[int]:
 
 
 def _gpu_cases(s: str) -> list[str]:
+    from bench_gpu import GPU_CASES, GPU_EXTRA
+
     names = [x for x in s.split(",") if x]
     unknown = [x for x in names if x not in GPU_CASES and x not in GPU_EXTRA]
     if unknown:
         choices = ", ".join([*GPU_CASES, *GPU_EXTRA])
         raise argparse.ArgumentTypeError(f"unknown case {unknown[0]!r}; choose from {choices}")
+    return names
+
+
+def _gpu_impls(s: str) -> list[str]:
+    from bench_gpu import GPU_IMPLS
+
+    names = [x for x in s.split(",") if x]
+    if unknown := [x for x in names if x not in GPU_IMPLS]:
+        raise argparse.ArgumentTypeError(
+            f"unknown side {unknown[0]!r}; choose from {', '.join(GPU_IMPLS)}"
+        )
     return names
 
 
@@ -1414,14 +1038,24 @@ def main() -> None:
         "--gpu-cases",
         "--cases",
         type=_gpu_cases,
-        default=[*GPU_CASES, *GPU_EXTRA],
-        help=f"section gpu, comma-separated, in order: {', '.join([*GPU_CASES, *GPU_EXTRA])}",
+        default="1b-8k,4b-8k,4b-4k-qlora,1b-16x512,1b-32k-gc,loss,cli",
+        help="section gpu, comma-separated, in order (scripts/bench_gpu.py: GPU_CASES, loss, cli)",
     )
     p.add_argument(
-        "--worker-timeout",
+        "--impls",
+        type=_gpu_impls,
+        default="ours,hf,hf-compile,hf-liger",
+        help="section gpu: the sides of each case, in order (ours, hf, hf-compile, hf-liger)",
+    )
+    p.add_argument(
+        "--budget",
         type=float,
         default=None,
-        help="section gpu: seconds one side of a case may take (default: no limit)",
+        help="section gpu: seconds for a case, shared equally by its sides (default: no limit)",
+    )
+    p.add_argument("--profile", action="store_true", help="section gpu: profile one step per side")
+    p.add_argument(
+        "--no-notes", dest="notes", action="store_false", help="section gpu: tables only"
     )
     p.add_argument(
         "--gpu-cli-steps", type=int, default=30, help="section gpu: steps of each CLI run (0: skip)"

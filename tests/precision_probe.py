@@ -46,10 +46,13 @@ def main(recipe_path: str, prefix: str, *overrides: str) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and k != "step"
     ]
     params = {n: str(p.dtype) for n, p in trainer.model.named_parameters() if p.requires_grad}
+    # the dtype ZeRO accumulates gradients in across micro-batches (DeepSpeed: the model's, bf16,
+    # unless the config's data_types.grad_accum_dtype says otherwise)
+    accum = str(trainer.deepspeed.get_data_types()[1]) if trainer.is_deepspeed_enabled else None
     save_final(trainer, recipe, out, folder)
     rank = os.environ.get("RANK", "0")
     with open(f"{prefix}.{rank}.json", "w") as f:
-        json.dump({"params": params, "masters": masters, "state": state}, f)
+        json.dump({"params": params, "masters": masters, "state": state, "grad_accum": accum}, f)
 
 
 if __name__ == "__main__":

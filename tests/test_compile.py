@@ -62,7 +62,8 @@ def _packed_batch(vision: bool) -> dict:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-vision"])
 def test_compiled_layers_equal_eager(name):
-    """Loss and every LoRA gradient of the compiled model equal eager's (fp32, 1e-5)."""
+    """Loss and every LoRA gradient of the compiled model equal eager's (fp32, 1e-5), with and
+    without gradient checkpointing around the compiled layers (recomputed in backward)."""
     cfg = preset(name)
     if cfg.is_multimodal:
         cfg = cfg.replace(image_token_id=IMG, boi_token_id=498, eoi_token_id=499)
@@ -71,12 +72,18 @@ def test_compiled_layers_equal_eager(name):
     compiled.get_base_model().compile_layers()
     batch = _packed_batch(cfg.is_multimodal)
     want_loss, want = _loss_and_grads(eager, batch)
-    got_loss, got = _loss_and_grads(compiled, batch)
-    assert abs(got_loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
-    assert want.keys() == got.keys() and len(want) == 2 * 7 * cfg.num_hidden_layers
-    for n in want:
-        scale = want[n].abs().max().item()
-        assert (got[n] - want[n]).abs().max().item() <= 1e-5 * max(1.0, scale), n
+    for checkpointed in (False, True):
+        if checkpointed:
+            compiled.get_base_model().gradient_checkpointing_enable()
+        got_loss, got = _loss_and_grads(compiled, batch)
+        assert abs(got_loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss)), checkpointed
+        assert want.keys() == got.keys() and len(want) == 2 * 7 * cfg.num_hidden_layers
+        for n in want:
+            scale = want[n].abs().max().item()
+            assert (got[n] - want[n]).abs().max().item() <= 1e-5 * max(1.0, scale), (
+                n,
+                checkpointed,
+            )
     # names are unchanged: checkpoints and adapters of a compiled model load anywhere
     assert list(compiled.state_dict()) == list(eager.state_dict())
 

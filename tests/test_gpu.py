@@ -1,5 +1,9 @@
 """CUDA checks (`pytest -m gpu`, run by scripts/gpu_check.sh); skipped on a machine without CUDA.
 
+`gpu_long` marks the ones that train through the CLI or torchrun, or need bitsandbytes: the
+second call of the GPU check (`scripts/gpu_check.sh --stage 2`) runs them; the first runs the
+rest in the time its bench leaves.
+
 FlexAttention equals SDPA forward and backward on a packed row with images; a packed row
 equals its documents alone; compiled layers equal eager; QLoRA (bitsandbytes NF4) trains;
 bf16 `gemma3-tune train` runs on the tiny and 1B presets; ZeRO-2 and ZeRO-3 run under torchrun
@@ -41,6 +45,19 @@ def _close(got: dict, want: dict, tol: float) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean slate: no graphs of an earlier test count against its
+    recompile limit, and `bound_recompiles` (a training run sets it) does not outlive it."""
+    import torch._dynamo.config as dynamo
+
+    saved = dynamo.recompile_limit, dynamo.fail_on_recompile_limit_hit
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    dynamo.recompile_limit, dynamo.fail_on_recompile_limit_hit = saved
+
+
+@pytest.fixture(autouse=True)
 def _exact_fp32():
     """TF32 off: these checks compare fp32 results to 1e-5."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -56,6 +73,22 @@ def test_flex_equals_sdpa_forward_and_backward(compiled):
     flex.get_base_model().attn_backend = "flex"
     if compiled:
         flex.get_base_model().compile_layers()
+    batch = _on_cuda(_packed_batch(vision=True))
+    want_loss, want = _loss_and_grads(sdpa, batch)
+    got_loss, got = _loss_and_grads(flex, batch)
+    assert abs(got_loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
+    _close(got, want, 1e-4)
+
+
+def test_checkpointed_compiled_flex_equals_sdpa():
+    """Gradient checkpointing around compiled FlexAttention layers (each layer recomputed in
+    backward, its block masks reused): loss and every LoRA gradient equal eager SDPA's."""
+    sdpa = _lora_model(_vision_cfg()).cuda()
+    flex = copy.deepcopy(sdpa)
+    base = flex.get_base_model()
+    base.attn_backend = "flex"
+    base.compile_layers()
+    base.gradient_checkpointing_enable()
     batch = _on_cuda(_packed_batch(vision=True))
     want_loss, want = _loss_and_grads(sdpa, batch)
     got_loss, got = _loss_and_grads(flex, batch)
@@ -91,11 +124,13 @@ def _train(tmp_path, model_dir, **over) -> list[float]:
     return losses(tmp_path / "run")
 
 
+@pytest.mark.gpu_long
 def test_qlora_trains_on_cuda(tmp_path, tiny_dir):
     got = _train(tmp_path, tiny_dir, method="qlora", model__dtype="bfloat16")
     assert got[-1] < 0.5 * got[0], got
 
 
+@pytest.mark.gpu_long
 @pytest.mark.parametrize("name", ["tiny", "1b"])
 def test_bf16_cli_training(name, tmp_path, tiny_dir):
     from gemma3_tune.cli import main
@@ -110,6 +145,7 @@ def test_bf16_cli_training(name, tmp_path, tiny_dir):
     assert all(x == x for x in got) and got[-1] < got[0], got  # finite, and it learns
 
 
+@pytest.mark.gpu_long
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_torchrun_zero_on_one_gpu(stage, tmp_path, tiny_dir):
     data = chat_set(tmp_path / "chat.jsonl", n=24)
@@ -186,6 +222,7 @@ def test_small_card_flex_tiles_equal_torch_defaults():
         assert (a - b).abs().max().item() <= 2e-2 * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.gpu_long
 def test_nf4_base_is_the_same_on_cpu_and_cuda():
     """The export rebuilds a GPU run's NF4 base on whatever it runs on: bitsandbytes' CPU and
     CUDA quantization must agree bit for bit."""
@@ -196,6 +233,7 @@ def test_nf4_base_is_the_same_on_cpu_and_cuda():
         assert torch.equal(dequantized_base(w, dtype, "cpu"), dequantized_base(w, dtype, "cuda"))
 
 
+@pytest.mark.gpu_long
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_qlora_export_merges_onto_the_cuda_base(dtype, tmp_path, tiny_dir):
     from test_qlora import test_export_merges_onto_the_trained_base
@@ -203,6 +241,7 @@ def test_qlora_export_merges_onto_the_cuda_base(dtype, tmp_path, tiny_dir):
     test_export_merges_onto_the_trained_base(dtype, tmp_path, tiny_dir)
 
 
+@pytest.mark.gpu_long
 @pytest.mark.parametrize("method", ["projector_only", "lora_projector", "full"])
 def test_bf16_updates_land_on_cuda(method, tmp_path, tiny_vision_dir):
     from test_precision import test_bf16_updates_equal_fp32_masters
@@ -244,6 +283,7 @@ def test_chunked_loss_in_bf16_on_cuda():
         assert ((a.float() - b).abs().max() / b.abs().max()).item() <= 2e-2
 
 
+@pytest.mark.gpu_long
 def test_training_run_stays_within_the_graph_budget(tmp_path, tiny_dir):
     """A FlexAttention run over variable-length chats with evaluation, then `generate`: every
     compiled graph is one the budget counts (flex: buckets x layer types x grad modes; the

@@ -91,7 +91,8 @@ def _launch(launcher: str, recipe: Path, prefix: Path) -> None:
 @pytest.mark.parametrize("launcher", ["plain", "ddp", "zero2", "zero3"])
 def test_one_precision_rule_per_launcher(launcher, tmp_path, tiny_vision_dir):
     """bf16 LoRA + a trained projector: the optimizer updates fp32 weights with fp32 moments
-    on every launcher, and the saved adapter holds fp32 masters. The module's own copies are
+    on every launcher, ZeRO accumulates gradients in fp32, and the saved adapter holds fp32
+    masters. The module's own copies are
     fp32 without DeepSpeed and bf16 under it (DeepSpeed's bf16 mode: compute copies, with the
     fp32 masters in its optimizer)."""
     data = colour_set(tmp_path / "img", 8, seed=2)
@@ -109,6 +110,8 @@ def test_one_precision_rule_per_launcher(launcher, tmp_path, tiny_vision_dir):
         assert seen["state"] and set(seen["state"]) == {"torch.float32"}, seen["state"]
         copies = "torch.bfloat16" if launcher.startswith("zero") else "torch.float32"
         assert set(seen["params"].values()) == {copies}, seen["params"]
+        if launcher.startswith("zero"):  # micro-batch gradients summed in fp32, not bf16
+            assert seen["grad_accum"] == "torch.float32", seen["grad_accum"]
         assert any("mm_input_projection_weight" in n for n in seen["params"])
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     assert {v.dtype for v in saved.values()} == {torch.float32}

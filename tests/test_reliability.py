@@ -124,6 +124,53 @@ def test_guard_skips_a_non_finite_step_exactly():
     assert torch.equal(got, want) and steps == want_steps == 2
 
 
+def test_guard_skips_on_the_device_without_a_host_sync_per_step():
+    """With a fused AdamW (the Trainer's default) a NaN step is skipped by the optimizer's own
+    found_inf input: the weights and the state equal a run without that step, and the host reads
+    the verdicts (a device sync: `aten._local_scalar_dense`) only every `read_every` steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSyncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSyncs.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3)
+    grads = [
+        torch.randn(4, 3),
+        torch.full((4, 3), float("nan")),
+        torch.randn(4, 3),
+        torch.randn(4, 3),
+    ]
+
+    def run(seq, guard):
+        p = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+        syncs = []
+        if guard:
+            guard.install(opt)
+        for g in seq:
+            p.grad = g.clone()
+            with CountSyncs():
+                CountSyncs.n = 0
+                opt.step()
+            syncs.append(CountSyncs.n)
+            opt.zero_grad()
+        return p.detach(), opt.state[p], syncs
+
+    guard = NonFiniteGuard(limit=3, read_every=4)
+    got, state, syncs = run(grads, guard)
+    want, want_state, _ = run([grads[0], grads[2], grads[3]], None)
+    assert syncs[:3] == [0, 0, 0] and syncs[3] > 0, syncs
+    assert guard.skipped == 1 and guard.in_a_row == 0
+    assert torch.equal(got, want) and state["step"] == want_state["step"] == 3
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[k], want_state[k]), k
+
+
 def test_guard_counts_a_non_finite_loss_and_stops_after_k_in_a_row():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([p], lr=1.0)

@@ -232,3 +232,23 @@ def test_vision_adapter_learns_colours(tmp_path, tiny_vision_dir):
         )
         right += answer.strip() == row["messages"][1]["content"]
     assert right / len(rows) >= 0.9, right
+
+
+def test_the_trainers_own_checkpointing_is_off_under_either_transformers(tmp_path):
+    """TRL's SFTConfig turns the Trainer's activation checkpointing on by default (every layer
+    recomputed again under ours, ~30% slower). transformers 5.2x calls the switch
+    `activation_checkpointing`, 5.17 (the GPU machine's) only `gradient_checkpointing` and
+    refuses the new name: the trainer passes the name the installed one has."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from gemma3_tune.train.trainer import checkpointing_off
+
+    @dataclasses.dataclass
+    class Transformers517:  # the fields of 5.17's TrainingArguments, as far as this goes
+        gradient_checkpointing: bool = False
+
+    assert checkpointing_off(Transformers517) == {"gradient_checkpointing": False}
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **checkpointing_off(SFTConfig))
+    assert args.gradient_checkpointing is False

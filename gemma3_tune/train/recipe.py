@@ -86,7 +86,12 @@ class TrainingSection(_Strict):
         gt=0,
         description="eval every N steps and at the last step (None: at the last step only)",
     )
-    logging_steps: int = Field(default=1, gt=0, description="a metrics.jsonl row every N steps")
+    logging_steps: int = Field(
+        default=10,
+        gt=0,
+        description="a metrics.jsonl row every N steps (TRL's default; each row reads the loss"
+        " from the GPU, a sync)",
+    )
     seed: int = Field(default=42, description="seeds data order, packing, LoRA init, dropout")
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations: less memory, ~30% slower"

@@ -22,6 +22,7 @@ whose eval_steps do not divide its last step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -306,6 +307,20 @@ def _deepspeed_config_path(recipe: Recipe) -> str:
     return str(p)
 
 
+def checkpointing_off(config_cls: type) -> dict[str, bool]:
+    """The argument that turns the Trainer's own activation checkpointing off, by its name in
+    the installed transformers: `activation_checkpointing` from 5.2x, `gradient_checkpointing`
+    before (5.17 has no `activation_checkpointing` and refuses it). TRL's SFTConfig defaults
+    it to on, which would checkpoint every layer again under our own (~30% slower)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    key = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+    return {key: False}
+
+
 def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool = False):
     from trl import SFTConfig
 
@@ -333,7 +348,7 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool =
         # precision.py: fp32 masters for what trains, compute in model.dtype (autocast, or
         # DeepSpeed's own bf16 mode).
         **precision.mixed_precision_flags(resolve_dtype(recipe.model.dtype)),
-        activation_checkpointing=False,  # our model checkpoints its own layers (see below)
+        **checkpointing_off(SFTConfig),  # our model checkpoints its own layers (see below)
         report_to=report_to,
         run_name=out.name,
         remove_unused_columns=False,
@@ -482,7 +497,9 @@ def build_trainer(recipe: Recipe):
     train_ds = _rows_dataset(data.train_rows, distiller.cache if distiller else None, reference)
     eval_ds = _rows_dataset(data.eval_rows, reference=reference)
     metrics = MetricsCallback(out)
-    guard = NonFiniteGuard(recipe.training.max_skipped_steps, recipe.model.dtype)
+    # on a GPU the guard reads its verdicts when the Trainer logs, not at every step (a sync)
+    read_every = recipe.training.logging_steps if torch.cuda.is_available() else 1
+    guard = NonFiniteGuard(recipe.training.max_skipped_steps, recipe.model.dtype, read_every)
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(str(folder))
