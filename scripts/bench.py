@@ -195,7 +195,10 @@ def lora_worker(impl: str, model_dir: str, seq: int, dtype: str, steps: int, lab
     losses: list[float] = []
 
     def step() -> None:
-        out = model(input_ids=input_ids, labels=label_t)
+        # as the Trainer runs a bf16 step (precision.py), on both sides: base weights bf16, LoRA
+        # weights fp32 (peft's default), the step under autocast so LoRA matmuls run in bf16 too
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = model(input_ids=input_ids, labels=label_t)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,7 +243,9 @@ def section_lora(args) -> str:
                 print(f"lora {seq} {dtype} {labels}: ours {ours} | baseline {base}", flush=True)
                 rows.append(_lora_row(seq, dtype, labels, ours, base))
     head = (
-        f"LoRA r=16 on all decoder linears, AdamW, micro-batch 1, no gradient checkpointing,"
+        f"LoRA r=16 on all decoder linears, AdamW, micro-batch 1, no gradient checkpointing;"
+        " bf16: base weights bf16, LoRA weights fp32, the step under bf16 autocast (the"
+        " Trainer's bf16 step) on both sides;"
         f" real Gemma 3 270M (`gguf:gemma3-270m`), {args.steps} timed steps after one warm-up"
         " (median). Both sides get the same token ids: quickstart-style chats rendered with"
         " the Gemma template; 'assistant' puts the loss on assistant tokens as chat SFT does,"

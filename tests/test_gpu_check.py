@@ -108,3 +108,37 @@ def test_report_lands_in_out_and_a_failing_stage_does_not_stop_the_next(tmp_path
     # nothing written beside the checkout's own report
     after = (ROOT / "gpu_check.md").stat().st_mtime if (ROOT / "gpu_check.md").exists() else None
     assert after == before
+
+
+def test_profiled_step_is_split_by_what_the_kernels_do():
+    """bench_gpu.categorize on profiler-like events: ops with the vocabulary in an input's shape
+    (and what they call) are the LM head + loss, the rest by kernel name; idle is the wall time
+    no kernel covers."""
+    import sys
+    from types import SimpleNamespace as E
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_gpu import categorize
+
+    def k(name, us):
+        return E(name=name, duration=us)
+
+    vocab = 262144
+    head = E(input_shapes=[[8192, 1152], [vocab, 1152]], cpu_parent=None, kernels=[])
+    events = [
+        E(input_shapes=[[8192, 1152], [1152, 6912]], cpu_parent=None,
+          kernels=[k("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128", 4000)]),
+        E(input_shapes=[], cpu_parent=None, kernels=[k("triton_tem_fused_flex_attention_0", 3000)]),
+        E(input_shapes=[[8192, vocab]], cpu_parent=head,  # a child of the head's op
+          kernels=[k("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 2500), k("reduce_kernel", 500)]),
+        E(input_shapes=[[8192, 1152]], cpu_parent=None,
+          kernels=[k("triton_poi_fused_add_mul_rsqrt_0", 1000)]),
+    ]  # fmt: skip
+    ms = categorize(events, wall_ms=12.0, vocab=vocab)
+    assert ms == {
+        "GEMM": 4.0,
+        "attention": 3.0,
+        "LM head + loss": 3.0,
+        "elementwise + other": 1.0,
+        "idle / host": 1.0,
+    }
