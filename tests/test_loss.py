@@ -59,6 +59,7 @@ def test_bf16_within_bf16_tolerance_of_fp32_reference(monkeypatch):
     (3.9e-3), so 2e-2 leaves room for the rounding of operands and logits, and still catches
     a dropped scale or a wrong one-hot."""
     monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 512 * 16)  # 16 rows a chunk: 6 chunks
+    monkeypatch.setattr(loss_mod, "_CHUNK_MULTIPLE", 1)  # rows exactly as set
     torch.manual_seed(2)
     n, d, v = 100, 64, 512  # tiny: bf16 matmuls are ~100x slower than fp32 on this CPU
     h = torch.randn(n, d).to(torch.bfloat16).requires_grad_(True)
@@ -91,6 +92,7 @@ def test_chunk_size_does_not_change_results(monkeypatch, chunk_rows):
     whole = chunked_cross_entropy(h, w, t)  # 300-entry vocabulary: one chunk of every row
     g_whole = torch.autograd.grad(whole, (h, w))
     monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 300 * chunk_rows)
+    monkeypatch.setattr(loss_mod, "_CHUNK_MULTIPLE", 1)  # rows exactly as set
     chunked = chunked_cross_entropy(h, w, t)
     g_chunked = torch.autograd.grad(chunked, (h, w))
     assert abs(chunked.item() - whole.item()) <= 1e-12
@@ -117,6 +119,7 @@ def test_one_host_read_per_call_not_per_chunk(monkeypatch):
     """Selecting the rows with a target is the only host read (one `nonzero`): forward and
     backward through 6 chunks read nothing else."""
     monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 200 * 16)  # 16 rows a chunk
+    monkeypatch.setattr(loss_mod, "_CHUNK_MULTIPLE", 1)  # rows exactly as set
     torch.manual_seed(4)
     h = torch.randn(120, 8, requires_grad=True)
     w = torch.randn(200, 8, requires_grad=True)

@@ -42,6 +42,7 @@ def test_chunked_logprobs_equal_dense(monkeypatch, need_w, dtype, tol):
     """Chunks of 16 rows (4 per call): values, d/d hidden, d/d weight (recomputed in backward)
     or d/d hidden alone (prepared in the forward, frozen head) equal the dense reference."""
     monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 16 * 1000)
+    monkeypatch.setattr(loss_mod, "_CHUNK_MULTIPLE", 1)  # rows exactly as set
     h, w, t, up = _problem(0, dtype, need_w=need_w)
     got, want = chunked_logprobs(h, w, t), dense_logprobs(h, w, t)
     assert got.dtype == dtype and got.shape == (70,)

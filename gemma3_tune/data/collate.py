@@ -62,9 +62,23 @@ def row_features(samples: Sequence[Sample]) -> dict[str, list]:
     return r
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, T] -> `[K]` int64: the flat indices into `[B * T]` of the positions the loss
+    scores, those whose next label is not IGNORE (the model shifts labels so that position t
+    predicts label t + 1; the last position predicts nothing), in row-major order.
+
+    Why here: the model's loss projects only these rows, and finding them on the device is a
+    host sync (`nonzero`) that stalls a GPU's launch queue once a step. The collator has the
+    labels on the CPU already, so it finds them for free."""
+    scored = torch.zeros_like(labels, dtype=torch.bool)  # [B, T]
+    scored[:, :-1] = labels[:, 1:] != IGNORE
+    return scored.reshape(-1).nonzero()[:, 0]
+
+
 class Collator:
-    """rows -> {input_ids, labels, position_ids [B, T]; and, when there are images, either
-    pixel_values [N, 3, S, S] or (from the feature cache) vision_features [N, mm_tokens, Dv]}.
+    """rows -> {input_ids, labels, position_ids [B, T]; scored [K] (`scored_positions`); and,
+    when there are images, either pixel_values [N, 3, S, S] or (from the feature cache)
+    vision_features [N, mm_tokens, Dv]}.
 
     `load_image(image_ref) -> Tensor[views, ...]` is called for each image in row order.
     `bucket_to` (max_seq_len) pads every batch to a length bucket (see `bucket_length`), and
@@ -104,6 +118,7 @@ class Collator:
             if self.load_image is not None:
                 pixels += [self.load_image(img) for img in r.get("image_refs", [])]
         batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        batch["scored"] = scored_positions(labels)  # the model's loss takes it: no host sync
         if all("row" in r for r in rows):  # training rows say which they are (trainer.py)
             batch["row_ids"] = torch.tensor([r["row"] for r in rows])
         if pixels:

@@ -358,7 +358,8 @@ class TextModel(nn.Module):
             cache.info[layer_type] = keys.last(keep)
         if backend == "flex" and cache is None:
             options = flex_options(info.pos.device, self.config.head_dim, self.embed_tokens.weight)
-            return FlexMask(flex_block_mask(info, window), options)
+            images = self.config.is_multimodal  # else token_info left every block at 0
+            return FlexMask(flex_block_mask(info, window, images), options)
         return visible(info, keys, window)[:, None]  # [B, 1, T, S]
 
 
@@ -402,7 +403,8 @@ class Gemma3(nn.Module):
     of labelled tokens across a gradient-accumulation step), the loss is this micro-batch's sum
     divided by it, so accumulated steps weigh every token equally. With labels and
     `sequence_logps=True` it returns `.logps` and `.tokens` per document instead (preference
-    tuning: see `_sequence_logps`).
+    tuning: see `_sequence_logps`). `scored` (the training collator's, optional) names the
+    labelled positions so the loss needs no host sync to find them.
     """
 
     def __init__(self, config: Gemma3Config, attn_backend: str = "auto"):
@@ -553,6 +555,7 @@ class Gemma3(nn.Module):
         soft_targets: SoftTargets | None = None,  # distillation: a teacher's targets (loss.py)
         hidden_only: bool = False,  # the final hidden states [B, T, D], unprojected (a teacher)
         sequence_logps: bool = False,  # preference tuning: per-document log p(labels), no loss
+        scored: Tensor | None = None,  # [K] the collator's scored positions (see _loss)
         **_: object,
     ) -> Output:
         b, t = input_ids.shape
@@ -580,18 +583,37 @@ class Gemma3(nn.Module):
             return Output(logits=(h.reshape(-1, h.shape[-1]) @ weight.T).view(*h.shape[:2], -1))
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
-        if sequence_logps:
+        if sequence_logps:  # masks document boundaries too: finds its own rows (no `scored`)
             return self._sequence_logps(h, weight, targets, info)
+        return self._loss(h, weight, targets, soft_targets, num_items_in_batch, scored)
+
+    @staticmethod
+    def _loss(
+        h: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        soft_targets: SoftTargets | None,
+        num_items_in_batch: int | Tensor | None,
+        scored: Tensor | None,
+    ) -> Output:
+        """The mean loss over the shifted `targets` [B, T] != -100 (of h [B, T, D]), in chunks.
+
+        `scored` `[K]`: the flat indices into `[B * T]` of those targets, in order, when the
+        caller has them: the training collator computes them on the CPU (data/collate.py,
+        `scored_positions`), which spares the loss its one host sync per step (a `nonzero`)."""
+        b, t = targets.shape
         flat = targets.reshape(-1)
         logs = {}
         if soft_targets is None:
-            loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat)
+            loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat, scored)
         else:
-            loss, kd, ce = chunked_distillation(h.reshape(b * t, -1), weight, flat, soft_targets)
+            loss, kd, ce = chunked_distillation(
+                h.reshape(b * t, -1), weight, flat, soft_targets, scored
+            )
             logs = {"kd_loss": kd, "ce_loss": ce}
         if num_items_in_batch is not None:
             # sum over this micro-batch / labelled tokens in the step
-            count = (flat != IGNORE_INDEX).sum()
+            count = (flat != IGNORE_INDEX).sum() if scored is None else scored.numel()
             share = count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
             loss = loss * share
             logs = {k: v * share for k, v in logs.items()}

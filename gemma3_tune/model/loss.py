@@ -7,10 +7,15 @@ one-hot), so backward only has to scale the stored gradients: nothing is recompu
 chunk's logits outlive its loop iteration.
 
 Precision: the softmax and its gradient are fp32 (fp64 when given fp64). The matmuls take
-their operands in the weights' dtype and accumulate in fp32: in bf16 they run on tensor cores
-(with TF32 off, an fp32 matmul of the same size is several times slower), and the gradient of
-the weight is summed over chunks in fp32. The loop never reads a tensor value on the host, so
-on a GPU it queues all chunks without waiting for any.
+their operands in the hidden states' dtype and accumulate in fp32: in bf16 they run on tensor
+cores (with TF32 off, an fp32 matmul of the same size is several times slower), and the gradient
+of the weight is summed over chunks in fp32 and returned in the weight's own dtype. A full
+fine-tune under autocast hands in an fp32 master head with bf16 hidden states: the head is cast
+to bf16 once per call (`_head`), and autocast is off inside the chunk loops, which choose every
+dtype themselves (left on, it would cast all of `[V, D]` again for each matmul of each chunk).
+The loop never reads a tensor value on the host, so on a GPU it queues all chunks without
+waiting for any; the rows with a target are found once per call (`_scored`), or given by the
+collator, which found them on the CPU.
 
 Preference tuning scores whole replies instead: `chunked_logprobs` gives log p(target) per token
 and `document_logprobs` sums them per packed document, by the same chunked projection.
@@ -18,6 +23,7 @@ and `document_logprobs` sums them per packed document, by the same chunked proje
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +31,31 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits (256 MiB) per chunk
+_CHUNK_MULTIPLE = 64  # rows per chunk are a multiple of this (a GEMM tile's rows)
 
 
 def _chunk_rows(vocab: int) -> int:
-    return max(16, _CHUNK_ELEMENTS // vocab)
+    """Rows per chunk: as many as keep a chunk's logits within _CHUNK_ELEMENTS, rounded down to a
+    multiple of 64 (at least 64), so the matmuls' tiles are full: 4B's 262,208-entry vocabulary
+    would otherwise give 255 rows, and every chunk a last, mostly empty tile."""
+    rows = _CHUNK_ELEMENTS // vocab
+    return max(_CHUNK_MULTIPLE, rows - rows % _CHUNK_MULTIPLE)
+
+
+def _head(weight: Tensor, hidden: Tensor) -> Tensor:
+    """The head `[V, D]` in the hidden states' dtype, made once per call (a no-op when they
+    agree). Under autocast a full fine-tune's tied weight is an fp32 master and the hidden
+    states bf16: mixed operands have no matmul kernel, and a cast inside the chunk loop would
+    copy all of `[V, D]` again for every matmul of every chunk (V = 262,144)."""
+    return weight.to(hidden.dtype)
+
+
+def _autocast_off(t: Tensor):
+    """A context without autocast on `t`'s device: the chunk loops pick every dtype themselves."""
+    kind = t.device.type
+    if not torch.amp.is_autocast_available(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
 
 
 def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
@@ -48,6 +75,13 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
         except (RuntimeError, TypeError):  # no mm.dtype kernel in this build: round once
             pass
     return (a @ b).to(acc)
+
+
+def _add_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """`out += a @ b` for the weight's gradient: `out` `[V, D]` in the accumulation dtype, a and b
+    in the compute dtype. On CUDA the product is written in fp32 (`_mm`); elsewhere the add
+    widens the once-rounded product as it goes, with no widened `[V, D]` copy per chunk."""
+    out += _mm(a, b, out.dtype) if a.is_cuda else a @ b
 
 
 @dataclass
@@ -80,93 +114,117 @@ class _ChunkedCE(torch.autograd.Function):
         soft: SoftTargets | None,
         bounds: list[int] | None,
     ):
-        # hidden: [N, D]; weight: [V, D]; targets: [N], every one a real token id (N >= 1):
-        # chunked_cross_entropy has already dropped the ignored rows. With soft targets,
-        # bounds[k]:bounds[k + 1] are the entries of the k-th chunk of tokens.
-        n = hidden.shape[0]
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when given fp64
-        ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
-        kd_sum = torch.zeros((), dtype=acc, device=hidden.device)
-        alpha = soft.alpha if soft is not None else 0.0
-        temp = soft.temperature if soft is not None else 1.0
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        step = _chunk_rows(weight.shape[0])
-        for k, s in enumerate(range(0, n, step)):
-            h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
-            c = len(tgt)
-            logits = _mm(h, weight.T, acc)  # [c, V]
-            picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
-            if soft is not None:
-                e0, e1 = bounds[k], bounds[k + 1]
-                sid, sw = soft.ids[e0:e1], soft.weights[e0:e1].to(acc)  # [e], [e]
-                stok = soft.token[e0:e1] - s  # [e]: row of the chunk
-                soft_z = logits[stok, sid]  # [e]: raw logits at the teacher's ids
-                dot = torch.zeros(c, dtype=acc, device=h.device).index_add_(0, stok, sw * soft_z)
-                # dot: [c], sum over a token's entries of w_e * z_e
-            if soft is not None and temp != 1.0:
-                # the distillation term's own softmax, of z / T (a second [c, V] buffer)
-                pt = logits / temp  # [c, V]
-                peak_t = pt.amax(dim=-1, keepdim=True)
-                pt.sub_(peak_t).exp_()
-                z_t = pt.sum(dim=-1)  # [c]
-                lse_t = peak_t[:, 0] + z_t.log()
-                kd_sum += temp * temp * (lse_t - dot / temp).sum()
-            # log-sum-exp in place (no [c, V] temporaries: torch.logsumexp allocates two, and
-            # at this size the page faults cost more than the arithmetic).
-            peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
-            probs = logits.sub_(peak).exp_()  # unnormalised softmax  [c, V]
-            z = probs.sum(dim=-1)  # [c]
-            lse = peak[:, 0] + z.log()
-            ce_sum += (lse - picked).sum()
-            if soft is not None and temp == 1.0:
-                kd_sum += (lse - dot).sum()
-            if need_h or need_w:
-                # d(mean loss) / d(logits), in one pass:
-                #   (1 - alpha) (softmax(z) - one_hot) / n + alpha T (softmax(z / T) - w) / n
-                # (at T = 1 the two softmax shares add up to one softmax).
-                if soft is not None and temp != 1.0:
-                    probs.mul_(((1.0 - alpha) / n / z)[:, None])
-                    probs.add_(pt.mul_((alpha * temp / n / z_t)[:, None]))
-                    del pt
-                else:
-                    probs.mul_((1.0 / n / z)[:, None])
-                probs[torch.arange(c, device=h.device), tgt] -= (1.0 - alpha) / n
-                if soft is not None and alpha != 0.0:
-                    probs.index_put_((stok, sid), sw * (-alpha * temp / n), accumulate=True)
-                g = probs.to(weight.dtype)  # [c, V]: the matmuls' operands in the weights' dtype
-                if need_h:
-                    grad_h[s : s + step] = (g @ weight).to(hidden.dtype)  # [c, D]
-                if need_w:
-                    grad_w += _mm(g.T, h.to(weight.dtype), acc)  # [V, D], summed in fp32
-                del g
-            del logits, probs
+        with _autocast_off(hidden):
+            loss, kd, ce, grad_h, grad_w = _ce_chunks(
+                hidden, _head(weight, hidden), targets, need_h, need_w, soft, bounds
+            )
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w if grad_w is not None else torch.empty(0),
         )
         ctx.need = (need_h, need_w)
         ctx.w_dtype = weight.dtype
-        total = ce_sum if soft is None else (1.0 - alpha) * ce_sum + alpha * kd_sum
-        kd, ce = kd_sum / n, ce_sum / n
         ctx.mark_non_differentiable(kd, ce)
-        return total / n, kd, ce
+        return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _kd: Tensor, _ce: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.need
         gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if need_w else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if need_w else None  # fp32 sums, weight's dtype
         return gh, gw, None, None, None, None, None
 
 
-def _scored(hidden: Tensor, targets: Tensor) -> Tensor:
-    """Indices of the rows with a target: the one host sync of a call (`nonzero`)."""
+def _ce_chunks(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    need_h: bool,
+    need_w: bool,
+    soft: SoftTargets | None,
+    bounds: list[int] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """_ChunkedCE's forward pass: (loss, kd_loss, ce_loss, d loss / d hidden, d loss / d weight
+    in fp32), the gradients for an upstream gradient of 1.
+
+    hidden: [N, D]; weight: [V, D] in hidden's dtype (`_head`); targets: [N], every one a real
+    token id (N >= 1): chunked_cross_entropy has already dropped the ignored rows. With soft
+    targets, bounds[k]:bounds[k + 1] are the entries of the k-th chunk of tokens."""
+    n = hidden.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when given fp64
+    ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
+    kd_sum = torch.zeros((), dtype=acc, device=hidden.device)
+    alpha = soft.alpha if soft is not None else 0.0
+    temp = soft.temperature if soft is not None else 1.0
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+    step = _chunk_rows(weight.shape[0])
+    for k, s in enumerate(range(0, n, step)):
+        h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
+        c = len(tgt)
+        logits = _mm(h, weight.T, acc)  # [c, V]
+        picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
+        if soft is not None:
+            e0, e1 = bounds[k], bounds[k + 1]
+            sid, sw = soft.ids[e0:e1], soft.weights[e0:e1].to(acc)  # [e], [e]
+            stok = soft.token[e0:e1] - s  # [e]: row of the chunk
+            soft_z = logits[stok, sid]  # [e]: raw logits at the teacher's ids
+            dot = torch.zeros(c, dtype=acc, device=h.device).index_add_(0, stok, sw * soft_z)
+            # dot: [c], sum over a token's entries of w_e * z_e
+        if soft is not None and temp != 1.0:
+            # the distillation term's own softmax, of z / T (a second [c, V] buffer)
+            pt = logits / temp  # [c, V]
+            peak_t = pt.amax(dim=-1, keepdim=True)
+            pt.sub_(peak_t).exp_()
+            z_t = pt.sum(dim=-1)  # [c]
+            lse_t = peak_t[:, 0] + z_t.log()
+            kd_sum += temp * temp * (lse_t - dot / temp).sum()
+        # log-sum-exp in place (no [c, V] temporaries: torch.logsumexp allocates two, and
+        # at this size the page faults cost more than the arithmetic).
+        peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+        probs = logits.sub_(peak).exp_()  # unnormalised softmax  [c, V]
+        z = probs.sum(dim=-1)  # [c]
+        lse = peak[:, 0] + z.log()
+        ce_sum += (lse - picked).sum()
+        if soft is not None and temp == 1.0:
+            kd_sum += (lse - dot).sum()
+        if need_h or need_w:
+            # d(mean loss) / d(logits), in one pass:
+            #   (1 - alpha) (softmax(z) - one_hot) / n + alpha T (softmax(z / T) - w) / n
+            # (at T = 1 the two softmax shares add up to one softmax).
+            if soft is not None and temp != 1.0:
+                probs.mul_(((1.0 - alpha) / n / z)[:, None])
+                probs.add_(pt.mul_((alpha * temp / n / z_t)[:, None]))
+                del pt
+            else:
+                probs.mul_((1.0 / n / z)[:, None])
+            probs[torch.arange(c, device=h.device), tgt] -= (1.0 - alpha) / n
+            if soft is not None and alpha != 0.0:
+                probs.index_put_((stok, sid), sw * (-alpha * temp / n), accumulate=True)
+            g = probs.to(weight.dtype)  # [c, V]: the matmuls' operands in the compute dtype
+            if need_h:
+                grad_h[s : s + step] = g @ weight  # [c, D]
+            if need_w:
+                _add_mm(grad_w, g.T, h)  # [V, D], summed in fp32
+            del g
+        del logits, probs
+    total = ce_sum if soft is None else (1.0 - alpha) * ce_sum + alpha * kd_sum
+    return total / n, kd_sum / n, ce_sum / n, grad_h, grad_w
+
+
+def _scored(targets: Tensor, scored: Tensor | None) -> Tensor:
+    """Indices `[K]` of the rows with a target, in order. Found here with `nonzero`, the one
+    host sync of a call (on a GPU it stalls the launch queue), unless the caller has them:
+    the training collator computes them on the CPU with the batch (`scored`)."""
+    if scored is not None:
+        return scored.to(targets.device)
     return (targets != IGNORE_INDEX).nonzero()[:, 0]
 
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+def chunked_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, scored: Tensor | None = None
+) -> Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, over non-ignored targets.
 
     hidden: `[N, D]`, weight: `[V, D]`, targets: `[N]`. Equal (values and gradients) to
@@ -176,11 +234,12 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Te
 
     Only rows with a target are projected: in chat SFT most tokens are prompt, and the
     262k-vocabulary head is the largest matmul of a small Gemma, so this alone halves its cost.
-    Finding those rows is the one host sync of a call (`nonzero`); the chunk loop has none.
+    Finding those rows is the one host sync of a call (`nonzero`), none when `scored` `[K]`
+    gives them (the indices of `targets != -100`, in order); the chunk loop has none.
     """
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    keep = _scored(hidden, targets)
+    keep = _scored(targets, scored)
     if keep.numel() == 0:
         return (hidden.sum() * 0.0).float()  # no target: zero loss, zero gradients, graph intact
     h = hidden.index_select(0, keep)
@@ -188,7 +247,11 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Te
 
 
 def chunked_distillation(
-    hidden: Tensor, weight: Tensor, targets: Tensor, soft: SoftTargets
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    soft: SoftTargets,
+    scored: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kd_loss, ce_loss) over the non-ignored targets, in chunks as chunked_cross_entropy:
 
@@ -202,11 +265,11 @@ def chunked_distillation(
     pass as the labels' `softmax(z) - one_hot`, so one chunk of `[tokens, vocab]` exists at a
     time (two at T != 1: the distillation term needs its own softmax). At alpha = 0 the result
     is chunked_cross_entropy's, bit for bit (the same operations). Only loss has a gradient;
-    kd_loss and ce_loss are for the logs.
+    kd_loss and ce_loss are for the logs. `scored`: as chunked_cross_entropy's.
     """
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    keep = _scored(hidden, targets)
+    keep = _scored(targets, scored)
     if keep.numel() == 0:
         zero = (hidden.sum() * 0.0).float()
         return zero, zero.detach(), zero.detach()
@@ -244,8 +307,10 @@ def teacher_targets(
     step = _chunk_rows(v)
     none = torch.zeros(0, dtype=torch.long, device=hidden.device)
     ids, weights, token = [none], [none.float()], [none]  # a row with no scored token: empty
+    w = _head(weight, hidden)  # [V, D]: cast once, not per chunk
     for s in range(0, n, step):
-        logits = _mm(hidden[s : s + step], weight.T, torch.float32)  # [c, V]
+        with _autocast_off(hidden):
+            logits = _mm(hidden[s : s + step], w.T, torch.float32)  # [c, V]
         c = logits.shape[0]
         if temperature != 1.0:
             logits /= temperature
@@ -281,30 +346,16 @@ class _ChunkedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, need_h: bool, need_w: bool):
-        # hidden: [N, D], weight: [V, D], targets: [N], every one a real token id (N >= 1)
-        n = hidden.shape[0]
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        out = torch.empty(n, dtype=acc, device=hidden.device)
         prepare = need_h and not need_w
-        grad_h = torch.empty_like(hidden) if prepare else None
-        step = _chunk_rows(weight.shape[0])
-        for s in range(0, n, step):
-            h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
-            logits = _mm(h, weight.T, acc)  # [c, V]
-            picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
-            peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
-            probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place  [c, V]
-            z = probs.sum(dim=-1)  # [c]
-            out[s : s + step] = picked - peak[:, 0] - z.log()
-            if prepare:
-                _onehot_minus_softmax(probs, z, tgt)
-                grad_h[s : s + step] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            del logits, probs
+        with _autocast_off(hidden):
+            w = _head(weight, hidden)  # [V, D], cast once: backward reuses this copy
+            out, grad_h = _logprob_chunks(hidden, w, targets, prepare)
         ctx.need = (need_h, need_w)
+        ctx.w_dtype = weight.dtype
         if prepare:
             ctx.save_for_backward(grad_h)
         elif need_w:
-            ctx.save_for_backward(hidden, weight, targets)
+            ctx.save_for_backward(hidden, w, targets)
         return out
 
     @staticmethod
@@ -313,22 +364,59 @@ class _ChunkedLogProbs(torch.autograd.Function):
         if not need_w:
             (grad_h,) = ctx.saved_tensors
             return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None
-        hidden, weight, targets = ctx.saved_tensors
-        acc = grad_out.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc)
-        step = _chunk_rows(weight.shape[0])
-        for s in range(0, hidden.shape[0], step):
-            h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
-            probs = _mm(h, weight.T, acc)  # [c, V], the forward's logits again
-            probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
-            _onehot_minus_softmax(probs, probs.sum(dim=-1), tgt)
-            g = probs.mul_(grad_out[s : s + step, None]).to(weight.dtype)  # d loss / d z  [c, V]
-            if need_h:
-                grad_h[s : s + step] = (g @ weight).to(hidden.dtype)  # [c, D]
-            grad_w += _mm(g.T, h.to(weight.dtype), acc)  # [V, D], summed in fp32
-            del probs, g
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        hidden, w, targets = ctx.saved_tensors
+        with _autocast_off(hidden):
+            grad_h, grad_w = _logprob_grads(hidden, w, targets, grad_out, need_h)
+        return grad_h, grad_w.to(ctx.w_dtype), None, None, None  # fp32 sums, weight's dtype
+
+
+def _logprob_chunks(
+    hidden: Tensor, weight: Tensor, targets: Tensor, prepare: bool
+) -> tuple[Tensor, Tensor | None]:
+    """_ChunkedLogProbs' forward pass: log p(target) `[N]` in fp32 (fp64 when given fp64) and,
+    when `prepare`, d logp_i / d h_i `[N, D]`. hidden: [N, D]; weight: [V, D] in hidden's dtype;
+    targets: [N], every one a real token id (N >= 1)."""
+    n = hidden.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.empty(n, dtype=acc, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if prepare else None
+    step = _chunk_rows(weight.shape[0])
+    for s in range(0, n, step):
+        h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
+        logits = _mm(h, weight.T, acc)  # [c, V]
+        picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
+        peak = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+        probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place  [c, V]
+        z = probs.sum(dim=-1)  # [c]
+        out[s : s + step] = picked - peak[:, 0] - z.log()
+        if prepare:
+            _onehot_minus_softmax(probs, z, tgt)
+            grad_h[s : s + step] = probs.to(weight.dtype) @ weight
+        del logits, probs
+    return out, grad_h
+
+
+def _logprob_grads(
+    hidden: Tensor, weight: Tensor, targets: Tensor, grad_out: Tensor, need_h: bool
+) -> tuple[Tensor | None, Tensor]:
+    """_ChunkedLogProbs' backward with the weight trained: each chunk's softmax recomputed, and
+    (d loss / d hidden `[N, D]` or None, d loss / d weight `[V, D]` summed in fp32). weight: the
+    forward's copy in hidden's dtype; grad_out: [N]."""
+    acc = grad_out.dtype
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight, dtype=acc)
+    step = _chunk_rows(weight.shape[0])
+    for s in range(0, hidden.shape[0], step):
+        h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
+        probs = _mm(h, weight.T, acc)  # [c, V], the forward's logits again
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+        _onehot_minus_softmax(probs, probs.sum(dim=-1), tgt)
+        g = probs.mul_(grad_out[s : s + step, None]).to(weight.dtype)  # d loss / d z  [c, V]
+        if need_h:
+            grad_h[s : s + step] = g @ weight  # [c, D]
+        _add_mm(grad_w, g.T, h)  # [V, D], summed in fp32
+        del probs, g
+    return grad_h, grad_w
 
 
 def _onehot_minus_softmax(probs: Tensor, z: Tensor, targets: Tensor) -> None:
@@ -355,7 +443,7 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     of `[rows, V]` logits exists at a time.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    keep = _scored(hidden, targets)
+    keep = _scored(targets, None)
     if keep.numel() == 0:
         return (hidden[:, 0] * 0.0).to(acc)  # zeros, graph intact
     picked = _scored_logprobs(hidden, weight, targets, keep)  # [K]
@@ -374,7 +462,7 @@ def document_logprobs(
     with a target (`nonzero`) and S.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    keep = _scored(hidden, targets)  # [K]
+    keep = _scored(targets, None)  # [K]
     if keep.numel() == 0:
         empty = (hidden.sum() * 0.0).to(acc).reshape(1)[:0]  # [0], graph intact
         return empty, torch.zeros(0, dtype=torch.long, device=hidden.device)

@@ -70,21 +70,52 @@ def visible(q: TokenInfo, k: TokenInfo, window: int | None) -> Tensor:
     return allowed
 
 
-def flex_block_mask(info: TokenInfo, window: int | None):
-    """The same rule as `visible`, as a FlexAttention BlockMask (block-sparse on GPU)."""
+_DOC_STRIDE = 1 << 32  # flex_block_mask's token key: doc * stride + pos, for pos < 2**31
+_NO_WINDOW = 1 << 31  # a window no position difference inside a document reaches
+
+
+def flex_block_mask(info: TokenInfo, window: int | None, images: bool = True):
+    """The same rule as `visible`, as a FlexAttention BlockMask (block-sparse on GPU).
+
+    The mask_mod runs for every (query, key) pair of every partly masked tile, inside the
+    attention kernels too, so each token's document and position are packed into one key,
+    `doc * 2**32 + pos`, and read once per side. For positions in [0, 2**31), with
+    d = key_q - key_k: same document, causal and in the window is exactly 0 <= d < window (in
+    another document, |d| > 2**31). `images=False` (a text-only model: `block` is all zero)
+    drops the image term, leaving one load per side; with images, the block ids add one each
+    (an image block never spans two documents, so the same block implies the same document).
+    """
+    key = info.doc * _DOC_STRIDE + info.pos  # [B, T]
+    block = info.block
+    limit = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
+
+    def text_mask(b, h, q_idx, kv_idx):
+        d = key[b, q_idx] - key[b, kv_idx]
+        return (d >= 0) & (d < limit)
+
+    def image_mask(b, h, q_idx, kv_idx):
+        d = key[b, q_idx] - key[b, kv_idx]
+        bq = block[b, q_idx]
+        same_image = (bq == block[b, kv_idx]) & (bq > 0)
+        return (d < limit) & ((d >= 0) | same_image)
+
+    bsz, t = key.shape
+    build = block_mask_builder(key.device)
+    return build(image_mask if images else text_mask, bsz, None, t, t, device=key.device)
+
+
+_COMPILED_BUILDER = None
+
+
+def block_mask_builder(device: torch.device):
+    """`create_block_mask`, compiled once per process on CUDA (eager, it materialises the dense
+    `[B, T, T]` mask; torch's `_compile=True` is deprecated and wraps a new compiled function at
+    every call). Eager elsewhere, and inside a compiled region, which traces it anyway."""
+    global _COMPILED_BUILDER
     from torch.nn.attention.flex_attention import create_block_mask
 
-    pos, doc, block = info.pos, info.doc, info.block
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        same_doc = doc[b, q_idx] == doc[b, kv_idx]
-        causal = pos[b, kv_idx] <= pos[b, q_idx]
-        same_image = (block[b, q_idx] == block[b, kv_idx]) & (block[b, q_idx] > 0)
-        allowed = same_doc & (causal | same_image)
-        if window is not None:
-            allowed = allowed & (pos[b, q_idx] - pos[b, kv_idx] < window)
-        return allowed
-
-    bsz, t = pos.shape
-    # Compiled on CUDA: eager create_block_mask materialises the dense [B, T, T] mask.
-    return create_block_mask(mask_mod, bsz, None, t, t, device=pos.device, _compile=pos.is_cuda)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return create_block_mask
+    if _COMPILED_BUILDER is None:
+        _COMPILED_BUILDER = torch.compile(create_block_mask)
+    return _COMPILED_BUILDER
