@@ -117,6 +117,7 @@ def _variable_chats(path, n: int, seed: int = 0):
     return path
 
 
+@pytest.mark.slow
 def test_training_run_compiles_once_per_bucket(tmp_path, tiny_dir):
     """200 steps over variable-length, unpacked data with compile on: at most
     ceil(log2(max_seq_len / 128)) + 1 batch lengths, and no new graph once each has been seen."""

@@ -85,6 +85,7 @@ def _heavy_tail_teacher(v: int):
     return logits  # probs: head 0.5, each tail id 0.5 / (v - 1)
 
 
+@pytest.mark.slow
 def test_sampled_gradient_is_unbiased_topk_is_not():
     """Averaged over 4,000 independent draws of K = 16, the sampled estimator's gradient (in
     the student's hidden states and head) converges to the gradient of the cross-entropy to the

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from trainutil import chat_set, colour_set, free_port, losses, write_recipe
 
+pytestmark = pytest.mark.slow  # multi-process launches: outside the fast tier
+
 
 def _torchrun(recipe: Path, *overrides: str, timeout: int = 900, ok: bool = True) -> str:
     cmd = [

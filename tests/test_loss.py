@@ -162,6 +162,7 @@ def _measure(kind: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_below_full_logits():
     """1024 tokens x 262144 vocab: full fp32 logits are 1 GiB; the chunked loss must use far less."""
     full, chunked = _measure("full"), _measure("chunked")

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from trainutil import chat_set, free_port, losses, write_recipe
 
+pytestmark = pytest.mark.slow  # multi-process launches: outside the fast tier
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "scripts" / "launch_multinode.sh"
 

@@ -88,6 +88,7 @@ def _launch(launcher: str, recipe: Path, prefix: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["plain", "ddp", "zero2", "zero3"])
 def test_one_precision_rule_per_launcher(launcher, tmp_path, tiny_vision_dir):
     """bf16 LoRA + a trained projector: the optimizer updates fp32 weights with fp32 moments

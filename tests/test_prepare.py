@@ -126,6 +126,7 @@ def _recipe(tmp_path: Path, model: Path, data: Path, cache: Path) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_once_and_map_the_same_rows(tmp_path, tiny_dir):
     recipe = _recipe(tmp_path, tiny_dir, _chats(tmp_path / "c.jsonl", 300), tmp_path / "cache")
     cmd = [
@@ -143,6 +144,7 @@ def test_two_processes_prepare_once_and_map_the_same_rows(tmp_path, tiny_dir):
     assert len([p for p in (tmp_path / "cache").iterdir()]) == 1
 
 
+@pytest.mark.slow
 def test_killed_preparation_leaves_no_trusted_cache(tmp_path, tiny_dir):
     cache = tmp_path / "cache"
     recipe = _recipe(tmp_path, tiny_dir, _chats(tmp_path / "c.jsonl", 30000), cache)

@@ -38,6 +38,7 @@ def _recipe(tmp_path, tiny_dir, name: str):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_then_resume_equals_unbroken_run(tmp_path, tiny_dir, capsys):
     """Kill a run the moment checkpoint-6/ appears (its files possibly half-written), resume
     it, and end with the adapter an unbroken run ends with."""

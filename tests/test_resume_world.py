@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from trainutil import chat_set, free_port, losses, write_recipe
 
+pytestmark = pytest.mark.slow  # multi-process launches: outside the fast tier
+
 ROWS, STEPS = 12, 6  # 12 rows, global batch 2: one epoch in 6 steps; checkpoints at 3 and 6
 
 
@@ -66,11 +68,7 @@ def recipe(tmp_path_factory, tiny_dir):
     return d, r
 
 
-STAGES = [
-    pytest.param("ddp", id="ddp"),
-    pytest.param("zero2", id="zero2", marks=pytest.mark.slow),
-    pytest.param("zero3", id="zero3", marks=pytest.mark.slow),
-]
+STAGES = ["ddp", "zero2", "zero3"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

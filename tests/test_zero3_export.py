@@ -17,6 +17,8 @@ from gemma3_tune.export.hf_export import probe_ids
 from gemma3_tune.export.inference import load_with_adapter
 from gemma3_tune.model import load_model
 
+pytestmark = pytest.mark.slow  # multi-process launches: outside the fast tier
+
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_zero3_checkpoint_exports_the_live_weights(method, tmp_path, tiny_dir):
