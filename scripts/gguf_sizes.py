@@ -1,6 +1,6 @@
 """Weight memory of each Gemma 3 size in each GGUF format, beside the report's Table 3.
 
-    python scripts/gguf_sizes.py            # markdown table (BENCHMARKS.md, README)
+    python scripts/gguf_sizes.py            # markdown table (BENCHMARKS.md, docs/qat-and-gguf.md)
 
 Counts come from our presets (model/config.py), built on the meta device (no weights): the
 text decoder's matrices, the tied embedding, norms, and for 4B+ the SigLIP tower and projector.

@@ -6,7 +6,7 @@
 
 The replies differ only in the phone number's format: the chosen one adds the country code the
 request never states, the rejected one copies the number as written. A base model prefers the
-copy (its log-probability is higher, measured in the README), so the preference is one DPO has
+copy (its log-probability is higher, measured in docs/preference.md), so the preference is one DPO has
 to teach, not one the model already holds.
 
 Also written: `sft_check.jsonl`, the quickstart's 60 held-out requests as pairs of the correct

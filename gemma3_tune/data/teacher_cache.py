@@ -9,7 +9,7 @@ Layout (`<data cache>/teacher/<key>/`), memory-mapped when read:
 - `shard-NNNNN/` for rows [N * ROWS_PER_SHARD, ...): `row_tokens.npy` int64 [rows + 1]
   (offsets into the shard's tokens), `token_entries.npy` int64 [tokens + 1] (offsets into the
   entries), `ids.npy` int32 [E], `weights.npy` float32 [E]. Bytes per scored token:
-  8 x entries + 8 (the README gives measured figures);
+  8 x entries + 8 (docs/distillation.md gives measured figures);
 - `key.json` (what the key hashes), and `COMPLETE` once every shard is written.
 A shard is written under a temporary name and renamed when whole, so an interrupted fill
 resumes at the first missing shard; the key covers everything the targets depend on (the

@@ -434,7 +434,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every recipe key, for `train --help` and the README."""
+    """(dotted key, default, description) for every recipe key, for `train --help` and docs/recipe-reference.md."""
     from pydantic_core import PydanticUndefined
 
     out = []

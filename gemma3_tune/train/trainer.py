@@ -882,7 +882,7 @@ def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
                 save_file(proj, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
     if not main:
         return
-    (tmp / UNREAD).unlink(missing_ok=True)  # HF's pickled TrainingArguments (see README)
+    (tmp / UNREAD).unlink(missing_ok=True)  # HF's pickled TrainingArguments (docs/training.md)
     card = trainer.card_text(done=True)
     write_atomic(tmp / "README.md", card)  # replaces peft's template
     folder_files(tmp, base_folder)
