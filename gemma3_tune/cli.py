@@ -24,7 +24,7 @@ def cmd_init_model(args: argparse.Namespace) -> None:
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> None:
-    from .model.gguf_import import import_gguf
+    from .convert.gguf_import import import_gguf
 
     out = import_gguf(args.gguf, args.out, force=args.force)
     print(f"wrote {out}", file=sys.stderr)

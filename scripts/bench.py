@@ -216,7 +216,7 @@ def lora_worker(impl: str, model_dir: str, seq: int, dtype: str, steps: int, lab
 
 
 def section_lora(args) -> str:
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir("gemma3-270m")
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
@@ -276,7 +276,7 @@ def _lora_row(seq: int, dtype: str, labels: str, ours: dict, base: dict) -> str:
 
 def section_compile(args) -> str:
     """Our LoRA step with each decoder layer compiled (inductor's C++ backend) vs eager."""
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir("gemma3-270m")
     rows = [
@@ -540,7 +540,7 @@ def prep_worker(data: str, model_dir: str, words: str) -> dict:
 def section_prep(args) -> str:
     from make_synthetic_chats import conversation
 
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir("gemma3-270m"))
     cli = [sys.executable, "-m", "gemma3_tune"]
@@ -798,7 +798,7 @@ def distill_worker(impl: str, model_dir: str, seq: int, samples: int, targets: s
 
 
 def section_distill(args) -> str:
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir("gemma3-270m"))
     samples = 256

@@ -56,8 +56,8 @@ def evaluate(run: Path, dtype: str) -> tuple[float, float, int]:
     """(held-out json score, seconds, longest reply in tokens) of `gemma3-tune eval` on the
     run, decoding in `dtype`. A batch decodes until its longest reply stops, so one reply that
     never ends (to --max-new-tokens, 128) sets the time of its batch of 16."""
+    from gemma3_tune.convert.embedded import embedded_model_dir
     from gemma3_tune.data.tokenizer import Tokenizer
-    from gemma3_tune.model.embedded import embedded_model_dir
 
     out = run.parent / f"{run.name}-eval"
     cmd = [*CLI, "eval", str(run), "--data", str(EVAL), "--metric", "json", "--dtype", dtype]
@@ -75,8 +75,8 @@ def evaluate(run: Path, dtype: str) -> tuple[float, float, int]:
 def decode_step_seconds(dtype: torch.dtype, batch: int = 16, steps: int = 40) -> float:
     """Seconds per decode step of our KV-cache decoder on the real 270M: `batch` prompts of
     ~120 tokens (the eval's batch), every row decoding `steps` tokens."""
+    from gemma3_tune.convert.embedded import embedded_model_dir
     from gemma3_tune.model import load_model
-    from gemma3_tune.model.embedded import embedded_model_dir
     from gemma3_tune.model.generate import generate_batch
 
     model = load_model(embedded_model_dir("gemma3-270m"), dtype=dtype).eval()
@@ -140,7 +140,7 @@ def logits_vs_fp32(folder: Path, dtype: torch.dtype, n: int = 20) -> tuple[float
 
 
 def section_fp16() -> str:
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     lines = []
     for dtype in (torch.float16, torch.bfloat16):

@@ -323,7 +323,7 @@ def section_dpo(args) -> str:
     """`--seq`: the pair sizes (tokens of both documents together); `--steps`: timed steps."""
     import trl
 
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir("gemma3-270m"))
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # a fixed threshold: peaks comparable

@@ -39,10 +39,10 @@ def tuned(tmp_path_factory):
     """The quickstart's LoRA run on the real 270M (24 steps, ~3 min), its merged fp32 folder,
     its vLLM adapter, f16/bf16 GGUFs, the held-out prompts' ids and our greedy replies."""
     from gemma3_tune.cli import main
+    from gemma3_tune.convert.embedded import embedded_model_dir
     from gemma3_tune.data.tokenizer import Tokenizer
     from gemma3_tune.export.inference import chat_ids
     from gemma3_tune.model import load_model
-    from gemma3_tune.model.embedded import embedded_model_dir
     from gemma3_tune.model.generate import generate_batch
 
     d = tmp_path_factory.mktemp("consumers")

@@ -205,7 +205,7 @@ def test_signed_formats_round_ties_up_in_units_of_d(fmt):
 def test_real_gemma3_270m_weights():
     from safetensors import safe_open
 
-    from gemma3_tune.model.embedded import embedded_model_dir
+    from gemma3_tune.convert.embedded import embedded_model_dir
 
     names = [
         "model.layers.0.self_attn.q_proj.weight",

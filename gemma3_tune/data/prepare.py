@@ -79,7 +79,7 @@ def data_root(cfg: DataConfig, base: Path) -> Path:
 def default_cache_dir() -> Path:
     """$GEMMA3_TUNE_DATA_CACHE, else the package cache's data/ (~/.cache/gemma3-tune/data);
     data.cache_dir overrides both."""
-    from ..model.embedded import cache_root  # $GEMMA3_TUNE_CACHE, else ~/.cache/gemma3-tune
+    from ..paths import cache_root  # $GEMMA3_TUNE_CACHE, else ~/.cache/gemma3-tune
 
     env = os.environ.get("GEMMA3_TUNE_DATA_CACHE")
     return Path(env) if env else cache_root() / "data"

@@ -26,8 +26,8 @@ def require() -> None:
 
 def gguf_tokenizer(path: Path):
     """Our tokenizer for a GGUF's vocabulary (converted by transformers, as import-gguf does)."""
+    from ..convert.gguf_import import _save_tokenizer
     from ..data.tokenizer import Tokenizer
-    from ..model.gguf_import import _save_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="gemma3-tune-tok-") as tmp:
         _save_tokenizer(Path(path), Path(tmp))

@@ -58,7 +58,7 @@ def target_config(target: Target):
     if target.kind == "gguf":
         from gguf import GGUFReader
 
-        from ..model.gguf_import import config_from_gguf
+        from ..convert.gguf_import import config_from_gguf
 
         try:
             reader = GGUFReader(str(target.path))
@@ -70,7 +70,7 @@ def target_config(target: Target):
 
         return read_config(resolve_run(target.path)[0])
     if target.kind == "embedded":
-        from ..model.embedded import embedded_model_dir
+        from ..convert.embedded import embedded_model_dir
 
         return read_config(embedded_model_dir(target.label[5:]))
     return read_config(target.path)
@@ -89,10 +89,10 @@ def load_target(target: Target, device: str, dtype: torch.dtype):
     """(model in eval mode on `device`, tokenizer) for a target."""
     import torch
 
+    from ..convert.embedded import embedded_model_dir
     from ..data.tokenizer import Tokenizer
     from ..export.hf_export import merged_model
     from ..export.inference import load_with_adapter
-    from ..model.embedded import embedded_model_dir
 
     if target.kind == "gguf":
         return _load_gguf(target.path, device, dtype)
@@ -108,9 +108,9 @@ def load_target(target: Target, device: str, dtype: torch.dtype):
 
 def _load_gguf(path: Path, device: str, dtype: torch.dtype):
     """De-quantize the GGUF through `import-gguf` into a temporary HF folder, and load it."""
+    from ..convert.gguf_import import import_gguf
     from ..data.tokenizer import Tokenizer
     from ..model.checkpoint import load_model
-    from ..model.gguf_import import import_gguf
 
     with tempfile.TemporaryDirectory(prefix="gemma3-tune-eval-") as tmp:
         folder = import_gguf(path, Path(tmp) / "model")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..convert.gguf_import import GLOBAL_NAMES, LAYER_NAMES
 from ..model.gemma3 import Gemma3
-from ..model.gguf_import import GLOBAL_NAMES, LAYER_NAMES
 
 # HF name -> (GGUF name, is_norm), the inverse of the import table.
 _LAYER_INV = {hf: (g, norm) for g, (hf, norm) in LAYER_NAMES.items()}

@@ -405,7 +405,7 @@ def model_dir(recipe: Recipe) -> Path:
     """The model folder a recipe names (`gguf:gemma3-270m` is the embedded real model)."""
     ref = recipe.model.path
     if ref.startswith("gguf:"):
-        from ..model.embedded import embedded_model_dir
+        from ..convert.embedded import embedded_model_dir
 
         return embedded_model_dir(ref.removeprefix("gguf:"))
     p = Path(ref)

@@ -72,7 +72,7 @@ def resolve_teacher(recipe: Recipe) -> TeacherSpec:
     text = recipe.distill.teacher
     run = adapter = None
     if text.startswith("gguf:"):
-        from ...model.embedded import embedded_model_dir
+        from ...convert.embedded import embedded_model_dir
 
         base = embedded_model_dir(text.removeprefix("gguf:"))
     else:

