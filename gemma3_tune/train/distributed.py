@@ -36,6 +36,17 @@ def init_distributed(use_deepspeed: bool, timeout_s: int = 1800) -> None:
     )
 
 
+def finish() -> None:
+    """End the process group once every rank has saved: left to the interpreter's exit, gloo's
+    destructor can race its own threads and abort a rank after a run that succeeded
+    ("terminate called without an active exception", SIGABRT, seen under a loaded CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def zero_to_universal(ckpt: Path, wrote: int, now: int, wait_seconds: float = 3600) -> None:
     """Make a DeepSpeed checkpoint written by `wrote` processes loadable by `now` of them:
     DeepSpeed's `ds_to_universal` gathers each parameter's ZeRO fragments (weights and Adam

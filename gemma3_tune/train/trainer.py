@@ -57,7 +57,7 @@ from .checkpoints import (
 )
 from .console import Console
 from .data_check import load_data
-from .distributed import init_distributed, load_model_zero3, world_size, zero_to_universal
+from .distributed import finish, init_distributed, load_model_zero3, world_size, zero_to_universal
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
 from .model_card import model_card
@@ -599,6 +599,7 @@ def train(recipe: Recipe, recipe_path: str = "") -> Path:
         refuse_finished(trainer, resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_final(trainer, recipe, out, folder)
+    finish()  # the process group, once every rank has saved
     return out
 
 
