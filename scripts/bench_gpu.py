@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench import GIB, LORA_TARGETS, ROOT, chat_lengths, run_worker, timed_steps
+from bench_harness import GIB, LORA_TARGETS, ROOT, chat_lengths, run_worker, timed_steps
 
 # name: (preset, tokens per document, documents, gradient checkpointing, method)
 GPU_CASES = {

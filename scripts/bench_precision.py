@@ -38,7 +38,7 @@ CLI = [sys.executable, "-m", "gemma3_tune"]
 
 
 def header() -> str:
-    from bench import machine
+    from bench_harness import machine
 
     flags = sorted(f for f in cpu_flags() if "bf16" in f or "fp16" in f or f.startswith("amx"))
     return f"Machine: {machine()}; CPU flags: {' '.join(flags) or 'no bf16/fp16/AMX flags'}"

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench import LORA_TARGETS, _student, run_worker, timed_steps
+from bench_harness import LORA_TARGETS, run_worker, student, timed_steps
 
 BETA = 0.1
 LR = 1e-4
@@ -175,7 +175,7 @@ def _ours(model_dir: str, pair: dict, steps: int, checkpointing: bool = False) -
     # TRL's completion mask: every token after the prompt is scored, the template's trailing
     # newline after <end_of_turn> included.
     labels = torch.tensor([[-100] * len(p) + c + [-100] * len(p) + r])  # [1, N]
-    model = _student(model_dir)
+    model = student(model_dir)
     if checkpointing:  # what training.gradient_checkpointing: true does
         model.get_base_model().gradient_checkpointing_enable()
     kw = {"input_ids": ids, "position_ids": pos, "labels": labels, "sequence_logps": True}
