@@ -14,6 +14,7 @@ from pathlib import Path
 # Only light imports here: `--help`, a recipe typo or a schema error must answer in about a
 # second, so torch, transformers and the trainer load inside the commands that need them.
 from .errors import CheckpointError, UserError
+from .model.formats import FLOATS, FORMATS, K_QUANTS
 
 
 def cmd_init_model(args: argparse.Namespace) -> None:
@@ -236,13 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--gguf-dtype",
-        choices=["f16", "bf16", "f32"],
+        choices=FLOATS,
         default="f16",
         help="GGUF tensors (default: %(default)s)",
     )
     s.add_argument(
         "--quantize",
-        choices=["q4_0", "q5_0", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+        choices=[*FORMATS, *K_QUANTS],
         default=None,
         help="GGUF: store the text model's matrices quantized (q4_0/q5_0/q8_0: the gguf package,"
         " what qat: trains; K-quants: llama.cpp's own quantizer, the [llamacpp] extra)",

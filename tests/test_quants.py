@@ -295,3 +295,29 @@ def test_vectorised_speed(fmt):
     start = time.perf_counter()
     fake_quantize(w, fmt)
     assert time.perf_counter() - start < 1.0
+
+
+def test_one_registry_feeds_the_cli_the_recipe_and_the_writer():
+    """model/formats.py's GGUF_TYPES is the one list: the export CLI's choices, the recipe's
+    qat.format, the writer's block formats and its general.file_type all come from it, and
+    every file type it names exists in the gguf package."""
+    import gguf
+
+    from gemma3_tune.cli import build_parser
+    from gemma3_tune.export import gguf_export
+    from gemma3_tune.model.formats import FLOATS, FORMATS, GGUF_TYPES, K_QUANTS
+    from gemma3_tune.train.recipe import QatSection
+
+    export = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
+        if a.dest == "quantize"
+    )  # fmt: skip
+    assert list(export.choices) == [*FORMATS, *K_QUANTS]
+    assert set(GGUF_TYPES) == {*FLOATS, *FORMATS, *K_QUANTS}
+    assert (
+        QatSection.model_fields["format"].annotation.__args__ == FORMATS == ("q4_0", "q5_0", "q8_0")
+    )
+    assert gguf_export.BLOCK_FORMATS == FORMATS
+    for name, t in GGUF_TYPES.items():
+        assert gguf_export.file_type(name) == getattr(gguf.LlamaFileType, t.file_type)
+        assert (t.llama_ftype is not None) == (name in K_QUANTS)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..convert.gguf_import import GLOBAL_NAMES, LAYER_NAMES
+from ..model.formats import FORMATS, GGUF_TYPES
 from ..model.gemma3 import Gemma3
 
 # HF name -> (GGUF name, is_norm), the inverse of the import table.
@@ -91,21 +92,14 @@ def _vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[float], list[
     return tokens, scores, [int(t) for t in types]
 
 
-BLOCK_FORMATS = ("q4_0", "q5_0", "q8_0")  # written here, by the gguf package (model/quants.py)
+BLOCK_FORMATS = FORMATS  # written here, by the gguf package (model/quants.py's registry)
 
 
 def file_type(dtype: str):
     """general.file_type for an f32 / f16 / bf16 / q4_0 / q5_0 / q8_0 export."""
     import gguf
 
-    return {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[dtype]
+    return getattr(gguf.LlamaFileType, GGUF_TYPES[dtype].file_type)
 
 
 def add_tensor(writer, name: str, t: torch.Tensor, kind: str) -> str:

@@ -19,6 +19,7 @@ from ..data.template import ensure_chat_template
 from ..data.tokenizer import copy_tokenizer_files
 from ..errors import UserError
 from ..model.checkpoint import load_model, save_model
+from ..model.formats import GGUF_TYPES, K_QUANTS
 from ..model.gemma3 import Gemma3
 from ..outputs import refuse_existing, refuse_existing_file, staged_dir, staged_file
 from ..train.runs import apply_adapter, load_with_adapter, recipe_base, resolve_run, run_method
@@ -228,13 +229,6 @@ def vllm_adapter(cfg: dict, weights: dict, src: Path) -> tuple[dict, dict]:
     return cfg, renamed
 
 
-K_QUANTS = {
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-}  # llama.cpp's own quantizer (llama-cpp-python)
-
-
 def _embedding_format(src: Path, quantize: str | None) -> str | None:
     """The tied embedding's type in a block-format export: a QAT run's own choice
     (`qat.embeddings`, what it trained against), else q8_0 (the embedding is also the LM head,
@@ -278,7 +272,7 @@ def _llama_quantize(src: Path, dest: Path, kind: str) -> None:
     """llama.cpp's `llama_model_quantize` (what `llama-quantize` runs), through llama-cpp-python."""
     llama_cpp = _llama_cpp(kind)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, K_QUANTS[kind])
+    params.ftype = getattr(llama_cpp, GGUF_TYPES[kind].llama_ftype)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
     if rc != 0:
         raise UserError(f"--quantize {kind}: llama.cpp's quantizer failed (return code {rc})")
@@ -353,18 +347,7 @@ def _verify_gguf(path: Path, tensors: dict, name_of, gguf_dtype: str, exact: boo
     from ..model.quants import fake_quantize
 
     written = {t.name: t for t in GGUFReader(str(path)).tensors}
-    # Relative to the tensor's largest value: half a step of q8_0 (1/127 of a block's largest
-    # value); K-quants mix types (a 640-wide matrix falls back to Q5_0 / Q8_0 blocks), bounded
-    # by their coarsest: Q4_0's clipped extreme is off by 1/8 of the block's largest value.
-    tol = {
-        "f32": 1e-6,
-        "f16": 2e-3,
-        "bf16": 1e-2,
-        "q8_0": 5e-3,
-        "q6_k": 2e-2,
-        "q5_k_m": 7e-2,
-        "q4_k_m": 0.13,
-    }.get(gguf_dtype, 1e-6)  # q4_0 / q5_0 / q8_0 files: their blocks are compared exactly
+    tol = GGUF_TYPES[gguf_dtype].tolerance  # q4_0 / q5_0 / q8_0 blocks: compared exactly
     for key, ref in tensors.items():
         gname, plus_one = name_of(key)
         t = written[gname]

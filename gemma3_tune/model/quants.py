@@ -1,8 +1,12 @@
 """ggml's Q4_0, Q5_0 and Q8_0 block formats in torch, bit-exact with the `gguf` package.
 
-One module serves both quantization-aware training (`fake_quantize`, `ste`) and the GGUF
-writer (`quantize_blocks`, `pack_blocks`): what trains is what ships because it is the same
-function. The oracle is gguf-py's numpy implementation (`gguf/quants.py`, classes `Q4_0`,
+`formats.GGUF_TYPES` is the one list of what `export --format gguf` can store: the CLI's choices, the
+recipe's `qat.format`, the writer's file types and the export's read-back tolerances all read
+it. What trains is what ships: QAT fake-quantizes with `fake_quantize`; the GGUF writer stores
+blocks with the gguf package's `quantize` (llama.cpp's reference, what its converter uses), and
+the export reads every block back and requires it bitwise equal to `fake_quantize` of the
+weight (`export/hf_export.py: _verify_gguf`); `quantize_blocks` / `pack_blocks` reproduce the
+blocks' bytes and are tested against gguf-py's. The oracle is gguf-py's numpy implementation (`gguf/quants.py`, classes `Q4_0`,
 `Q5_0`, `Q8_0`), which follows llama.cpp's `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`
 and `quantize_row_q8_0_ref` (ggml/src/ggml-quants.c). Each format cuts the last dimension
 into blocks of 32 weights; each block stores one float16 scale `d` and 32 integer codes.
@@ -37,7 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FORMATS = ("q4_0", "q5_0", "q8_0")
+from .formats import FORMATS  # q4_0, q5_0, q8_0: the block formats QAT trains and export writes
+
 BLOCK = 32  # weights per block (QK4_0 = QK5_0 = QK8_0 = 32 in ggml-common.h)
 
 # Bits per weight = block bytes * 8 / block weights, from ggml-common.h's block structs

@@ -23,6 +23,7 @@ from pydantic import (
 
 from ..data.dataset import DataConfig, Source
 from ..errors import UserError
+from ..model.formats import FORMATS
 
 
 class _Strict(BaseModel):
@@ -196,7 +197,7 @@ class DistillSection(_Strict):
 
 
 class QatSection(_Strict):
-    format: Literal["q4_0", "q5_0", "q8_0"] = Field(
+    format: Literal[FORMATS] = Field(
         description="fake-quantize every decoder linear exactly as this ggml GGUF format stores it"
     )
     embeddings: Literal["q8_0", "f16", "same"] = Field(
