@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .dataset import DataConfig, DataErrors
+from .settings import resolve_path, turn_options
 from .sources import SampleError, read_records, to_turns
 from .template import ImageRef, Turn, VisionTokens, generation_prompt, has_images
 from .tokenizer import Tokenizer
@@ -181,13 +182,12 @@ def find_prompts(
     """Every sample of cfg.train and cfg.eval whose conversation ends on a user turn, as a
     Prompt, deduplicated by key (first origin kept). Every sample is validated on the way: bad
     ones raise DataErrors (up to data.max_errors), as preparing does."""
-    from .prepare import _resolve, turn_options  # prepare imports this module
 
     errors: list[SampleError] = []
     more = False
     found: dict[str, Prompt] = {}
     for src in [*cfg.train, *(cfg.eval or [])]:
-        path = _resolve(src.path, base)
+        path = resolve_path(src.path, base)
         options = turn_options(cfg, base, path)
         crops = options["pas_args"] if cfg.pan_and_scan else None
         try:

@@ -12,80 +12,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .packing import pack
+from .settings import DataConfig, Source, image_store
 from .sources import SampleError, read_records, to_turns
 from .template import IGNORE, Sample, VisionTokens, has_images, render
 from .tokenizer import Tokenizer
-
-
-class Source(BaseModel):
-    """One data file or folder. `weight` scales how many of its samples are used (2.0 repeats
-    it twice, 0.5 keeps a seeded half); `samples` asks for an exact count (repeating if needed)."""
-
-    model_config = ConfigDict(extra="forbid")
-    path: str
-    weight: float | None = Field(default=None, gt=0)
-    samples: int | None = Field(default=None, gt=0)
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    train: list[Source] = Field(description="training sources: paths or {path, weight | samples}")
-    eval: list[Source] | None = Field(
-        default=None, description="held-out sources (else eval_split)"
-    )
-    eval_split: float = Field(
-        default=0.0, ge=0, lt=1, description="fraction of train held out, seeded"
-    )
-    image_root: str | None = Field(default=None, description="relative image paths resolve here")
-    max_seq_len: int = Field(default=2048, gt=8, description="tokens per row")
-    packing: bool = Field(
-        default=True, description="pack samples into full rows (best fit decreasing)"
-    )
-    truncation: Literal["truncate", "drop"] = Field(
-        default="truncate",
-        description="samples over max_seq_len: cut the end (never inside an image), or drop",
-    )
-    train_on: Literal["assistant", "last", "all"] = Field(
-        default="assistant", description="which tokens get loss"
-    )
-    pan_and_scan: bool = Field(
-        default=False, description="add Pan & Scan crops for wide/tall images"
-    )
-    pan_and_scan_min_crop_size: int = Field(default=256, description="smallest crop side, pixels")
-    pan_and_scan_max_crops: int = Field(default=4, description="most crops per image")
-    pan_and_scan_min_ratio: float = Field(
-        default=1.2, description="aspect ratio that turns crops on"
-    )
-    feature_cache: str | None = Field(
-        default=None, description="folder caching frozen SigLIP features"
-    )
-    allow_drop: bool = Field(
-        default=False,
-        description="train even when over half the samples are too long and dropped",
-    )
-    max_errors: int = Field(default=20, gt=0, description="bad samples listed before giving up")
-    cache_dir: str | None = Field(
-        default=None,
-        description="prepared (tokenized, packed) data cache; None: ~/.cache/gemma3-tune/data",
-    )
-    num_proc: int | None = Field(
-        default=None, gt=0, description="processes that tokenize; None: every core"
-    )
-
-    @field_validator("train", "eval", mode="before")
-    @classmethod
-    def _paths(cls, v):
-        if v is None:
-            return v
-        if isinstance(v, str | dict):
-            v = [v]
-        return [{"path": s} if isinstance(s, str) else s for s in v]
 
 
 class DataErrors(ValueError):
@@ -176,7 +110,6 @@ def load_samples(
         "max_crops": cfg.pan_and_scan_max_crops,
         "min_ratio": cfg.pan_and_scan_min_ratio,
     }
-    from .prepare import image_store  # prepare imports this module
 
     store = image_store(cfg)
     for src in sources:

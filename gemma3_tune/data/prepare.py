@@ -51,6 +51,7 @@ from .dataset import (
     vision_tokens,
 )
 from .preference import render_pair
+from .settings import data_root, default_cache_dir, image_store, resolve_path, turn_options  # noqa: F401
 from .sources import Record, SampleError, _read_jsonl, read_records, to_turns
 from .template import IGNORE, ImageRef, Sample, VisionTokens, has_images, render
 from .tokenizer import TOKENIZER_FILES, Tokenizer
@@ -61,28 +62,6 @@ CHUNK_BYTES = 4 << 20  # JSONL bytes per map task: small enough for a smooth pro
 FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones sampled
 COMPLETE = "COMPLETE"
 OK, TRUNCATED, DROPPED, BAD = 0, 1, 2, 3  # the `status` column
-
-
-def image_store(cfg: DataConfig) -> Path:
-    """Where images given as bytes (datasets.Image() columns) are written, named by hash."""
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    return root / "images"
-
-
-def data_root(cfg: DataConfig, base: Path) -> Path:
-    """The prepared-data cache root: data.cache_dir (relative to `base`), else the default.
-    Teacher targets and teacher answers (distillation) live under it too."""
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    return root if root.is_absolute() else base / root
-
-
-def default_cache_dir() -> Path:
-    """$GEMMA3_TUNE_DATA_CACHE, else the package cache's data/ (~/.cache/gemma3-tune/data);
-    data.cache_dir overrides both."""
-    from ..paths import cache_root  # $GEMMA3_TUNE_CACHE, else ~/.cache/gemma3-tune
-
-    env = os.environ.get("GEMMA3_TUNE_DATA_CACHE")
-    return Path(env) if env else cache_root() / "data"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +113,8 @@ def cache_key(
         if srcs is None:
             return None
         return [
-            {**s.model_dump(), "content": source_fingerprint(_resolve(s.path, base))} for s in srcs
+            {**s.model_dump(), "content": source_fingerprint(resolve_path(s.path, base))}
+            for s in srcs
         ]
 
     settings = cfg.model_dump(
@@ -162,11 +142,6 @@ def cache_key(
         inputs["pairs"] = True
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24], inputs
-
-
-def _resolve(path: str, base: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else base / p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,21 +195,6 @@ def _answers(path: str, digest: str) -> dict[str, str] | None:
         _ANSWERS.clear()  # one store at a time
         _ANSWERS[(path, digest)] = AnswerStore(Path(path).parent).load()
     return _ANSWERS[(path, digest)]
-
-
-def turn_options(cfg: DataConfig, base: Path, path: Path) -> dict:
-    """`to_turns` keyword arguments for the records of the source at `path`."""
-    return {
-        "image_root": _resolve(cfg.image_root, base) if cfg.image_root else None,
-        "pan_and_scan": cfg.pan_and_scan,
-        "pas_args": {
-            "min_crop_size": cfg.pan_and_scan_min_crop_size,
-            "max_crops": cfg.pan_and_scan_max_crops,
-            "min_ratio": cfg.pan_and_scan_min_ratio,
-        },
-        "base": path if path.is_dir() else path.parent,  # images beside the data
-        "image_store": image_store(cfg),
-    }
 
 
 def render_tasks(
@@ -372,7 +332,7 @@ def _build(
     sources = [*cfg.train, *(cfg.eval or [])]
     tasks: list[dict] = []
     for i, s in enumerate(sources):
-        tasks += _chunks(_resolve(s.path, base), i)
+        tasks += _chunks(resolve_path(s.path, base), i)
     table = {k: [t[k] for t in tasks] for k in tasks[0]}
     procs = max(1, min(num_proc, len(tasks)))
     t0 = time.perf_counter()
@@ -414,7 +374,7 @@ def _build(
         rows = ds.select(first).select_columns(["origin", "note"])
         errors = [SampleError(o, n) for o, n in zip(rows["origin"], rows["note"], strict=True)]
         errors += [
-            SampleError(str(_resolve(sources[i].path, base)), "empty file: no samples")
+            SampleError(str(resolve_path(sources[i].path, base)), "empty file: no samples")
             for i in empty
         ]
         raise DataErrors(errors[: cfg.max_errors], len(bad) + len(empty) > cfg.max_errors)

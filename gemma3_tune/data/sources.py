@@ -187,7 +187,7 @@ def _stored_image(data: bytes, origin: str, store: Path | None) -> Path:
     from PIL import Image
 
     if store is None:
-        from .prepare import default_cache_dir
+        from .settings import default_cache_dir
 
         store = default_cache_dir() / "images"
     try:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..data.dataset import DataConfig, Source
+from ..data.settings import DataConfig, Source
 from ..errors import UserError
 from ..model.formats import FORMATS
 

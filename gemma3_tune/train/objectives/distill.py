@@ -311,7 +311,7 @@ def prompts_and_store(recipe: Recipe, spec: TeacherSpec, tok: Tokenizer, cfg):
     none, how many of them it has not answered yet). Validates every sample on the way."""
     from ...data.answers import AnswerStore, find_prompts
     from ...data.dataset import vision_tokens
-    from ...data.prepare import data_root
+    from ...data.settings import data_root
 
     prompts = find_prompts(recipe.data, tok, vision_tokens(cfg), recipe.base_dir)
     if not prompts:
