@@ -39,6 +39,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     output_dir(recipe)  # refuse a taken output_dir or a missing model before the slow imports
     if not recipe.model.path.startswith("gguf:"):
         model_dir(recipe)
+    from .train.refusals import refuse
+
+    refuse(recipe)  # combinations we do not train, one line each, before anything heavy
     from .train.trainer import train
 
     out = train(recipe)

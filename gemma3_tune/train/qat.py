@@ -100,27 +100,6 @@ class QATLinear(nn.Linear):
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
 
-def refuse_combinations(recipe) -> None:
-    """What QAT does not combine with, in one line each, before anything loads."""
-    from ..errors import UserError
-
-    q = recipe.qat
-    if q is None:
-        return
-    if recipe.method in ("qlora", "none"):
-        raise UserError(
-            f"qat: method {recipe.method} does not train the decoder linears a GGUF quantizes;"
-            " use method: lora or full"
-        )
-    if recipe.lora.use_dora and recipe.method == "lora":
-        raise UserError("qat: DoRA's merged weight is not W + s B A; set lora.use_dora=false")
-    if q.target == "teacher" and recipe.distill is not None:
-        raise UserError(
-            "qat.target: teacher distils from the model itself; remove the distill: section or"
-            " set qat.target=labels (then distill.teacher teaches the quantized student)"
-        )
-
-
 def _decoder_linears(model) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, module) for every decoder projection of our model."""
     for layer in model.text_model.layers:

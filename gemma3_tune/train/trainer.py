@@ -45,7 +45,7 @@ from ..model.checkpoint import load_model, save_model
 from ..model.dtypes import announce_auto, dtype_name, resolve_dtype
 from ..model.gemma3 import Output, bound_recompiles, check_image_batch, flex_graph_budget
 from ..outputs import replace_dir, write_atomic
-from . import precision, qat, trackers
+from . import precision, qat, refusals, trackers
 from .adapters import PROJECTOR, apply_method, parameter_table, unwrap, write_portable_config
 from .checkpoints import (
     UNREAD,
@@ -61,7 +61,7 @@ from .distributed import finish, init_distributed, load_model_zero3, world_size,
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
 from .model_card import model_card
-from .objectives.reference import reference_logps, resolve_reference, row_reference
+from .objectives.reference import reference_logps, row_reference
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .schedule import restart_at_current_step, scheduler
@@ -215,24 +215,6 @@ def _pixel_loader(recipe: Recipe, cfg):
     return load_image
 
 
-def _refuse_preference(recipe: Recipe) -> None:
-    """objective dpo/orpo with what it cannot be combined with, one line each."""
-    if recipe.objective == "sft":
-        return
-    if recipe.distill is not None:
-        raise UserError(
-            f"objective: {recipe.objective} trains on preference pairs, distill: on a teacher's"
-            " distribution; remove one (distil first, then tune preferences from its run)"
-        )
-    if recipe.qat is not None:
-        raise UserError(
-            f"qat cannot be combined with objective: {recipe.objective}; tune preferences first,"
-            " then run QAT on the result"
-        )
-    if recipe.objective == "dpo":
-        resolve_reference(recipe)  # a reference that does not exist: before any data work
-
-
 def _distill_data(recipe: Recipe):
     """Data for distillation: prompt-only samples answered by the teacher, the rows prepared,
     and the teacher's targets cached (objectives/distill.py), all before the student loads."""
@@ -242,12 +224,6 @@ def _distill_data(recipe: Recipe):
 
     tok, cfg = tokenizer_and_config(recipe)
     load_image = _pixel_loader(recipe, cfg)  # the teacher sees the pixels (its own tower)
-    if recipe.data.feature_cache and not recipe.distill.cache:
-        raise UserError(
-            "distill.cache: false runs the teacher in each step on pixels, but"
-            " data.feature_cache gives the batch cached features; set distill.cache=true or"
-            " remove data.feature_cache"
-        )
     data, distiller = distill.setup(
         recipe,
         tok,
@@ -284,27 +260,12 @@ def deepspeed_config(recipe: Recipe, load_universal: bool = False) -> str | dict
     ds = recipe.deepspeed
     if ds is None:
         return None
-    path = _deepspeed_config_path(recipe)
+    path = str(refusals.deepspeed_config_path(recipe))
     if not load_universal:
         return path
     cfg = json.loads(Path(path).read_text())
     cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg
-
-
-def _deepspeed_config_path(recipe: Recipe) -> str:
-    ds = recipe.deepspeed
-    assert ds is not None
-    shipped = Path(__file__).parent / "deepspeed" / f"{ds}.json"
-    if shipped.is_file():
-        return str(shipped)
-    p = Path(ds)
-    p = p if p.is_absolute() else recipe.base_dir / p
-    if not p.is_file():
-        raise UserError(
-            f"deepspeed: {ds!r} is neither zero2, zero3, zero3_offload nor an existing .json file"
-        )
-    return str(p)
 
 
 def checkpointing_off(config_cls: type) -> dict[str, bool]:
@@ -369,12 +330,7 @@ def build_args(recipe: Recipe, out: Path, has_eval: bool, load_universal: bool =
 def compile_enabled(recipe: Recipe, zero3: bool) -> bool:
     """training.compile: auto is on with CUDA (see BENCHMARKS.md for CPU, where it does not
     pay); never under ZeRO-3, whose parameter-gathering hooks torch.compile cannot trace."""
-    want = recipe.training.compile
-    if want is True and zero3:
-        raise UserError(
-            "training.compile: true cannot be combined with ZeRO-3 (its weight-gathering hooks"
-            " do not trace); set training.compile=false or use deepspeed: zero2"
-        )
+    want = recipe.training.compile  # true with ZeRO-3 is refused (refusals.py)
     if want == "auto":
         return torch.cuda.is_available() and not zero3
     return bool(want)
@@ -392,8 +348,7 @@ def build_trainer(recipe: Recipe):
     out = prepare_output_dir(recipe)
     # `auto` becomes the dtype it means here, once: the run's recipe.yaml records that one
     asked, recipe.model.dtype = recipe.model.dtype, dtype_name(resolve_dtype(recipe.model.dtype))
-    qat.refuse_combinations(recipe)
-    _refuse_preference(recipe)
+    refusals.refuse(recipe)
     # Data first: bad data is refused before the model is loaded.
     distiller = None
     teacher_recipe = qat.teacher_recipe(recipe) or recipe  # QAT full SFT: its checkpoint teaches
@@ -445,11 +400,7 @@ def build_trainer(recipe: Recipe):
     torch.manual_seed(recipe.training.seed)
     zero3 = recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3()
     compiled = compile_enabled(recipe, zero3)
-    if zero3:
-        if recipe.method == "qlora":
-            raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
-        if recipe.qat is not None:
-            raise UserError("qat cannot be combined with ZeRO-3 (partitioned weights); use zero2")
+    if zero3:  # qlora, qat and compile: true were refused (refusals.py)
         model = load_model_zero3(
             folder, dtype, args.hf_deepspeed_config.config, recipe.model.attn_backend
         )

@@ -1,0 +1,106 @@
+"""Every combination of recipe settings we refuse, in one place, one line each, checked before
+anything heavy loads: `gemma3-tune train` calls `refuse` right after reading the recipe (before
+torch, transformers or the data), and `build_trainer` again for callers that skip the CLI.
+A refusal that needs the data or the model (bad samples, a finished run) stays where those are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from .recipe import Recipe
+
+SHIPPED_DEEPSPEED = Path(__file__).parent / "deepspeed"
+
+
+def refuse(recipe: Recipe) -> None:
+    _qat(recipe)
+    _preference(recipe)
+    _distill(recipe)
+    if zero_stage(recipe) == 3:
+        _zero3(recipe)
+
+
+def deepspeed_config_path(recipe: Recipe) -> Path:
+    """The DeepSpeed JSON a recipe names: a shipped one (zero2, zero3, zero3_offload) or a
+    file, relative to the recipe."""
+    ds = recipe.deepspeed
+    assert ds is not None
+    shipped = SHIPPED_DEEPSPEED / f"{ds}.json"
+    if shipped.is_file():
+        return shipped
+    p = Path(ds)
+    p = p if p.is_absolute() else recipe.base_dir / p
+    if not p.is_file():
+        raise UserError(
+            f"deepspeed: {ds!r} is neither zero2, zero3, zero3_offload nor an existing .json file"
+        )
+    return p
+
+
+def zero_stage(recipe: Recipe) -> int | None:
+    """The ZeRO stage the recipe's DeepSpeed config asks for (None without DeepSpeed)."""
+    if recipe.deepspeed is None:
+        return None
+    cfg = json.loads(deepspeed_config_path(recipe).read_text())
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def _qat(recipe: Recipe) -> None:
+    q = recipe.qat
+    if q is None:
+        return
+    if recipe.method in ("qlora", "none"):
+        raise UserError(
+            f"qat: method {recipe.method} does not train the decoder linears a GGUF quantizes;"
+            " use method: lora or full"
+        )
+    if recipe.lora.use_dora and recipe.method == "lora":
+        raise UserError("qat: DoRA's merged weight is not W + s B A; set lora.use_dora=false")
+    if q.target == "teacher" and recipe.distill is not None:
+        raise UserError(
+            "qat.target: teacher distils from the model itself; remove the distill: section or"
+            " set qat.target=labels (then distill.teacher teaches the quantized student)"
+        )
+
+
+def _preference(recipe: Recipe) -> None:
+    if recipe.objective == "sft":
+        return
+    if recipe.distill is not None:
+        raise UserError(
+            f"objective: {recipe.objective} trains on preference pairs, distill: on a teacher's"
+            " distribution; remove one (distil first, then tune preferences from its run)"
+        )
+    if recipe.qat is not None:
+        raise UserError(
+            f"qat cannot be combined with objective: {recipe.objective}; tune preferences first,"
+            " then run QAT on the result"
+        )
+    if recipe.objective == "dpo":
+        from .objectives.reference import resolve_reference
+
+        resolve_reference(recipe)  # a reference that does not exist: before any data work
+
+
+def _distill(recipe: Recipe) -> None:
+    if recipe.distill is not None and recipe.data.feature_cache and not recipe.distill.cache:
+        raise UserError(
+            "distill.cache: false runs the teacher in each step on pixels, but"
+            " data.feature_cache gives the batch cached features; set distill.cache=true or"
+            " remove data.feature_cache"
+        )
+
+
+def _zero3(recipe: Recipe) -> None:
+    if recipe.method == "qlora":
+        raise UserError("method: qlora cannot be combined with ZeRO-3; use zero2 or plain DDP")
+    if recipe.qat is not None:
+        raise UserError("qat cannot be combined with ZeRO-3 (partitioned weights); use zero2")
+    if recipe.training.compile is True:
+        raise UserError(
+            "training.compile: true cannot be combined with ZeRO-3 (its weight-gathering hooks"
+            " do not trace); set training.compile=false or use deepspeed: zero2"
+        )
