@@ -6,7 +6,8 @@ imports of ours, and how many names the trainer imports from us.
     python scripts/shape.py --json     # the same as one JSON line
 
 Imports are read from the source (ast), lazy ones inside functions included: a cycle through a
-function-level import is still a cycle a reader has to hold in mind.
+function-level import is still a cycle a reader has to hold in mind. Cycles are looked for in
+gemma3_tune/ and among scripts/*.py.
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def script_cycles() -> list[list[str]]:
+    """Import cycles among scripts/*.py (they import each other by file name)."""
+    files = {f.stem: f for f in (ROOT / "scripts").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                mods = [node.module]
+            graph.setdefault(name, set()).update(m for m in mods if m in files and m != name)
+    return cycles(graph)
+
+
 def shape() -> dict:
     files = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(f) for f in files}
@@ -112,7 +128,7 @@ def shape() -> dict:
     return {
         "longest_functions": functions[:5],
         "largest_modules": sizes[:5],
-        "import_cycles": cycles(graph),
+        "import_cycles": cycles(graph) + script_cycles(),
         "model_imports_of_ours": sorted(model_imports),
         "trainer_imported_names": len(trainer_names),
     }
