@@ -25,7 +25,8 @@ def inner_optimizer(trainer) -> torch.optim.Optimizer:
 
 def main(recipe_path: str, prefix: str, *overrides: str) -> None:
     from gemma3_tune.train.recipe import load_recipe
-    from gemma3_tune.train.trainer import build_trainer, save_final
+    from gemma3_tune.train.saving import save_final
+    from gemma3_tune.train.trainer import build_trainer
 
     recipe = load_recipe(recipe_path, list(overrides))
     trainer, out, folder = build_trainer(recipe)

@@ -40,8 +40,8 @@ def reference_eval_loss(recipe_path, run) -> float:
     positions restart at 0), and a document's first label is never a target.
     """
     from gemma3_tune.export.inference import load_with_adapter, resolve_run
-    from gemma3_tune.train.data_check import load_data
     from gemma3_tune.train.recipe import load_recipe
+    from gemma3_tune.train.run_data import load_data
 
     recipe = load_recipe(recipe_path)
     _, _, data = load_data(recipe)

@@ -91,11 +91,11 @@ def test_collator_checks_image_blocks_on_the_cpu_batch():
     """GPU training steps skip the model's image-block check (a host sync each); the trainer's
     collator runs it on the CPU batch instead, with the model's message."""
     from gemma3_tune.model.gemma3 import ImageTokenError
-    from gemma3_tune.train.trainer import _image_check
+    from gemma3_tune.train.batches import image_check
 
     cfg = preset("tiny-vision").replace(image_token_id=500)
     n = cfg.mm_tokens_per_image
-    check = _image_check(cfg)
+    check = image_check(cfg)
     ids = torch.full((1, 2 * n), 7)
     ids[0, 3 : 3 + n] = 500
     check({"input_ids": ids, "pixel_values": torch.zeros(1, 3, 8, 8)})  # one whole image: fine
@@ -105,4 +105,4 @@ def test_collator_checks_image_blocks_on_the_cpu_batch():
     ids[0, 3] = 500
     with pytest.raises(ValueError, match="no pixel_values"):
         check({"input_ids": ids})
-    assert _image_check(preset("tiny")) is None
+    assert image_check(preset("tiny")) is None

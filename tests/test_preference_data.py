@@ -12,7 +12,8 @@ from trainutil import colour_set, write_recipe
 from gemma3_tune.cli import main
 from gemma3_tune.data.collate import concat_row
 from gemma3_tune.data.preference import render_pair
-from gemma3_tune.data.sources import Record, to_turns
+from gemma3_tune.data.records import Record
+from gemma3_tune.data.sources import to_turns
 from gemma3_tune.data.template import IGNORE, render
 from gemma3_tune.data.tokenizer import Tokenizer
 
@@ -146,8 +147,8 @@ def test_long_pair_dropped_and_counted_never_cut(tmp_path, tiny_dir, capsys):
 
 
 def test_packed_rows_keep_pairs_whole(tmp_path, tiny_dir):
-    from gemma3_tune.train.data_check import load_data
     from gemma3_tune.train.recipe import load_recipe
+    from gemma3_tune.train.run_data import load_data
 
     rows = [
         {"prompt": f"number {k}", "chosen": f"the answer is {k} {k}", "rejected": "x " * k}
@@ -230,8 +231,8 @@ def test_parquet_and_saved_datasets_read_like_jsonl(tmp_path, tiny_dir):
     the pairs the JSONL gives."""
     import datasets
 
-    from gemma3_tune.train.data_check import load_data
     from gemma3_tune.train.recipe import load_recipe
+    from gemma3_tune.train.run_data import load_data
 
     rows = [
         {"prompt": f"number {k}", "chosen": f"the answer is {k} {k}", "rejected": f"{k + 1}"}

@@ -33,7 +33,8 @@ def _dequantized_bases(model) -> dict[str, torch.Tensor]:
 def test_export_merges_onto_the_trained_base(dtype, tmp_path, tiny_dir):
     from gemma3_tune.train.qlora import dequantize_like_run
     from gemma3_tune.train.recipe import load_recipe
-    from gemma3_tune.train.trainer import build_trainer, save_final
+    from gemma3_tune.train.saving import save_final
+    from gemma3_tune.train.trainer import build_trainer
 
     data = chat_set(tmp_path / "chat.jsonl", n=16)
     run = tmp_path / "run"

@@ -108,7 +108,7 @@ def test_dtype_auto_follows_the_cpus_bf16_support(extra, want, why, tmp_path, mo
 
 
 def test_ddp_timeout_reaches_the_process_group_settings(tmp_path):
-    from gemma3_tune.train.trainer import build_args
+    from gemma3_tune.train.args import build_args
 
     p = tmp_path / "r.yaml"
     p.write_text("model: {path: m}\ndata: {train: d.jsonl}\n")

@@ -103,7 +103,7 @@ def test_resume_refuses_another_global_batch(tmp_path):
     from gemma3_tune.errors import UserError
     from gemma3_tune.train.checkpoints import mark_complete, written_by
     from gemma3_tune.train.recipe import load_recipe
-    from gemma3_tune.train.trainer import check_global_batch
+    from gemma3_tune.train.resume import check_global_batch
 
     ckpt = tmp_path / "checkpoint-3"
     ckpt.mkdir()

@@ -243,7 +243,7 @@ def test_the_trainers_own_checkpointing_is_off_under_either_transformers(tmp_pat
 
     from trl import SFTConfig
 
-    from gemma3_tune.train.trainer import checkpointing_off
+    from gemma3_tune.train.args import checkpointing_off
 
     @dataclasses.dataclass
     class Transformers517:  # the fields of 5.17's TrainingArguments, as far as this goes

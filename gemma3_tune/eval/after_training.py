@@ -13,7 +13,8 @@ from ..data.sources import read_records, to_turns
 from ..errors import UserError
 from ..outputs import write_atomic
 from .metrics import PREFERENCE
-from .runner import EvalPair, EvalSample, _pair, evaluate, load_pairs, load_samples, table
+from .report import table
+from .runner import EvalPair, EvalSample, _pair, evaluate, load_pairs, load_samples
 from .targets import Target
 
 
@@ -41,7 +42,7 @@ def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
         raise UserError(
             "eval.metric: the recipe holds nothing out; set data.eval or data.eval_split"
         )
-    from ..train.data_check import load_data
+    from ..train.run_data import load_data
 
     _, _, data = load_data(recipe)  # the prepared data (cached): its eval rows' origins
     origins = [s.origin for row in data.eval_rows for s in row][:limit]

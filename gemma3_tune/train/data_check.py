@@ -10,49 +10,16 @@ import numpy as np
 
 from ..data.dataset import DataErrors, data_loss, histogram, render_mask, shown
 from ..data.template import Sample
-from ..data.tokenizer import Tokenizer
-from ..errors import UserError
-from .recipe import Recipe, load_recipe, model_dir
-
-
-def tokenizer_and_config(recipe: Recipe):
-    """The student's tokenizer and model config (no weights)."""
-    from ..model.checkpoint import read_config
-
-    folder = model_dir(recipe)
-    try:
-        tok = Tokenizer(folder)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"model.path: {e}") from None
-    return tok, read_config(folder)
-
-
-def load_data(recipe: Recipe, answers=None, prompts=None):
-    """Tokenizer, model config and prepared data for a recipe: from the cache when these
-    inputs were prepared before, else prepared now (DataErrors propagate). `answers`: the
-    teacher's replies to prompt-only samples (distillation, data/answers.py), `prompts` the
-    ones this data has (the cache key then covers their replies only)."""
-    from ..data.prepare import prepare
-
-    tok, cfg = tokenizer_and_config(recipe)
-    folder = model_dir(recipe)
-    data = prepare(
-        recipe.data,
-        folder,
-        cfg,
-        recipe.base_dir,
-        recipe.training.seed,
-        answers=answers,
-        pairs=recipe.objective != "sft",
-    )
-    return tok, cfg, data
+from .recipe import Recipe, load_recipe
+from .run_data import load_data, tokenizer_and_config
 
 
 def _distill_data(recipe: Recipe):
     """A distillation recipe's data, with the teacher's answers to prompt-only samples; None
     (after one line saying so) while some are unanswered: `train` has the teacher answer them
     first, and until then their rows cannot be rendered. Every sample is validated either way."""
-    from .objectives.distill import prompts_and_store, resolve_teacher
+    from .objectives.distill import prompts_and_store
+    from .objectives.teacher import resolve_teacher
 
     tok, cfg = tokenizer_and_config(recipe)
     spec = resolve_teacher(recipe)

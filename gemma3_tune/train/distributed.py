@@ -21,6 +21,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(use_deepspeed: bool, timeout_s: int = 1800) -> None:
     """DeepSpeed needs its process group before the model is built; gloo on CPU, nccl on GPU.
     (Without DeepSpeed the Trainer creates it, with the same `ddp_timeout`.)"""

@@ -7,7 +7,6 @@ place (tests/test_hf_contract.py pins them).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -16,11 +15,19 @@ import torch
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from ..model.gemma3 import Output
+from ..model.dtypes import resolve_dtype
 from ..outputs import write_atomic
+from . import precision
 from .adapters import PROJECTOR
+from .checkpoints import CompleteCheckpoints
+from .console import Console
+from .distributed import is_main_process
 from .guards import NonFiniteGuard
-from .recipe import Recipe
+from .metrics import MetricsCallback
+from .model_card import model_card
+from .objectives.base import Objective
+from .recipe import Recipe, model_dir
+from .saving import folder_files
 from .schedule import restart_at_current_step, scheduler
 
 
@@ -48,24 +55,20 @@ def _trace_rows(step: int, rows: torch.Tensor) -> None:
 
 
 class Gemma3Trainer(SFTTrainer):
-    """SFTTrainer with our loss (the model's own, chunked) and a projector learning rate."""
+    """SFTTrainer with an objective's loss and logs, token counts, the non-finite guard, our
+    scheduler, card and a projector learning rate."""
 
     def __init__(
         self,
         *a,
+        objective: Objective,
         projector_lr: float | None = None,
         pad_id: int = 0,
         guard: NonFiniteGuard | None = None,
         card=None,
-        distiller=None,
-        recipe: Recipe | None = None,
         **kw,
     ):
-        self.distiller = distiller  # objectives/distill.py, or None (SFT)
-        self.objective = recipe.objective if recipe is not None else "sft"
-        self.preference = recipe.preference if recipe is not None else None
-        self._pref: dict[str, list] = {"train": [], "eval": []}  # stats since the last log
-        self._kd: list = []  # this process's (kd_loss, ce_loss) sums since the last log
+        self.objective = objective  # objectives/*.py: the loss, and what it logs
         self.card = card  # (step, max_steps, done) -> the run's README.md
         self.projector_lr = projector_lr
         self.pad_id = pad_id
@@ -113,15 +116,11 @@ class Gemma3Trainer(SFTTrainer):
                 step_seconds=round(dt / max(step - step0, 1), 4),
                 peak_memory_gb=round(peak_memory_gb(), 3),
                 skipped_steps=self.guard.skipped if self.guard else 0,
-                **self.distill_logs(step - step0),
-                **self.preference_logs("train"),
+                **self.objective.train_logs(step - step0),
             )
             self._last = (now, tokens, step)
         if "eval_loss" in logs:
-            if self.objective == "sft":
-                logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
-            else:  # a preference loss has no perplexity: TRL's reward stats instead
-                logs.update(self.preference_logs("eval"))
+            logs.update(self.objective.eval_logs(logs["eval_loss"]))
             # the next step's tokens/s and s/step must not count the evaluation's time
             self._last = (time.perf_counter(), *self._last[1:])
         super().log(logs, start_time)
@@ -146,63 +145,11 @@ class Gemma3Trainer(SFTTrainer):
         return super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's own loss: SFT, or with a distiller (training steps only; evaluation
-        scores the labels) the distillation loss on the batch's teacher targets."""
-        rows = inputs.pop("row_ids", None)  # eval batches carry it too; not for the model
-        if self.objective != "sft":
-            return self.preference_loss(model, inputs, return_outputs)
-        if self.distiller is None or not model.training:
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        inputs["soft_targets"] = self.distiller.soft_targets(inputs, rows)
-        loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-        self._kd.append((outputs["kd_loss"].detach(), outputs["ce_loss"].detach()))
+        """The objective's loss (objectives/*.py); the batch's row numbers go to it, not to
+        the model (eval batches carry them too)."""
+        rows = inputs.pop("row_ids", None)
+        loss, outputs = self.objective.loss(self, model, inputs, rows, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-    def preference_loss(self, model, inputs, return_outputs: bool):
-        """DPO (against the batch's reference log-probs) or ORPO, on the per-pair reply
-        log-probs the model computes in chunks (objectives/preference.py). A micro-batch's
-        loss is its mean over pairs, divided by the accumulation steps (as TRL's DPOTrainer);
-        the stats are kept for the next train or eval log."""
-        from .objectives import preference as pref
-
-        ref = inputs.pop("ref_logps", None)
-        out = model(**inputs, sequence_logps=True)
-        policy, tokens = pref.pairs(out["logps"], out["tokens"])  # [P, 2] each
-        s = self.preference
-        if self.objective == "dpo":
-            if ref is None or ref.shape != policy.shape:
-                raise RuntimeError(
-                    f"reference log-probs for {None if ref is None else tuple(ref.shape)}"
-                    f" pairs, the batch has {tuple(policy.shape)}; delete the reference"
-                    " cache folder to rebuild it"
-                )
-            loss, stats = pref.dpo_loss(
-                policy, ref.to(policy), tokens, s.beta, s.loss, s.label_smoothing
-            )
-        else:
-            loss, stats = pref.orpo_loss(policy, tokens, s.orpo_lambda)
-        self._pref["train" if model.training else "eval"].append(stats)
-        if model.training:  # HF divides only losses it did not see normalised: not ours
-            loss = loss / self.current_gradient_accumulation_steps
-        return (loss, Output(loss=loss)) if return_outputs else loss
-
-    def preference_logs(self, split: str) -> dict:
-        """The mean of each stat (TRL's names) since the last log of this split."""
-        stats, self._pref[split] = self._pref[split], []
-        if not stats:
-            return {}
-        prefix = "eval_" if split == "eval" else ""
-        keys = list(stats[0])
-        means = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats]).mean(0)
-        return {prefix + k: v for k, v in zip(keys, means.tolist(), strict=True)}
-
-    def distill_logs(self, steps: int) -> dict:
-        """kd_loss and ce_loss, per step, averaged since the last log (one host read)."""
-        if not self._kd:
-            return {}
-        kd, ce = torch.stack([torch.stack(p) for p in self._kd]).sum(0).tolist()
-        self._kd = []
-        return {"kd_loss": kd / max(steps, 1), "ce_loss": ce / max(steps, 1)}
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """schedule.py's warmup (from lr / warmup_steps, not from 0) and decay."""
@@ -248,3 +195,62 @@ class _TrainBegin(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.trainer.train_begins(state)
+
+
+class LastStep(TrainerCallback):
+    """Log the last step whatever `training.logging_steps` says (a 5-step run with logging_steps
+    2 ended metrics.jsonl, the console and the card at step 4), and evaluate there whatever
+    `training.eval_steps` says (unset: eval_strategy "no", so only there). HF's
+    DefaultFlowCallback does the same for a step strategy whose eval_steps do not divide the last
+    step, and runs at most one evaluation per step, so an eval_steps that divides it gets no
+    second one. In the loop, the evaluation comes before the final checkpoint, whose trainer
+    state (and so a resumed run) then records it, and metrics.jsonl gets it like any other. Every
+    rank flags it, so every rank joins the (collective) evaluation."""
+
+    def __init__(self, evaluate: bool):
+        self.evaluate = evaluate
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+            control.should_evaluate = control.should_evaluate or self.evaluate
+
+
+def make_trainer(recipe: Recipe, model, args, objective, collator, train_ds, eval_ds, data, out):
+    """The loop for a built model and data: our callbacks (metrics.jsonl, complete
+    checkpoints, the last step, the console) in place of HF's printers."""
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    folder = model_dir(recipe)
+    t = recipe.training
+    # on a GPU the guard reads its verdicts when the Trainer logs, not at every step (a sync)
+    read_every = t.logging_steps if torch.cuda.is_available() else 1
+    report = data.report.summary()
+    checkpoints = CompleteCheckpoints(
+        out, t.save_total_limit, lambda ckpt: folder_files(ckpt, folder)
+    )
+    trainer = Gemma3Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=AutoTokenizer.from_pretrained(str(folder)),
+        callbacks=[MetricsCallback(out), checkpoints, LastStep(evaluate=eval_ds is not None)],
+        objective=objective,
+        projector_lr=recipe.train_projector_lr,
+        pad_id=collator.pad_id,
+        guard=NonFiniteGuard(t.max_skipped_steps, recipe.model.dtype, read_every),
+        card=lambda step, max_steps, done: model_card(recipe, out, report, step, max_steps, done),
+    )
+    # TRL casts a 4-bit model's adapter weights to bf16 (pure bf16 updates, whatever the
+    # recipe's dtype): give them back the dtype precision.py's rule gives every trainable.
+    precision.prepare(
+        trainer.model, resolve_dtype(recipe.model.dtype), recipe.deepspeed is not None
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if is_main_process():
+        trainer.add_callback(Console())
+    return trainer

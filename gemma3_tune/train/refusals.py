@@ -1,6 +1,7 @@
-"""Every combination of recipe settings we refuse, in one place, one line each, checked before
+"""Every combination of recipe settings we refuse, checked in one place, one line each, before
 anything heavy loads: `gemma3-tune train` calls `refuse` right after reading the recipe (before
-torch, transformers or the data), and `build_trainer` again for callers that skip the CLI.
+transformers, the data or a model), and `build_trainer` again for callers that skip the CLI.
+What an objective refuses is its own `refuse` (objectives/*.py), called from here.
 A refusal that needs the data or the model (bad samples, a finished run) stays where those are.
 """
 
@@ -16,9 +17,10 @@ SHIPPED_DEEPSPEED = Path(__file__).parent / "deepspeed"
 
 
 def refuse(recipe: Recipe) -> None:
+    from .objectives import objective_class
+
     _qat(recipe)
-    _preference(recipe)
-    _distill(recipe)
+    objective_class(recipe).refuse(recipe)  # each objective's own (objectives/*.py)
     if zero_stage(recipe) == 3:
         _zero3(recipe)
 
@@ -63,34 +65,6 @@ def _qat(recipe: Recipe) -> None:
         raise UserError(
             "qat.target: teacher distils from the model itself; remove the distill: section or"
             " set qat.target=labels (then distill.teacher teaches the quantized student)"
-        )
-
-
-def _preference(recipe: Recipe) -> None:
-    if recipe.objective == "sft":
-        return
-    if recipe.distill is not None:
-        raise UserError(
-            f"objective: {recipe.objective} trains on preference pairs, distill: on a teacher's"
-            " distribution; remove one (distil first, then tune preferences from its run)"
-        )
-    if recipe.qat is not None:
-        raise UserError(
-            f"qat cannot be combined with objective: {recipe.objective}; tune preferences first,"
-            " then run QAT on the result"
-        )
-    if recipe.objective == "dpo":
-        from .objectives.reference import resolve_reference
-
-        resolve_reference(recipe)  # a reference that does not exist: before any data work
-
-
-def _distill(recipe: Recipe) -> None:
-    if recipe.distill is not None and recipe.data.feature_cache and not recipe.distill.cache:
-        raise UserError(
-            "distill.cache: false runs the teacher in each step on pixels, but"
-            " data.feature_cache gives the batch cached features; set distill.cache=true or"
-            " remove data.feature_cache"
         )
 
 

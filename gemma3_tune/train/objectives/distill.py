@@ -28,11 +28,9 @@ data) are answered by the teacher first (data/answers.py), and the answers are c
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,102 +40,10 @@ from ...data.collate import row_features
 from ...data.teacher_cache import TeacherCache, cache_key, fill
 from ...data.tokenizer import Tokenizer
 from ...errors import UserError
-from ...model.checkpoint import read_config
 from ...model.loss import IGNORE_INDEX, SoftTargets, teacher_targets
 from ..recipe import Recipe
-
-# Tokenizers are compared on this text: special tokens, code, and several scripts.
-_PROBE = (
-    "<start_of_turn>user\nHello, wörld! 你好，世界。 Привет, мир. مرحبا 🌍 def f(x): return x**2"
-    '<end_of_turn>\n<start_of_turn>model\n{"a": [1, 2.5e-3]}<end_of_turn>'
-)
-
-
-@dataclass
-class TeacherSpec:
-    """A teacher resolved without loading weights: where its files are, and their fingerprint."""
-
-    text: str  # as the recipe names it
-    base: Path  # HF folder (the base model for a run directory)
-    adapter: Path | None  # a run's adapter, folded in on load
-    run: Path | None  # the run directory, when the teacher is one
-    fingerprint: dict
-
-
-def resolve_teacher(recipe: Recipe) -> TeacherSpec:
-    """The recipe's `distill.teacher` (an HF folder, a run directory, or gguf:NAME), refused in
-    one line when it does not exist."""
-    from ...data.prepare import source_fingerprint
-
-    text = recipe.distill.teacher
-    run = adapter = None
-    if text.startswith("gguf:"):
-        from ...convert.embedded import embedded_model_dir
-
-        base = embedded_model_dir(text.removeprefix("gguf:"))
-    else:
-        p = Path(text).expanduser()
-        p = p if p.is_absolute() else recipe.base_dir / p
-        if (p / "config.json").is_file():
-            base = p
-        elif (p / "recipe.yaml").is_file():
-            from ..runs import resolve_run
-
-            run = p
-            base, adapter = resolve_run(p)
-        else:
-            raise UserError(
-                f"distill.teacher: {p} is neither a Gemma 3 HF folder (config.json), a run"
-                " directory (recipe.yaml) nor gguf:gemma3-270m"
-            )
-    parts = {"base": source_fingerprint(base)}
-    if adapter is not None:
-        parts["adapter"] = source_fingerprint(adapter)
-        if run is not None and (run / "qlora.json").is_file():
-            parts["qlora"] = source_fingerprint(run / "qlora.json")
-    return TeacherSpec(text, base, adapter, run, parts)
-
-
-def check_compatible(spec: TeacherSpec, student_cfg, student_tok: Tokenizer, samples: int) -> None:
-    """Same vocabulary, same tokenizer (ids of a probe text and the special tokens), and
-    `samples` no larger than the vocabulary: each a one-line refusal naming the key."""
-    t_cfg = read_config(spec.base)
-    if t_cfg.vocab_size != student_cfg.vocab_size:
-        raise UserError(
-            f"distill.teacher: {spec.text} has a vocabulary of {t_cfg.vocab_size} tokens, the"
-            f" student {student_cfg.vocab_size}; the teacher must be a Gemma 3 with the same"
-            " tokenizer"
-        )
-    t_tok = Tokenizer(spec.base)
-    same = t_tok.encode(_PROBE) == student_tok.encode(_PROBE) and t_tok.ids == student_tok.ids
-    if not same:
-        raise UserError(
-            f"distill.teacher: {spec.text} tokenizes text differently from the student"
-            " (another tokenizer); the teacher must share the student's tokenizer"
-        )
-    if samples > t_cfg.vocab_size:
-        raise UserError(
-            f"distill.samples: {samples} is more than the vocabulary ({t_cfg.vocab_size} tokens);"
-            " use at most that (256 is the report's choice)"
-        )
-
-
-def load_teacher(spec: TeacherSpec, dtype: torch.dtype, device: str):
-    """The teacher in eval mode, frozen, with a run's adapter folded in (QLoRA onto the very NF4
-    base its run trained against)."""
-    from ...model.checkpoint import load_model
-    from ..runs import apply_adapter, run_method
-
-    model = load_model(spec.base, dtype=torch.float32)
-    if spec.run is not None and run_method(spec.run) == "qlora":
-        from ..qlora import dequantize_like_run
-
-        dequantize_like_run(model, spec.run)
-    model = apply_adapter(model, spec.adapter)
-    model = model.to(device, dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+from .sft import SFT
+from .teacher import LazyTeacher, TeacherSpec, check_compatible, resolve_teacher
 
 
 def row_generator(seed: int, row: int, device) -> torch.Generator:
@@ -269,28 +175,6 @@ def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate)
     return cache
 
 
-class LazyTeacher:
-    """Loads the teacher the first time it is needed (answers, cache fill, or the steps), and
-    only then: a complete cache with answered prompts never loads it."""
-
-    def __init__(self, spec: TeacherSpec, dtype: torch.dtype, device: str):
-        self.spec, self.dtype, self.device = spec, dtype, device
-        self.model = None
-
-    def get(self):
-        if self.model is None:
-            print(f"loading teacher {self.spec.text}", file=sys.stderr)
-            self.model = load_teacher(self.spec, self.dtype, self.device)
-        return self.model
-
-    def free(self) -> None:
-        """Drop the teacher before the student loads: never both in memory."""
-        self.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def answers_folder(recipe: Recipe, spec: TeacherSpec, root: Path) -> Path:
     """Where the teacher's replies to prompt-only samples are kept: one store per teacher and
     generation settings (replies to any prompt are reused by every dataset)."""
@@ -357,3 +241,81 @@ def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, 
     cache = fill_cache(recipe, spec, data, teacher.get, collate)
     teacher.free()
     return data, Distiller(recipe, cache)
+
+
+class Distillation(SFT):
+    """SFT with a teacher's distribution as the target: `distill:`, or QAT's `target: teacher`
+    (the checkpoint the run starts from teaches its quantized copy). Evaluation scores the
+    labels, as SFT's."""
+
+    name = "distill"
+
+    def __init__(self, recipe: Recipe):
+        super().__init__(recipe)
+        self.distiller: Distiller | None = None
+        self._kd: list = []  # this process's (kd_loss, ce_loss) sums since the last log
+
+    @staticmethod
+    def refuse(recipe: Recipe) -> None:
+        if recipe.distill is not None and recipe.data.feature_cache and not recipe.distill.cache:
+            raise UserError(
+                "distill.cache: false runs the teacher in each step on pixels, but"
+                " data.feature_cache gives the batch cached features; set distill.cache=true"
+                " or remove data.feature_cache"
+            )
+
+    def prepare(self):
+        """Prompt-only samples answered by the teacher, the rows prepared and the teacher's
+        targets cached, all before the student loads. QAT under LoRA has no teacher yet: the
+        model itself will be (attach)."""
+        from ...data.collate import Collator
+        from ...model.dtypes import resolve_dtype
+        from ..batches import device, pixel_loader
+        from ..qat import teacher_recipe
+        from ..run_data import load_data, tokenizer_and_config
+
+        recipe = teacher_recipe(self.recipe) or self.recipe  # QAT full SFT: its checkpoint
+        if recipe.distill is None:
+            return super().prepare()
+        tok, cfg = tokenizer_and_config(recipe)
+        load_image = pixel_loader(recipe, cfg)  # the teacher sees the pixels (its own tower)
+        data, self.distiller = setup(
+            recipe,
+            tok,
+            cfg,
+            resolve_dtype(recipe.model.dtype),
+            device(),
+            lambda answers, prompts: load_data(recipe, answers=answers, prompts=prompts)[2],
+            Collator(tok.pad_id, load_image),
+        )
+        return tok, cfg, data
+
+    def attach(self, model) -> None:
+        """QAT's `target: teacher` under LoRA: the model with its adapter and fake
+        quantization off (qat.SelfTeacher) teaches, in each step."""
+        if self.distiller is None:
+            from ..qat import SelfTeacher
+            from ..recipe import DistillSection
+
+            settings = DistillSection(teacher="(the model itself)")
+            self.distiller = Distiller(self.recipe, None, SelfTeacher(model), settings)
+
+    def row_fields(self, rows, split: str) -> dict:
+        cache = self.distiller.cache if self.distiller is not None else None
+        return {"teacher": cache.targets} if split == "train" and cache is not None else {}
+
+    def loss(self, trainer, model, inputs: dict, rows, num_items) -> tuple:
+        if not model.training:
+            return super().loss(trainer, model, inputs, rows, num_items)
+        inputs["soft_targets"] = self.distiller.soft_targets(inputs, rows)
+        loss, outputs = super().loss(trainer, model, inputs, rows, num_items)
+        self._kd.append((outputs["kd_loss"].detach(), outputs["ce_loss"].detach()))
+        return loss, outputs
+
+    def train_logs(self, steps: int) -> dict:
+        """kd_loss and ce_loss, per step, averaged since the last log (one host read)."""
+        if not self._kd:
+            return {}
+        kd, ce = torch.stack([torch.stack(p) for p in self._kd]).sum(0).tolist()
+        self._kd = []
+        return {"kd_loss": kd / max(steps, 1), "ce_loss": ce / max(steps, 1)}

@@ -106,7 +106,7 @@ def score_rows(model, rows, collate, batch_rows: int, device: str, out: np.ndarr
     """Each pair's (chosen, rejected) reply log-probabilities into out[sample index], for the
     prepared rows `rows` (PreparedRows). Returns the pairs scored."""
     from ...progress import bar as progress_bar
-    from .preference import pairs
+    from .preference_loss import pairs
 
     bar = progress_bar(len(rows), "reference log-probs", "row")
     done = 0
