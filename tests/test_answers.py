@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gemma3_tune.data import prepare
+from gemma3_tune.data import prepare, sample_table
 from gemma3_tune.data.answers import (
     AnswerStore,
     answer_prompts,
@@ -19,8 +19,10 @@ from gemma3_tune.data.answers import (
     prompt_key,
     prompt_seed,
 )
-from gemma3_tune.data.dataset import DataConfig, DataErrors, vision_tokens
+from gemma3_tune.data.dataset import DataErrors, vision_tokens
 from gemma3_tune.data.images import preprocess
+from gemma3_tune.data.prepared import Prepared
+from gemma3_tune.data.settings import DataConfig
 from gemma3_tune.data.tokenizer import Tokenizer
 from gemma3_tune.model.checkpoint import load_model, read_config
 from gemma3_tune.model.generate import generate
@@ -180,7 +182,7 @@ def _reply_rows(replies: dict[int, str]) -> list[dict]:
     return [_written_out(r, replies.get(line.get(i, i))) for i, r in enumerate(ROWS, 1)]
 
 
-def _columns(p: prepare.Prepared) -> tuple[list, list]:
+def _columns(p: Prepared) -> tuple[list, list]:
     samples = p.train_rows.samples
     return samples["input_ids"], samples["labels"]
 
@@ -188,7 +190,7 @@ def _columns(p: prepare.Prepared) -> tuple[list, list]:
 @pytest.fixture
 def prepared(tmp_path, tiny_dir, monkeypatch):
     """prepare() of a train and an eval file, by 2 worker processes over several parts."""
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 150)
+    monkeypatch.setattr(sample_table, "CHUNK_BYTES", 150)
     cfg = read_config(tiny_dir)
 
     def run(train: Path, evals: Path, answers: AnswerStore | None = None, found=None):
@@ -203,7 +205,7 @@ def prepared(tmp_path, tiny_dir, monkeypatch):
 def test_prepared_rows_with_answers_equal_the_replies_written_out(prompts, prepared, tmp_path):
     tok, found, data = prompts
     evals = _jsonl(tmp_path / "data" / "held.jsonl", [ROWS[1], ROWS[4]])
-    assert len(prepare._chunks(data, 0)) > 2  # the workers get the answers, not only the caller
+    assert len(sample_table.parts(data, 0)) > 2  # the workers get the answers, not only the caller
     store = _store_with(tmp_path / "teacher", found, REPLIES)
     got = prepared(data, evals, store)
     train_ref = _jsonl(tmp_path / "ref" / "prompts.jsonl", _reply_rows(REPLIES))

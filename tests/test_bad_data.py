@@ -237,16 +237,20 @@ def test_mostly_dropped_data_is_refused_unless_allowed(tmp_path, tiny_dir, capsy
 def test_truncation_warning_counts_samples_and_tokens(tmp_path, tiny_dir, capsys):
     """1 of 40 samples over the limit is 2.5% of samples, no warning by count; but it loses
     most of its tokens, and when those are over 5% of all tokens the warning fires."""
-    from gemma3_tune.data.dataset import DataConfig, build
-    from gemma3_tune.data.tokenizer import Tokenizer
+    from gemma3_tune.data.prepare import prepare
+    from gemma3_tune.data.settings import DataConfig
     from gemma3_tune.model.checkpoint import read_config
 
-    tok, cfg = Tokenizer(tiny_dir), read_config(tiny_dir)
+    cfg = read_config(tiny_dir)
     for words, warn in ((15, False), (300, True)):
         _long_and_short(tmp_path, 1, 39, words=words)
         # the long chat's full length, rendered with room to spare: the reference count
-        full = build(
-            DataConfig(train=str(tmp_path / "d.jsonl"), max_seq_len=4096), tok, cfg, tmp_path
+        full = prepare(
+            DataConfig(train=str(tmp_path / "d.jsonl"), max_seq_len=4096),
+            tiny_dir,
+            cfg,
+            tmp_path,
+            0,
         )
         lengths = sorted(full.report.lengths)
         total, longest = sum(lengths), lengths[-1]

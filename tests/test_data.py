@@ -8,12 +8,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from golden import check
+from golden import rows as golden_rows
 from PIL import Image
 
-from gemma3_tune.data import dataset, prepare
+from gemma3_tune.data import prepare, sample_table
 from gemma3_tune.data.collate import Collator, concat_row
-from gemma3_tune.data.dataset import DataConfig, truncate
+from gemma3_tune.data.dataset import truncate
 from gemma3_tune.data.packing import efficiency, pack
+from gemma3_tune.data.settings import DataConfig
 from gemma3_tune.data.template import IGNORE, Sample
 from gemma3_tune.data.tokenizer import Tokenizer
 from gemma3_tune.model.checkpoint import read_config
@@ -32,28 +35,15 @@ def _chat(i: int) -> dict:
 def _small_parts(monkeypatch):
     """Cut JSONL files into ~300-byte parts so even these small files go through several
     worker processes."""
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 300)
+    monkeypatch.setattr(sample_table, "CHUNK_BYTES", 300)
 
 
-def rows_of(data) -> list:
-    return [[(s.input_ids, s.labels, s.origin, s.images) for s in r] for r in data]
-
-
-def build(dc: DataConfig, tok, cfg, base, seed: int = 0):
-    """Both paths: today's in-memory `dataset.build` and the parallel, cached `prepare`, which
-    must give identical rows, report and example. Returns the prepared data."""
-    want = dataset.build(dc, tok, cfg, base, seed)
+def build(dc: DataConfig, tok, cfg, base, golden: str, seed: int = 0):
+    """The parallel, cached `prepare`, its rows, report and example held to the golden ones
+    (tests/golden.py: recorded from the in-memory pipeline when both gave the same)."""
     dc = dc.model_copy(update={"num_proc": 2})
     got = prepare.prepare(dc, tok.folder, cfg, base, seed)
-    assert rows_of(got.train_rows) == rows_of(want.train_rows)
-    assert rows_of(got.eval_rows) == rows_of(want.eval_rows)
-    assert got.report.summary() == want.report.summary()
-    assert (got.report.truncated_at, got.report.dropped_at) == (
-        want.report.truncated_at,
-        want.report.dropped_at,
-    )
-    assert list(got.report.lengths) == list(want.report.lengths)
-    assert (got.example and got.example.origin) == (want.example and want.example.origin)
+    check(f"test_data:{golden}", golden_rows(got, base))
     return got
 
 
@@ -143,11 +133,11 @@ def test_sources_json_parquet_disk_mixing_and_eval_split(tmp_path, tiny_dir):
         eval_split=0.1,
         max_seq_len=64,
     )
-    data = build(dc, tok, cfg, tmp_path, seed=3)
+    data = build(dc, tok, cfg, tmp_path, "mixing", seed=3)
     total = 15 + 10 + 12 + 6
     assert data.report.samples + data.report.eval_samples == total
     assert data.report.eval_samples == round(total * 0.1)
-    again = build(dc, tok, cfg, tmp_path, seed=3)
+    again = build(dc, tok, cfg, tmp_path, "mixing", seed=3)
     assert [s.origin for r in again.train_rows for s in r] == [
         s.origin for r in data.train_rows for s in r
     ]
@@ -161,9 +151,9 @@ def test_truncation_never_splits_an_image(tmp_path, tiny_vision_dir):
         {"role": "assistant", "content": "two black squares " * 3},
     ]}  # fmt: skip
     _write_jsonl(tmp_path / "t.jsonl", [row])
-    full = build(DataConfig(train=["t.jsonl"], max_seq_len=4096), tok, cfg, tmp_path).train_rows[0][
-        0
-    ]
+    full = build(
+        DataConfig(train=["t.jsonl"], max_seq_len=4096), tok, cfg, tmp_path, "two-images"
+    ).train_rows[0][0]
     boi = [i for i, t in enumerate(full.input_ids) if t == cfg.boi_token_id]
     eoi = [i for i, t in enumerate(full.input_ids) if t == cfg.eoi_token_id]
     for cut in range(boi[0] - 2, len(full)):
@@ -193,10 +183,11 @@ def test_long_samples_are_counted_truncated_or_dropped(tmp_path, tiny_dir):
         ]
     }
     _write_jsonl(tmp_path / "l.jsonl", [_chat(1), long, _chat(2)])
-    t = build(DataConfig(train=["l.jsonl"], max_seq_len=64), tok, cfg, tmp_path)
+    t = build(DataConfig(train=["l.jsonl"], max_seq_len=64), tok, cfg, tmp_path, "truncated")
     assert (t.report.samples, t.report.truncated, t.report.dropped) == (3, 1, 0)
     assert "l.jsonl:2" in t.report.truncated_at[0]
-    d = build(DataConfig(train=["l.jsonl"], max_seq_len=64, truncation="drop"), tok, cfg, tmp_path)
+    dc = DataConfig(train=["l.jsonl"], max_seq_len=64, truncation="drop")
+    d = build(dc, tok, cfg, tmp_path, "dropped")
     assert (d.report.samples, d.report.truncated, d.report.dropped) == (2, 0, 1)
     assert "l.jsonl:2" in d.report.dropped_at[0]
     assert all(len(s) <= 64 for r in t.train_rows for s in r)
@@ -212,7 +203,7 @@ def test_sample_whose_images_alone_do_not_fit_is_dropped_with_its_line(tmp_path,
         {"role": "assistant", "content": "two"},
     ]}  # fmt: skip
     _write_jsonl(tmp_path / "v.jsonl", [_chat(1), two, _chat(2)])
-    data = build(DataConfig(train=["v.jsonl"], max_seq_len=30), tok, cfg, tmp_path)
+    data = build(DataConfig(train=["v.jsonl"], max_seq_len=30), tok, cfg, tmp_path, "images-alone")
     assert (data.report.samples, data.report.dropped, data.report.truncated) == (2, 1, 0)
     assert (
         "v.jsonl:2: its images alone take 36 tokens > max_seq_len 30" in data.report.dropped_at[0]

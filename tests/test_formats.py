@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from gemma3_tune.cli import main
-from gemma3_tune.data.sources import Record, SampleError, read_records, to_turns
+from gemma3_tune.data.records import Record, SampleError
+from gemma3_tune.data.sources import read_records, to_turns
 from gemma3_tune.data.template import ImageRef, VisionTokens, render
 from gemma3_tune.data.tokenizer import Tokenizer
 

@@ -12,7 +12,8 @@ from reference import hf_image_pixels
 from transformers.image_utils import load_image as hf_load_image
 
 from gemma3_tune.data import images
-from gemma3_tune.data.sources import Record, to_turns
+from gemma3_tune.data.records import Record
+from gemma3_tune.data.sources import to_turns
 
 SIZE = 64
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from trainutil import free_port
 
-from gemma3_tune.data import dataset, prepare
-from gemma3_tune.data.dataset import DataConfig, DataErrors
-from gemma3_tune.data.tokenizer import Tokenizer
+from gemma3_tune.data import prepare, sample_table
+from gemma3_tune.data.dataset import DataErrors
+from gemma3_tune.data.settings import DataConfig
 from gemma3_tune.model.checkpoint import read_config
 
 
@@ -37,7 +37,7 @@ def _chats(path: Path, n: int, start: int = 0) -> Path:
 def setup(tmp_path, tiny_dir, monkeypatch):
     """A copy of the tiny model folder (its tokenizer files get edited), a 40-line chat file,
     and a function preparing it with settings overridden."""
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 400)
+    monkeypatch.setattr(sample_table, "CHUNK_BYTES", 400)
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     data = _chats(tmp_path / "chats.jsonl", 40)
@@ -72,7 +72,7 @@ def test_cache_hit_and_miss_for_every_input(setup, monkeypatch):
     monkeypatch.setattr(prepare, "TEMPLATE_VERSION", prepare.TEMPLATE_VERSION + 1)
     assert run().built  # the template changed
     monkeypatch.undo()
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 400)
+    monkeypatch.setattr(sample_table, "CHUNK_BYTES", 400)
     cfg_file = model / "tokenizer_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "note": "edited"}))
     assert run().built  # a tokenizer file changed
@@ -97,21 +97,25 @@ def test_huge_files_are_fingerprinted_by_samples(setup, monkeypatch):
 
 def test_bad_samples_are_reported_alike_from_every_worker(tmp_path, tiny_dir, monkeypatch):
     """Bad lines in several parts, prepared by 2 processes: the same one-line errors, in file
-    order, as the in-memory path."""
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 200)
+    order, as reading the file in one process (golden: recorded from the in-memory pipeline)."""
+    monkeypatch.setattr(sample_table, "CHUNK_BYTES", 200)
     lines = _chats(tmp_path / "c.jsonl", 30).read_text().splitlines()
     lines[3] = "{broken"
     lines[17] = json.dumps({"messages": [{"role": "assistant", "content": "no question"}]})
     lines[25] = json.dumps({"messages": [{"role": "pirate", "content": "arr"}]})
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     dc = DataConfig(train=["c.jsonl"], num_proc=2, cache_dir=str(tmp_path / "cache"))
-    tok, cfg = Tokenizer(tiny_dir), read_config(tiny_dir)
-    with pytest.raises(DataErrors) as want:
-        dataset.build(dc, tok, cfg, tmp_path)
-    assert len(prepare._chunks(tmp_path / "c.jsonl", 0)) > 4
+    cfg = read_config(tiny_dir)
+    want = [
+        "c.jsonl:4: broken JSON (Expecting property name enclosed in double quotes at column 2):"
+        " {broken",
+        "c.jsonl:18: turn 0 is 'assistant', expected 'user': roles must alternate user/assistant",
+        "c.jsonl:26: message 0: unknown role 'pirate'; use system, user, assistant or tool",
+    ]
+    assert len(sample_table.parts(tmp_path / "c.jsonl", 0)) > 4
     with pytest.raises(DataErrors) as got:
         prepare.prepare(dc, tiny_dir, cfg, tmp_path, 0)
-    assert [str(e) for e in got.value.errors] == [str(e) for e in want.value.errors]
+    assert [str(e) for e in got.value.errors] == [f"{tmp_path}/{e}" for e in want]
     assert [e.origin.rsplit(":", 1)[1] for e in got.value.errors] == ["4", "18", "26"]
     assert not list((tmp_path / "cache").iterdir())  # nothing cached
 

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from gemma3_tune.cli import main
-from gemma3_tune.data.sources import Record, SampleError, to_turns
+from gemma3_tune.data.records import Record, SampleError
+from gemma3_tune.data.sources import to_turns
 from gemma3_tune.data.template import CHAT_TEMPLATE, IGNORE, render
 from gemma3_tune.data.tokenizer import Tokenizer
 

@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .dataset import DataConfig, DataErrors
-from .settings import resolve_path, turn_options
-from .sources import SampleError, read_records, to_turns
-from .template import ImageRef, Turn, VisionTokens, generation_prompt, has_images
+from .dataset import DataErrors
+from .records import SampleError
+from .samples import record_turns
+from .settings import DataConfig, pan_and_scan_args, resolve_path, turn_options
+from .sources import read_records
+from .template import ImageRef, Turn, VisionTokens, generation_prompt
 from .tokenizer import Tokenizer
 
 FILE = "answers.jsonl"
@@ -189,16 +191,11 @@ def find_prompts(
     for src in [*cfg.train, *(cfg.eval or [])]:
         path = resolve_path(src.path, base)
         options = turn_options(cfg, base, path)
-        crops = options["pas_args"] if cfg.pan_and_scan else None
+        crops = pan_and_scan_args(cfg) if cfg.pan_and_scan else None
         try:
             for rec in read_records(path):
                 try:
-                    turns = to_turns(rec, allow_prompt_only=True, **options)
-                    if vision is None and has_images(turns):
-                        raise SampleError(
-                            rec.origin,
-                            "has an image, but the model is text-only (use a 4B+ Gemma 3)",
-                        )
+                    turns = record_turns(rec, vision, options, allow_prompt_only=True)
                     prompt = prompt_of(turns, tok, vision, rec.origin, crops)
                 except SampleError as e:
                     if len(errors) < cfg.max_errors:

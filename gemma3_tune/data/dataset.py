@@ -1,7 +1,9 @@
-"""From a recipe's `data:` section to training rows, and the report `data check` prints.
+"""The steps from rendered samples to training rows, and the report `data check` prints.
 
-sources -> validated turns -> template (ids + loss mask) -> mixing (weights / counts) ->
-eval split -> truncation (never inside an image) -> packing -> rows.
+`prepare.py` runs the pipeline: sources -> validated turns -> template (ids + loss mask)
+(samples.py) -> mixing (weights / counts: `mix`) -> eval split (`split_eval`) -> truncation,
+never inside an image (`fit_one`) -> packing (`row_indices`) -> rows. This module holds those
+steps on samples and their lengths, the `Report` they fill, and the checks of what a run lost.
 
 Nothing is dropped or cut silently: every truncated or dropped sample is counted, with its
 file and line, in the report.
@@ -16,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .packing import pack
-from .settings import DataConfig, Source, image_store
-from .sources import SampleError, read_records, to_turns
-from .template import IGNORE, Sample, VisionTokens, has_images, render
+from .records import SampleError
+from .settings import DataConfig, Source
+from .template import IGNORE, Sample, VisionTokens
 from .tokenizer import Tokenizer
 
 
@@ -71,14 +73,6 @@ class Report:
         }
 
 
-@dataclass
-class Data:
-    train_rows: list[list[Sample]]
-    eval_rows: list[list[Sample]]
-    report: Report
-    example: Sample | None = None
-
-
 def vision_tokens(model_config) -> VisionTokens | None:
     if not model_config.is_multimodal:
         return None
@@ -90,65 +84,9 @@ def vision_tokens(model_config) -> VisionTokens | None:
     )
 
 
-def load_samples(
-    sources: list[Source],
-    cfg: DataConfig,
-    tok: Tokenizer,
-    vision: VisionTokens | None,
-    base: Path,
-    seed: int,
-) -> list[Sample]:
-    """Read, validate and render every sample; raise DataErrors listing the bad ones."""
-    errors: list[SampleError] = []
-    more = False
-    out: list[Sample] = []
-    image_root = Path(cfg.image_root) if cfg.image_root else None
-    if image_root is not None and not image_root.is_absolute():
-        image_root = base / image_root
-    pas_args = {
-        "min_crop_size": cfg.pan_and_scan_min_crop_size,
-        "max_crops": cfg.pan_and_scan_max_crops,
-        "min_ratio": cfg.pan_and_scan_min_ratio,
-    }
-
-    store = image_store(cfg)
-    for src in sources:
-        path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
-        these: list[Sample] = []
-        try:
-            for rec in read_records(path):
-                try:
-                    turns = to_turns(
-                        rec,
-                        image_root=image_root,
-                        pan_and_scan=cfg.pan_and_scan,
-                        pas_args=pas_args,
-                        base=path if path.is_dir() else path.parent,  # images beside the data
-                        image_store=store,
-                    )
-                    if vision is None and has_images(turns):
-                        raise SampleError(
-                            rec.origin,
-                            "has an image, but the model is text-only (use a 4B+ Gemma 3)",
-                        )
-                    sample = render(turns, tok, vision, cfg.train_on)
-                    sample.origin = rec.origin
-                    these.append(sample)
-                except SampleError as e:
-                    if len(errors) < cfg.max_errors:
-                        errors.append(e)
-                    else:
-                        more = True
-        except SampleError as e:  # the whole source is unreadable
-            errors.append(e)
-            continue
-        out += _mix(these, src, seed)
-    if errors:
-        raise DataErrors(errors, more)
-    return out
-
-
-def _mix(samples: list[Sample], src: Source, seed: int) -> list[Sample]:
+def mix(samples: list, src: Source, seed: int) -> list:
+    """A source's samples (or their indices) as its `weight` or `samples` asks: a seeded share,
+    or repeats (each pass in a new seeded order); all of them, in order, when it asks nothing."""
     if src.weight is None and src.samples is None:
         return samples
     want = src.samples if src.samples is not None else round(len(samples) * src.weight)
@@ -190,9 +128,8 @@ def truncate(sample: Sample, max_len: int, vision: VisionTokens | None) -> Sampl
     return Sample(sample.input_ids[:cut], sample.labels[:cut], images, sample.origin)
 
 
-def split_eval(
-    samples: list[Sample], fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
+def split_eval(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded `fraction` of the samples (or their indices) held out, in order."""
     if fraction <= 0 or len(samples) < 2:
         return samples, []
     idx = list(range(len(samples)))
@@ -263,20 +200,6 @@ def fit_one(
     return cut, f"{sample.origin}: {len(sample)} -> {len(cut)} tokens{crops}"
 
 
-def fit(
-    samples: list[Sample], cfg: DataConfig, vision: VisionTokens | None, report: Report | None
-) -> list[Sample]:
-    """Apply truncation / dropping for samples over max_seq_len, counting each."""
-    out = []
-    for s in samples:
-        kept, note = fit_one(s, cfg, vision)
-        if note and report is not None:
-            report.note(kept is None, note, len(s) - (len(kept) if kept else 0))
-        if kept is not None:
-            out.append(kept)
-    return out
-
-
 def row_indices(lengths: list[int], cfg: DataConfig, seed: int) -> list[list[int]]:
     """Rows as lists of sample positions: packed (best fit decreasing), or one sample per row
     in a seeded order."""
@@ -287,47 +210,12 @@ def row_indices(lengths: list[int], cfg: DataConfig, seed: int) -> list[list[int
     return pack(lengths, cfg.max_seq_len, seed)
 
 
-def to_rows(samples: list[Sample], cfg: DataConfig, seed: int) -> list[list[Sample]]:
-    return [[samples[i] for i in row] for row in row_indices([len(s) for s in samples], cfg, seed)]
-
-
 def row_fill(tokens: int, n_rows: int, longest: int, cfg: DataConfig) -> float:
     """Real tokens / the room the rows take (the report's packing_efficiency): max_seq_len per
     row when packed; when not, each batch pads to its longest row, so the longest sample."""
     if not n_rows:
         return 1.0
     return tokens / (n_rows * (cfg.max_seq_len if cfg.packing else longest))
-
-
-def build(cfg: DataConfig, tok: Tokenizer, model_config, base: Path, seed: int = 0) -> Data:
-    """Everything `train` and `data check` need; raises DataErrors on any bad sample."""
-    vision = vision_tokens(model_config)
-    train = load_samples(cfg.train, cfg, tok, vision, base, seed)
-    if cfg.eval:
-        evals = load_samples(cfg.eval, cfg, tok, vision, base, seed)
-    else:
-        train, evals = split_eval(train, cfg.eval_split, seed)
-    report = Report()
-    train = fit(train, cfg, vision, report)
-    example = train[0] if train else None  # the first sample training sees (never a dropped one)
-    evals = fit(evals, cfg, vision, None)
-    rows = to_rows(train, cfg, seed)
-    report.samples = len(train)
-    report.eval_samples = len(evals)
-    report.tokens = sum(len(s) for s in train)
-    report.trainable_tokens = sum(s.trainable for s in train)
-    report.images = sum(len(s.images) for s in train)
-    report.rows = len(rows)
-    report.lengths = [len(s) for s in train]
-    report.packing_efficiency = row_fill(
-        report.tokens, len(rows), max(report.lengths, default=0), cfg
-    )
-    return Data(
-        rows,
-        [[s] for s in evals] if not cfg.packing else to_rows(evals, cfg, seed),
-        report,
-        example,
-    )
 
 
 WARN_LOSS = 0.05  # warn when more than this share of samples or tokens is cut or dropped

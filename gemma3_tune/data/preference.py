@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 
-from .sources import Record, SampleError, to_turns
-from .template import IGNORE, Sample, Turn, VisionTokens, has_images, render
+from .records import Record, SampleError
+from .samples import check_vision
+from .sources import to_turns
+from .template import IGNORE, Sample, Turn, VisionTokens, render
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -131,8 +133,7 @@ def render_pair(
             " objective: sft",
         )
     context, *replies = pair_turns(rec, options)
-    if vision is None and has_images(context):
-        raise SampleError(origin, "has an image, but the model is text-only (use a 4B+ Gemma 3)")
+    check_vision(context, vision, origin)
     prefix = len(render(context, tok, vision).input_ids)
     docs = []
     for turns in replies:

@@ -1,8 +1,9 @@
-"""The recipe's `data:` section and where its files go: the one leaf of data/ the rest imports.
+"""The recipe's `data:` section and where its files go: a leaf of data/ the rest imports.
 
 `DataConfig` is the schema (validated by pydantic, unknown keys refused); the helpers below turn
 it into paths: the prepared-data cache, the store for images given as bytes, a source's path
-relative to the recipe, and the keyword arguments `sources.to_turns` takes for a source.
+relative to the recipe, the keyword arguments `sources.to_turns` takes for a source, and the
+Pan & Scan settings as image preprocessing takes them.
 """
 
 from __future__ import annotations
@@ -111,11 +112,16 @@ def turn_options(cfg: DataConfig, base: Path, path: Path) -> dict:
     return {
         "image_root": resolve_path(cfg.image_root, base) if cfg.image_root else None,
         "pan_and_scan": cfg.pan_and_scan,
-        "pas_args": {
-            "min_crop_size": cfg.pan_and_scan_min_crop_size,
-            "max_crops": cfg.pan_and_scan_max_crops,
-            "min_ratio": cfg.pan_and_scan_min_ratio,
-        },
+        "pas_args": pan_and_scan_args(cfg),
         "base": path if path.is_dir() else path.parent,  # images beside the data
         "image_store": image_store(cfg),
+    }
+
+
+def pan_and_scan_args(cfg: DataConfig) -> dict:
+    """data.pan_and_scan_* as `images.preprocess` and `images.image_views` take them."""
+    return {
+        "min_crop_size": cfg.pan_and_scan_min_crop_size,
+        "max_crops": cfg.pan_and_scan_max_crops,
+        "min_ratio": cfg.pan_and_scan_min_ratio,
     }

@@ -100,28 +100,30 @@ def has_images(turns: list[Turn]) -> bool:
     return any(isinstance(p, ImageRef) for t in turns for p in t.parts)
 
 
-def render(
-    turns: list[Turn], tok: Tokenizer, vision: VisionTokens | None, train_on: TrainOn = "assistant"
-) -> Sample:
-    """Turns (already validated: optional system first, then user/assistant alternating)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    images: list[ImageRef] = []
-    # Text not yet tokenized: groups of (text, trained) pieces; each group is tokenized as one.
-    pending: list[list[tuple[str, bool]]] = []
+class _Writer:
+    """Token ids and labels as a conversation is rendered. Text waits in `pending`, as groups of
+    (text, trained) pieces, each group tokenized as one text when a special token comes."""
 
-    def flush() -> None:
-        for group in pending:
-            _tokenize_group(group, tok, ids, labels)
-        pending.clear()
+    def __init__(self, tok: Tokenizer, vision: VisionTokens | None):
+        self.tok, self.vision = tok, vision
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.images: list[ImageRef] = []
+        self.pending: list[list[tuple[str, bool]]] = []
 
-    def special(token_id: int, trained: bool) -> None:
-        flush()
-        ids.append(token_id)
-        labels.append(token_id if trained else IGNORE)
+    def flush(self) -> None:
+        for group in self.pending:
+            _tokenize_group(group, self.tok, self.ids, self.labels)
+        self.pending.clear()
 
-    def text(s: str, trained: bool, joined: bool = False) -> None:
+    def special(self, token_id: int, trained: bool) -> None:
+        self.flush()
+        self.ids.append(token_id)
+        self.labels.append(token_id if trained else IGNORE)
+
+    def text(self, s: str, trained: bool, joined: bool = False) -> None:
         """Append text; `joined`: tokenize it together with the text before it."""
+        pending = self.pending
         if pending and pending[-1][-1][1] == trained:
             pending[-1][-1] = (pending[-1][-1][0] + s, trained)
         elif pending and joined:
@@ -129,17 +131,40 @@ def render(
         else:
             pending.append([(s, trained)])
 
-    def image_block(trained: bool) -> None:
+    def image_block(self, trained: bool) -> None:
+        vision = self.vision
         assert vision is not None
-        text("\n\n", trained)
-        special(vision.boi_id, trained)
-        flush()
-        ids.extend([vision.image_token_id] * vision.tokens_per_image)
-        labels.extend([IGNORE] * vision.tokens_per_image)
-        special(vision.eoi_id, trained)
-        text("\n\n", trained)
+        self.text("\n\n", trained)
+        self.special(vision.boi_id, trained)
+        self.flush()
+        self.ids.extend([vision.image_token_id] * vision.tokens_per_image)
+        self.labels.extend([IGNORE] * vision.tokens_per_image)
+        self.special(vision.eoi_id, trained)
+        self.text("\n\n", trained)
 
-    special(tok.bos_id, False)
+    def image(self, part: ImageRef, trained: bool) -> None:
+        """One image block, or with Pan & Scan the original and its crops, introduced."""
+        if self.vision is None:
+            raise ValueError("an image was given to a text-only model")
+        self.images.append(part)
+        if part.views == 1:
+            self.image_block(trained)
+            return
+        self.text(PAN_SCAN_INTRO, trained)
+        self.image_block(trained)
+        self.text(PAN_SCAN_MIDDLE, trained)
+        for k in range(part.views - 1):
+            if k:
+                self.text(" ", trained)
+            self.image_block(trained)
+
+
+def render(
+    turns: list[Turn], tok: Tokenizer, vision: VisionTokens | None, train_on: TrainOn = "assistant"
+) -> Sample:
+    """Turns (already validated: optional system first, then user/assistant alternating)."""
+    out = _Writer(tok, vision)
+    out.special(tok.bos_id, False)
     system, declarations = "", None
     body = turns
     if turns and turns[0].role == "system":
@@ -148,54 +173,52 @@ def render(
         body = turns[1:]
     everything = train_on == "all"
     if declarations is not None:  # FunctionGemma: system text and tools in a developer turn
-        special(tok.start_of_turn, False)
-        text("developer\n" + system, everything)
-        for tool in declarations.declarations:
-            text(fc.declaration(tool), everything)
-        special(tok.end_of_turn, everything)
-        text("\n", everything)
+        _developer_turn(out, system, declarations, everything)
         system = ""
     last_reply = max((i for i, t in enumerate(body) if t.role == "assistant"), default=-1)
     for i, turn in enumerate(body):
         is_reply = turn.role == "assistant"
         trained = everything or (is_reply and (train_on == "assistant" or i == last_reply))
-        role = "model" if is_reply else "user"
-        special(tok.start_of_turn, False)
-        text(role + "\n", everything)
+        out.special(tok.start_of_turn, False)
+        out.text(("model" if is_reply else "user") + "\n", everything)
         if i == 0 and system:
-            text(system + "\n\n", everything)
-        prev = None
-        for part in turn.parts:
-            if isinstance(part, str):
-                text(part.strip(), trained, joined=prev is not None)
-            elif isinstance(part, ToolCall):
-                text(fc.call_text(part.name, part.arguments), trained, joined=True)
-            elif isinstance(part, ToolResult):
-                # The model ends its calls with <start_function_response>; the rest is the tool's.
-                text(fc.START_RESP, trained if isinstance(prev, ToolCall) else everything, True)
-                text(fc.response_body(part.name, part.result), everything, joined=True)
-            elif vision is None:
-                raise ValueError("an image was given to a text-only model")
-            else:
-                images.append(part)
-                if part.views == 1:
-                    image_block(trained)
-                else:
-                    text(PAN_SCAN_INTRO, trained)
-                    image_block(trained)
-                    text(PAN_SCAN_MIDDLE, trained)
-                    for k in range(part.views - 1):
-                        if k:
-                            text(" ", trained)
-                        image_block(trained)
-            prev = part if not isinstance(part, str) or part.strip() else prev
-        if isinstance(prev, ToolCall):  # the conversation ends waiting for the tool
-            text(fc.START_RESP, trained, joined=True)
-        elif not isinstance(prev, ToolResult):
-            special(tok.end_of_turn, trained)
-            text("\n", everything)
-    flush()
-    return Sample(ids, labels, images)
+            out.text(system + "\n\n", everything)
+        _turn_parts(out, turn.parts, trained, everything)
+    out.flush()
+    return Sample(out.ids, out.labels, out.images)
+
+
+def _developer_turn(out: _Writer, system: str, declarations: Tools, everything: bool) -> None:
+    """FunctionGemma's opening turn: the system text, then each tool's declaration."""
+    out.special(out.tok.start_of_turn, False)
+    out.text("developer\n" + system, everything)
+    for tool in declarations.declarations:
+        out.text(fc.declaration(tool), everything)
+    out.special(out.tok.end_of_turn, everything)
+    out.text("\n", everything)
+
+
+def _turn_parts(out: _Writer, parts: list, trained: bool, everything: bool) -> None:
+    """A turn's text, images, calls and results, then its end: `<end_of_turn>`, or nothing
+    when it hands over to a tool (a call awaiting its result) or ends on a result."""
+    prev = None
+    for part in parts:
+        if isinstance(part, str):
+            out.text(part.strip(), trained, joined=prev is not None)
+        elif isinstance(part, ToolCall):
+            out.text(fc.call_text(part.name, part.arguments), trained, joined=True)
+        elif isinstance(part, ToolResult):
+            # The model ends its calls with <start_function_response>; the rest is the tool's.
+            out.text(fc.START_RESP, trained if isinstance(prev, ToolCall) else everything, True)
+            out.text(fc.response_body(part.name, part.result), everything, joined=True)
+        else:
+            out.image(part, trained)
+        prev = part if not isinstance(part, str) or part.strip() else prev
+    if isinstance(prev, ToolCall):  # the conversation ends waiting for the tool
+        out.text(fc.START_RESP, trained, joined=True)
+    elif not isinstance(prev, ToolResult):
+        out.special(out.tok.end_of_turn, trained)
+        out.text("\n", everything)
 
 
 def _tokenize_group(
