@@ -9,6 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ..data.settings import turn_options
 from ..data.sources import read_records, to_turns
 from ..errors import UserError
 from ..outputs import write_atomic
@@ -52,11 +53,12 @@ def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
     found: dict = {}
     for file, wanted in by_file.items():
         base = Path(file).parent
+        options = turn_options(d, recipe.base_dir, Path(file))  # image root, Pan & Scan as trained
         for record in read_records(file):
             if record.origin in wanted and pairs:
                 found[record.origin] = _pair(record, base)
             elif record.origin in wanted:
-                turns = to_turns(record, base=base)
+                turns = to_turns(record, **options)
                 text = "".join(p for p in turns[-1].parts if isinstance(p, str))
                 found[record.origin] = EvalSample(record.origin, turns, text)
     return [found[o] for o in origins if o in found]

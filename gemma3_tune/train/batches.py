@@ -14,6 +14,7 @@ import torch
 from ..data.collate import Collator, bucket_lengths, row_features
 from ..data.feature_cache import FeatureCache, weights_fingerprint
 from ..data.images import preprocess
+from ..data.settings import pan_and_scan_args
 from ..data.template import ImageRef
 from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
 from .adapters import unwrap
@@ -56,15 +57,6 @@ def rows_dataset(rows, fields: RowFields | None = None):
     return ds
 
 
-def crop_args(d) -> dict:
-    """data.pan_and_scan_* as preprocess() takes them."""
-    return {
-        "min_crop_size": d.pan_and_scan_min_crop_size,
-        "max_crops": d.pan_and_scan_max_crops,
-        "min_ratio": d.pan_and_scan_min_ratio,
-    }
-
-
 def pixel_loader(recipe: Recipe, cfg):
     """Image ref -> pixels (Pan & Scan as data: says); None for a text-only model. Training's
     images without a feature cache, and a second model's (a teacher, a reference): it runs its
@@ -72,7 +64,7 @@ def pixel_loader(recipe: Recipe, cfg):
     if not cfg.is_multimodal:
         return None
     d, size = recipe.data, cfg.vision.image_size
-    pas = crop_args(d)
+    pas = pan_and_scan_args(d)
 
     def load_image(im):
         return preprocess(im["path"], size, d.pan_and_scan, **pas)
@@ -117,7 +109,7 @@ def _feature_loader(recipe: Recipe, model, cfg, data):
     with gather:
         size = cfg.vision.image_size
         fingerprint = weights_fingerprint(base.vision_tower)
-        args = (encode, fingerprint, size, d.pan_and_scan, crop_args(d))
+        args = (encode, fingerprint, size, d.pan_and_scan, pan_and_scan_args(d))
         cache = FeatureCache(recipe.base_dir / d.feature_cache, *args)
         if zero3:
             _fill_cache(cache, data.image_refs())
