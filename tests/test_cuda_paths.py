@@ -23,11 +23,11 @@ from gemma3_tune.model import loss as loss_mod
 from gemma3_tune.model.config import preset
 from gemma3_tune.model.gemma3 import Gemma3
 from gemma3_tune.model.init import random_init
+from gemma3_tune.model.logprobs import chunked_logprobs
 from gemma3_tune.model.loss import (
     SoftTargets,
     chunked_cross_entropy,
     chunked_distillation,
-    chunked_logprobs,
     teacher_targets,
 )
 from gemma3_tune.model.masks import flex_block_mask, token_info, visible

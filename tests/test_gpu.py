@@ -250,7 +250,7 @@ def test_bf16_updates_land_on_cuda(method, tmp_path, tiny_vision_dir):
 
 
 def test_sdpa_with_expanded_kv_equals_query_chunks():
-    from gemma3_tune.model.gemma3 import sdpa_dense, sdpa_query_chunks
+    from gemma3_tune.model.attention import sdpa_dense, sdpa_query_chunks
     from gemma3_tune.model.masks import token_info, visible
 
     g = torch.Generator(device="cuda").manual_seed(1)

@@ -86,7 +86,7 @@ def test_query_chunked_sdpa_equals_one_dense_call(window):
     gradients equal one dense SDPA call (packed documents, an image block, a window)."""
     import torch.nn.functional as F
 
-    from gemma3_tune.model.gemma3 import sdpa_query_chunks
+    from gemma3_tune.model.attention import sdpa_query_chunks
 
     torch.manual_seed(0)
     docs = [[1] * 30, [2, *[IMG] * 6, *[3] * 20], [4] * 25]

@@ -14,7 +14,7 @@ from gemma3_tune.model import loss as loss_mod
 from gemma3_tune.model.config import preset
 from gemma3_tune.model.gemma3 import Gemma3
 from gemma3_tune.model.init import random_init
-from gemma3_tune.model.loss import chunked_logprobs
+from gemma3_tune.model.logprobs import chunked_logprobs
 from gemma3_tune.train.objectives.preference import dpo_loss, orpo_loss, pairs
 
 

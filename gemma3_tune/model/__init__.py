@@ -15,7 +15,7 @@ _WHERE = {
     "config_to_hf": "config",
     "preset": "config",
     "Gemma3": "gemma3",
-    "KVCache": "gemma3",
+    "KVCache": "kv_cache",
 }
 
 

@@ -3,7 +3,8 @@
 Module names mirror transformers' in-memory layout (`model.layers.*` for Gemma3ForCausalLM,
 `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` for
 Gemma3ForConditionalGeneration), so checkpoints map one to one and a peft adapter trained on
-this model loads onto transformers' as well.
+this model loads onto transformers' as well. The attention layer and its backends are in
+attention.py, the KV cache in kv_cache.py, the loss heads in loss.py and logprobs.py.
 
 Shapes: B batch, T new tokens, S keys (cached + new), D width, H heads, K kv heads, Dh head dim.
 """
@@ -11,9 +12,7 @@ Shapes: B batch, T new tokens, S keys (cached + new), D width, H heads, K kv hea
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,35 +20,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from .attention import Attention, FlexMask, flex_options
 from .config import GLOBAL, Gemma3Config
-from .layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from .loss import (
-    IGNORE_INDEX,
-    SoftTargets,
-    chunked_cross_entropy,
-    chunked_distillation,
-    document_logprobs,
-)
+from .kv_cache import KVCache
+from .layers import GeGLU, RMSNorm, activation_dtype, residual_dtype, rope_cos_sin, rope_inv_freq
+from .logprobs import sequence_logprobs
+from .loss import IGNORE_INDEX, SoftTargets, batch_loss
 from .masks import TokenInfo, flex_block_mask, token_info, visible
 from .siglip import MultiModalProjector, VisionTower, pool_patches
-
-
-def activation_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype activations run in: autocast's when it is on (fp32 master weights, compute in
-    bf16: train/precision.py), else the weights' own."""
-    kind = weight.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return weight.dtype
-
-
-def residual_dtype(compute: torch.dtype) -> torch.dtype:
-    """The residual stream's dtype: the compute dtype, except fp32 when computing in fp16.
-    Gemma 3's residual stream outgrows fp16's 65,504 (measured on the real 270M in fp32: up
-    to 104,061 by layer 14 on the quickstart chats, so fp16 gave NaN losses), while what feeds
-    the matmuls stays small (normed inputs; linear outputs <= 2,000 there). So in fp16 the
-    embedding, the residual adds and every norm's input are fp32, the matmuls fp16."""
-    return torch.float32 if compute == torch.float16 else compute
 
 
 class Output(dict):
@@ -65,76 +43,8 @@ class Output(dict):
             raise AttributeError(name) from e
 
 
-@dataclass
-class KVCache:
-    """Keys and values per layer for generation. Sliding layers keep only their window."""
-
-    keys: list[Tensor | None] = field(default_factory=list)  # [B, K, S, Dh] per layer
-    values: list[Tensor | None] = field(default_factory=list)
-    info: dict[str, TokenInfo | None] = field(default_factory=dict)  # per layer type, [B, S]
-
-    def length(self, layer_type: str) -> int:
-        info = self.info.get(layer_type)
-        return 0 if info is None else info.pos.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
-
-
 # ---------------------------------------------------------------------------------------------
-# Decoder
-
-
-class Attention(nn.Module):
-    def __init__(self, c: Gemma3Config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.layer_type = c.layer_types[layer_idx]
-        self.heads, self.kv_heads, self.head_dim = (
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-        )
-        self.scale = c.query_pre_attn_scalar**-0.5
-        self.window = None if self.layer_type == GLOBAL else c.sliding_window
-        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: KVCache | None) -> Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(self.q_norm(q), cos, sin)  # QK-norm before RoPE
-        k = apply_rope(self.k_norm(k), cos, sin)
-        if cache is not None:
-            i = self.layer_idx
-            if cache.keys[i] is not None:
-                k = torch.cat([cache.keys[i], k], dim=2)  # [B, K, S, Dh]
-                v = torch.cat([cache.values[i], v], dim=2)
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-            cache.keys[i], cache.values[i] = k[:, :, -keep:], v[:, :, -keep:]
-        if isinstance(mask, Tensor):  # SDPA with a dense boolean mask [B, 1, T, S]
-            out = sdpa_dense(q, k, v, mask, self.scale)
-        else:  # FlexAttention with a BlockMask, tiles chosen for the device (flex_kernels.py)
-            out = _flex_attention()(
-                q, k, v, block_mask=mask.block_mask, scale=self.scale, enable_gqa=True,
-                kernel_options=mask.kernel_options,
-            )  # fmt: skip
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-
-
-@dataclass
-class FlexMask:
-    """What a FlexAttention layer needs besides q, k, v: the BlockMask of its layer type and
-    the kernel options for the device (None: torch's defaults)."""
-
-    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
-    kernel_options: dict | None
+# Image blocks: checked in Gemma3.embed, and on the CPU before a training batch moves (train/)
 
 
 class ImageTokenError(UserError, ValueError):
@@ -172,77 +82,8 @@ def check_image_batch(is_img: Tensor, n_features: int, per_image: int) -> None:
     )
 
 
-QUERY_CHUNK = 256  # queries per SDPA call when a long row is split (see sdpa_query_chunks)
-
-
-def sdpa_dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """SDPA with a dense boolean mask. On CUDA, K/V are expanded to every query head: with GQA
-    and a mask torch has no fused kernel (it runs the math backend, which materialises the
-    scores), while with equal heads the memory-efficient kernel takes the mask. Elsewhere, the
-    query-chunked call below. q: [B, H, T, Dh]; k, v: [B, K, S, Dh]; mask: [B, 1, T, S]."""
-    if q.is_cuda:
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return sdpa_query_chunks(q, k, v, mask, scale)
-
-
-@torch.compiler.disable  # data-dependent slicing: a compiled layer runs it eagerly, between graphs
-def sdpa_query_chunks(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, chunk: int = QUERY_CHUNK
-) -> Tensor:
-    """SDPA with a dense mask, skipping key blocks that no query of a chunk can see.
-
-    CPU SDPA computes every (query, key) pair a dense mask covers, visible or not. Split into
-    chunks of `chunk` queries, each call only gets the key span its queries can see: on a
-    sliding layer (window W) that is about chunk + W keys instead of the whole row, and on a
-    global layer the keys after the chunk (causal) drop out. The result is the same softmax
-    over the same visible keys. q: [B, H, T, Dh]; k, v: [B, K, S, Dh]; mask: [B, 1, T, S].
-    """
-    gqa = q.shape[1] != k.shape[1]
-    t, s = q.shape[2], k.shape[2]
-    if t <= 2 * chunk:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    seen = mask.any(dim=1).any(dim=0)  # [T, S]: key j visible to query i in some row
-    outs = []
-    for a in range(0, t, chunk):
-        cols = seen[a : a + chunk].any(dim=0)  # [S]
-        lo = int(cols.int().argmax())  # first visible key
-        hi = s - int(cols.flip(0).int().argmax())  # one past the last
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, a : a + chunk],
-                k[:, :, lo:hi],
-                v[:, :, lo:hi],
-                attn_mask=mask[:, :, a : a + chunk, lo:hi],
-                scale=scale,
-                enable_gqa=gqa,
-            )
-        )
-    return torch.cat(outs, dim=2)  # [B, H, T, Dh]
-
-
-_FLEX = None
-
-
-def _flex_attention():
-    """flex_attention compiled once (on CPU too, where it runs forward only: torch has no CPU
-    backward). Uncompiled, it materialises the whole score matrix. Inside a compiled layer it is
-    traced with the layer, so the raw function is returned there.
-
-    Compiled with static shapes: one graph per (batch length, layer type, grad mode), which
-    `flex_graph_budget` counts and `bound_recompiles` makes the recompile limit, with a loud
-    error past it: torch's own behaviour at its limit (8 by default) is to run the unfused path,
-    an out-of-memory hours into a run at long lengths."""
-    global _FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if torch.compiler.is_compiling():
-        return flex_attention
-    if _FLEX is None:
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
+# ---------------------------------------------------------------------------------------------
+# Compiled FlexAttention (attention.py): how many graphs a run makes
 
 
 def flex_graph_budget(lengths: int, layer_types: int, grad_modes: int = 2) -> int:
@@ -261,6 +102,10 @@ def bound_recompiles(graphs: int) -> None:
 
     dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)
     dynamo.fail_on_recompile_limit_hit = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
 
 
 class DecoderLayer(nn.Module):
@@ -363,21 +208,6 @@ class TextModel(nn.Module):
         return visible(info, keys, window)[:, None]  # [B, 1, T, S]
 
 
-def flex_options(device: torch.device, head_dim: int, weight: Tensor) -> dict | None:
-    """FlexAttention kernel options for this device (flex_kernels.py), logged once per device.
-    Where no tile fits the card's shared memory the model was set to SDPA before training."""
-    from .flex_kernels import USE_SDPA, options_for_device
-
-    options, line = options_for_device(device, head_dim, activation_dtype(weight))
-    if device.type == "cuda" and line not in _LOGGED:
-        _LOGGED.add(line)
-        print(line, file=sys.stderr)
-    return None if options == USE_SDPA else options
-
-
-_LOGGED: set[str] = set()
-
-
 class MultimodalModel(nn.Module):
     """Gemma3ForConditionalGeneration's `model`: language model + frozen SigLIP + projector."""
 
@@ -403,7 +233,7 @@ class Gemma3(nn.Module):
     of labelled tokens across a gradient-accumulation step), the loss is this micro-batch's sum
     divided by it, so accumulated steps weigh every token equally. With labels and
     `sequence_logps=True` it returns `.logps` and `.tokens` per document instead (preference
-    tuning: see `_sequence_logps`). `scored` (the training collator's, optional) names the
+    tuning: see logprobs.sequence_logprobs). `scored` (the training collator's, optional) names the
     labelled positions so the loss needs no host sync to find them.
     """
 
@@ -555,7 +385,7 @@ class Gemma3(nn.Module):
         soft_targets: SoftTargets | None = None,  # distillation: a teacher's targets (loss.py)
         hidden_only: bool = False,  # the final hidden states [B, T, D], unprojected (a teacher)
         sequence_logps: bool = False,  # preference tuning: per-document log p(labels), no loss
-        scored: Tensor | None = None,  # [K] the collator's scored positions (see _loss)
+        scored: Tensor | None = None,  # [K] the collator's scored positions (see loss.batch_loss)
         **_: object,
     ) -> Output:
         b, t = input_ids.shape
@@ -584,57 +414,10 @@ class Gemma3(nn.Module):
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
         if sequence_logps:  # masks document boundaries too: finds its own rows (no `scored`)
-            return self._sequence_logps(h, weight, targets, info)
-        return self._loss(h, weight, targets, soft_targets, num_items_in_batch, scored)
-
-    @staticmethod
-    def _loss(
-        h: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        soft_targets: SoftTargets | None,
-        num_items_in_batch: int | Tensor | None,
-        scored: Tensor | None,
-    ) -> Output:
-        """The mean loss over the shifted `targets` [B, T] != -100 (of h [B, T, D]), in chunks.
-
-        `scored` `[K]`: the flat indices into `[B * T]` of those targets, in order, when the
-        caller has them: the training collator computes them on the CPU (data/collate.py,
-        `scored_positions`), which spares the loss its one host sync per step (a `nonzero`)."""
-        b, t = targets.shape
-        flat = targets.reshape(-1)
-        logs = {}
-        if soft_targets is None:
-            loss = chunked_cross_entropy(h.reshape(b * t, -1), weight, flat, scored)
-        else:
-            loss, kd, ce = chunked_distillation(
-                h.reshape(b * t, -1), weight, flat, soft_targets, scored
-            )
-            logs = {"kd_loss": kd, "ce_loss": ce}
-        if num_items_in_batch is not None:
-            # sum over this micro-batch / labelled tokens in the step
-            count = (flat != IGNORE_INDEX).sum() if scored is None else scored.numel()
-            share = count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
-            loss = loss * share
-            logs = {k: v * share for k, v in logs.items()}
+            logps, tokens = sequence_logprobs(h, weight, targets, info.doc)
+            return Output(logps=logps, tokens=tokens)
+        loss, logs = batch_loss(h, weight, targets, soft_targets, num_items_in_batch, scored)
         return Output(loss=loss, **logs)
-
-    @staticmethod
-    def _sequence_logps(h: Tensor, weight: Tensor, targets: Tensor, info: TokenInfo) -> Output:
-        """Per document of the flattened batch (row-major; a document is what the masks keep
-        apart: a run whose positions increase), the sum of log p(target) over its labelled
-        targets and their count, for the documents with at least one. A target whose label is
-        the first token of the next document is dropped (a prediction across the boundary; the
-        data never labels it). h: [B, T, D]; targets: [B, T], already shifted."""
-        b, t = targets.shape
-        boundary = info.doc[:, 1:] != info.doc[:, :-1]  # [B, T-1]: the next token starts one
-        targets[:, :-1].masked_fill_(boundary, IGNORE_INDEX)
-        per_row = info.doc[:, -1]  # [B]: documents in each row (ids are 1-based per row)
-        doc = info.doc - 1 + (per_row.cumsum(0) - per_row)[:, None]  # [B, T]: batch-wide ids
-        logps, tokens = document_logprobs(
-            h.reshape(b * t, -1), weight, targets.reshape(-1), doc.reshape(-1)
-        )
-        return Output(logps=logps, tokens=tokens)
 
     def compile_layers(self) -> None:
         """Regional compilation: each decoder and SigLIP layer is compiled in place (its

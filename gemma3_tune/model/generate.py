@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .config import GLOBAL, SLIDING, Gemma3Config
-from .gemma3 import Gemma3, KVCache
+from .gemma3 import Gemma3
+from .kv_cache import KVCache
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> Tensor:
