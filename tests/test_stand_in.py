@@ -1,9 +1,9 @@
 """What a rank without images runs so data-parallel ranks stay in step (Gemma3._stand_in),
 checked in 2 gloo processes: which vision modules run, and that the logits do not change.
 
-ZeRO-3 is recognised by the `ds_id` DeepSpeed puts on every partitioned parameter; here it is
-set by hand on a plain model so the decision can be watched without DeepSpeed (the full
-ZeRO-3 runs are in test_distributed.py)."""
+The ranks' agreement is train/'s (distributed.images_needed, which build_model.py gives the
+model); here it is given for ZeRO-3 on a plain model, so the decision can be watched without
+DeepSpeed (the full ZeRO-3 runs are in test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from gemma3_tune.model.config import preset
 from gemma3_tune.model.gemma3 import Gemma3
+from gemma3_tune.train.distributed import images_needed
 
 # (rank 0 has an image, rank 1 has an image, marked as ZeRO-3)
 CASES = {
@@ -64,10 +65,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     )
     result = {}
     for name, (img0, img1, zero3) in CASES.items():
-        if zero3:
-            model.text_model.embed_tokens.weight.ds_id = 0
-        elif hasattr(model.text_model.embed_tokens.weight, "ds_id"):
-            del model.text_model.embed_tokens.weight.ds_id
+        model.images_needed = images_needed(partitioned=zero3)  # as train/build_model.py sets it
         calls.update(tower=0, projector=0)
         batch_has_image = img0 if rank == 0 else img1
         batch = _inputs(model.config, batch_has_image)

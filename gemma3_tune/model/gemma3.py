@@ -241,6 +241,10 @@ class Gemma3(nn.Module):
         super().__init__()
         self.config = config
         self.attn_backend = attn_backend  # "sdpa", "flex", or "auto" (flex on CUDA)
+        # Set by train/ under data parallelism (train/distributed.py: images_needed): what
+        # every rank must run of the vision path this step, given what this rank's batch runs
+        # (2 tower and projector, 1 projector on cached features, 0 neither). None: one process.
+        self.images_needed: Callable[[int, torch.device], int] | None = None
         self.model: TextModel | MultimodalModel = (
             MultimodalModel(config) if config.is_multimodal else TextModel(config)
         )
@@ -303,23 +307,18 @@ class Gemma3(nn.Module):
 
         Under ZeRO-3 every module's weights are gathered collectively when it runs, so the
         tower must run on every rank or on none. The ranks agree whether any of them runs it
-        this step (one all-reduce of a flag: 2 = tower and projector, 1 = projector on cached
-        features, 0 = neither); if so, a rank without pixels runs it on one zero image. Steps
+        this step; if so, a rank without pixels runs it on one zero image. Steps
         where no rank holds an image skip the tower everywhere. The projector still runs on
         every rank at every step: a trained parameter that gets no gradient in a step keeps
         its previous step's gradient under ZeRO-3 (measured: the grad norm of an image-less
         step included the last image step's projector gradient).
 
-        The result is added to the embeddings with weight 0: zero gradients, same values."""
-        dist = torch.distributed
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+        The result is added to the embeddings with weight 0: zero gradients, same values.
+        The ranks' agreement (a collective) is train/'s, passed in as `images_needed`."""
+        if self.images_needed is None:
             return None
         mine = 2 if pixel_values is not None else 1 if vision_features is not None else 0
-        need = 1  # the projector runs everywhere, every step
-        if hasattr(self.text_model.embed_tokens.weight, "ds_id"):  # partitioned by ZeRO-3
-            flag = torch.tensor([mine], device=x.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            need = max(need, int(flag.item()))
+        need = self.images_needed(mine, x.device)
         if mine >= need:
             return None
         v = self.config.vision

@@ -15,7 +15,7 @@ from . import precision, qat
 from .adapters import apply_method, parameter_table, unwrap
 from .args import compile_enabled
 from .batches import device
-from .distributed import is_main_process, load_model_zero3
+from .distributed import images_needed, is_main_process, load_model_zero3
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe
 
@@ -39,6 +39,8 @@ def build_model(recipe: Recipe, folder: Path, out: Path, args, objective) -> tup
     zero3 = recipe.deepspeed is not None and args.hf_deepspeed_config.is_zero3()
     torch.manual_seed(recipe.training.seed)
     model = _load(recipe, folder, out, args.hf_deepspeed_config.config if zero3 else None)
+    if model.config.is_multimodal:  # ranks without images keep in step (Gemma3._stand_in)
+        model.images_needed = images_needed(partitioned=zero3)
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if recipe.qat is not None:  # decoder linears fake-quantized, before peft wraps them

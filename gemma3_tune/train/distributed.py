@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,26 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def images_needed(partitioned: bool) -> Callable[[int, torch.device], int]:
+    """The model's `images_needed` (Gemma3._stand_in): what every data-parallel rank must run
+    of the vision path this step, given what this rank's batch runs (2 tower and projector,
+    1 projector on cached features, 0 neither). One process: nothing (0). DDP and ZeRO-2: the
+    projector (1), so its gradient exists on every rank. ZeRO-3 (`partitioned`): the most any
+    rank runs, agreed by one all-reduce, since a partitioned module runs on all ranks or none."""
+
+    def need(mine: int, device: torch.device) -> int:
+        dist = torch.distributed
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return 0
+        if not partitioned:
+            return 1
+        flag = torch.tensor([mine], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return max(1, int(flag.item()))
+
+    return need
 
 
 def init_distributed(use_deepspeed: bool, timeout_s: int = 1800) -> None:
