@@ -144,16 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.targets import parse_target
 
     targets = [parse_target(t, args.adapter) for t in args.targets]
-    from .eval.runner import (
-        check_llama_cpp,
-        disagreements,
-        evaluate,
-        json_line,
-        load_pairs,
-        load_samples,
-        table,
-        write_outputs,
-    )
+    from .eval.report import disagreements, json_line, table, write_outputs
+    from .eval.runner import check_llama_cpp, evaluate, load_pairs, load_samples
 
     if args.backend == "llama.cpp":
         check_llama_cpp(targets, metrics)  # before the data is read
@@ -192,12 +184,8 @@ def recipe_help() -> str:
     return "\n".join(f"  {key:<40} {default:<18} {doc}" for key, default, doc in describe_keys())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gemma3-tune", description="Fine-tune Gemma 3 with LoRA, QLoRA or full SFT."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_init_model(sub: argparse._SubParsersAction) -> None:
+    """`init-model`: random weights in HF layout with a tokenizer."""
     s = sub.add_parser(
         "init-model", help="write a random-weight model (HF layout) with a tokenizer"
     )
@@ -207,11 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     s.set_defaults(func=cmd_init_model)
 
+
+def _add_import_gguf(sub: argparse._SubParsersAction) -> None:
+    """`import-gguf`: a GGUF file to an HF-format folder."""
     s = sub.add_parser("import-gguf", help="convert a Gemma 3 GGUF file to an HF-format folder")
     s.add_argument("gguf", type=Path)
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     s.set_defaults(func=cmd_import_gguf)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """`train RECIPE [dotted.key=value ...]`; its --help lists every recipe key."""
     s = sub.add_parser(
         "train",
         help="fine-tune from a recipe YAML",
@@ -223,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.lr=1e-4")
     s.set_defaults(func=cmd_train)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """`export SRC --out DIR`: a merged HF folder, a peft adapter or a GGUF file."""
     s = sub.add_parser("export", help="merged HF folder, peft adapter, or GGUF from a run or model")
     s.add_argument("src", type=Path, help="a run directory or an HF model folder")
     s.add_argument("--out", required=True, type=Path)
@@ -268,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=cmd_export)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    """`generate MODEL --prompt ...`: chat with a model, an export or a run."""
     s = sub.add_parser(
         "generate", help="chat with a model, an export or a run (KV cache, streamed)"
     )
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_generate)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """`eval TARGET... --data FILE`: score targets side by side."""
     s = sub.add_parser(
         "eval",
         help="score runs, models, adapters or GGUF files on held-out chats (or preference"
@@ -345,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="end with one JSON line of scores")
     s.set_defaults(func=cmd_eval)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """`data check` and `data prepare`: validate, or tokenize and pack into the cache."""
     s = sub.add_parser("data", help="data tools")
     dsub = s.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser(
@@ -360,6 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*", help="dotted.key=value")
     c.set_defaults(func=cmd_data_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gemma3-tune", description="Fine-tune Gemma 3 with LoRA, QLoRA or full SFT."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_init_model(sub)
+    _add_import_gguf(sub)
+    _add_train(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    _add_data(sub)
     return p
 
 

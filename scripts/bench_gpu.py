@@ -9,23 +9,23 @@ the step under `torch.autocast("cuda", torch.bfloat16)`, AdamW. With `--profile`
 process then profiles one more step and splits its GPU time into categories (`kernel_category`).
 Running out of memory is a result (that side does not fit on the card): a labelled cell, never
 a crash. scripts/gpu_check.sh runs one case per stage, each with its own ceiling.
+The section's other tables, `--cases loss` and `--cases cli`, are in bench_gpu_loss.py and
+bench_gpu_cli.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_gpu_cli
+import bench_gpu_loss
 import torch
-from bench_harness import GIB, LORA_TARGETS, ROOT, chat_lengths, run_worker, timed_steps
+from bench_harness import GIB, LORA_TARGETS, run_worker, timed_steps
 
 # name: (preset, tokens per document, documents, gradient checkpointing, method)
 GPU_CASES = {
@@ -35,7 +35,8 @@ GPU_CASES = {
     "1b-32k-gc": ("1b", 32768, 1, True, "lora"),
     "4b-4k-qlora": ("4b", 4096, 1, False, "qlora"),
 }
-# Tables of section gpu that are not a model case: the fused-loss kernels and real CLI runs.
+# Tables of section gpu that are not a model case: the fused-loss kernels (bench_gpu_loss.py)
+# and real CLI runs (bench_gpu_cli.py).
 GPU_EXTRA = ("loss", "cli")
 # Each side of a case, in its own process, in this order; the column header of each.
 GPU_IMPLS = {
@@ -322,137 +323,6 @@ def _profile_rows(results: dict[str, dict], sides: list[str]) -> list[str]:
             for cat in CATEGORIES]  # fmt: skip
 
 
-def _loss_fn(impl: str):
-    """fn(hidden [N, D], weight [V, D], labels [N]) -> mean loss, for each implementation."""
-    from gemma3_tune.model.loss import chunked_cross_entropy
-
-    if impl == "ours":
-        return chunked_cross_entropy
-    if impl == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        liger = LigerFusedLinearCrossEntropyLoss()
-        return lambda h, w, y: liger(w, h, y)
-    from cut_cross_entropy import linear_cross_entropy
-
-    return linear_cross_entropy
-
-
-def loss_worker(impl: str, hidden: int, tokens: int, steps: int) -> dict:
-    """Fused linear cross-entropy over Gemma 3's 262k vocabulary, bf16, forward + backward to
-    the hidden states (the tied head is frozen under LoRA): ours (chunked, labelled rows only)
-    vs Liger's and Apple's cut-cross-entropy kernels, which the [gpu] extra would bring."""
-    try:
-        fn = _loss_fn(impl)
-    except ModuleNotFoundError as e:  # the optional kernels may be absent on an offline card
-        if (e.name or "").split(".")[0] not in ("liger_kernel", "cut_cross_entropy"):
-            raise
-        return {"error": "not installed"}
-    dev, vocab = torch.device("cuda"), 262144
-    torch.manual_seed(0)
-    w = torch.randn(vocab, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
-    h = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    y = torch.randint(0, vocab, (tokens,), device=dev)
-    with torch.no_grad():  # fp32 reference, 1024 rows at a time (full logits would be 32 GiB)
-        ref = (
-            sum(
-                torch.nn.functional.cross_entropy(
-                    h[i : i + 1024].float() @ w.float().T, y[i : i + 1024], reduction="sum"
-                )
-                for i in range(0, tokens, 1024)
-            )
-            / tokens
-        )
-
-    def step() -> None:
-        h.grad = None
-        fn(h, w, y).backward()
-
-    loss = fn(h, w, y).item()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = timed_steps(step, steps, torch.cuda.synchronize)
-    return {
-        "ms": 1000 * statistics.median(times),
-        "extra_gib": (torch.cuda.max_memory_allocated() - base) / GIB,
-        "loss_error": abs(loss - ref.item()),
-    }
-
-
-def gpu_loss_rows(args) -> list[str]:
-    rows = [
-        "| linear cross-entropy, 262k vocab, bf16, fwd+bwd | ours (chunked) | Liger | cut-cross-entropy |",
-        "|---|---|---|---|",
-    ]
-    for hidden, tokens in ((1152, 8192), (2560, 8192), (2560, 32768)):
-        cells = []
-        for impl in ("ours", "liger", "cce"):
-            timeout = args.budget / 9 if args.budget else None  # 3 shapes x 3 kernels
-            r = run_worker(["loss", impl, str(hidden), str(tokens), str(args.steps)], timeout)
-            print(f"gpu loss {impl} {hidden} {tokens}: {r}", flush=True)
-            cells.append(
-                r["error"]
-                if "error" in r
-                else f"{r['ms']:.1f} ms, +{r['extra_gib']:.2f} GiB, |Δloss| {r['loss_error']:.1e}"
-            )
-        rows.append(f"| D {hidden}, {tokens} tokens | " + " | ".join(cells) + " |")
-    return rows
-
-
-def _chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
-    """Chats with log-normal token counts (median ~350), as in section packing."""
-    rng = random.Random(seed)
-    words = "the a model data token train answer question value result".split()
-    with path.open("w") as f:
-        for length in chat_lengths(n, seed):
-            reply = " ".join(rng.choice(words) for _ in range(max(4, length - 20)))
-            msgs = [
-                {"role": "user", "content": f"Question {rng.randint(0, 10**6)}?"},
-                {"role": "assistant", "content": reply},
-            ]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return path
-
-
-def gpu_cli_rows(args) -> list[str]:
-    """tokens/s of a real `gemma3-tune train` run (1B preset, variable-length chats, LoRA r=16,
-    bf16), unpacked and packed: the median of metrics.jsonl's tokens_per_second after the
-    first 5 steps (compilation)."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        cli = [sys.executable, "-m", "gemma3_tune"]
-        subprocess.run(
-            [*cli, "init-model", "--preset", "1b", "--out", str(t / "1b")], check=True, env=env
-        )
-        data = _chat_jsonl(t / "chats.jsonl", 4000)
-        for packing, micro in ((False, 4), (True, 1)):
-            out = t / f"run-{packing}"
-            cmd = [
-                *cli, "train", str(ROOT / "recipes" / "chat-lora-1b.yaml"),
-                f"model.path={t / '1b'}", f"data.train={data}", "data.eval=null", "data.eval_split=0",
-                "data.max_seq_len=8192", f"data.packing={str(packing).lower()}",
-                f"training.micro_batch_size={micro}", "training.grad_accum=1",
-                f"training.max_steps={args.gpu_cli_steps}", "training.save_steps=100000",
-                "training.eval_steps=null", "training.gradient_checkpointing=false",
-                f"training.output_dir={out}",
-            ]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            label = f"`gemma3-tune train`, 1B, {'packed 8K rows' if packing else f'unpacked, micro-batch {micro}'}"
-            if proc.returncode != 0:
-                rows.append(
-                    f"| {label} | exit {proc.returncode}: {proc.stderr.strip()[-200:]} | | | |"
-                )
-                continue
-            logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            tps = [r["tokens_per_second"] for r in logs if r.get("tokens_per_second")][5:]
-            peak = max(r.get("peak_memory_gb") or 0 for r in logs)
-            rows.append(f"| {label} | {statistics.median(tps):,.0f} | | | {peak:.1f} GiB |")
-    return rows
-
-
 def gpu_notes(steps: int, device: str, peak: float | None) -> str:
     """What every column of the case tables is, so a reader can rerun any of them."""
     from gemma3_tune.model.flops import peak_card
@@ -520,10 +390,10 @@ def section_gpu(args) -> str:
     tables = []
     for case in args.gpu_cases:
         if case == "loss":
-            tables.append("\n".join(gpu_loss_rows(args)))
+            tables.append("\n".join(bench_gpu_loss.gpu_loss_rows(args)))
         elif case == "cli" and args.gpu_cli_steps:
             head = ["| run | tokens/s | | | peak GiB |", "|---|---|---|---|---|"]
-            tables.append("\n".join(head + gpu_cli_rows(args)))
+            tables.append("\n".join(head + bench_gpu_cli.gpu_cli_rows(args)))
         elif case in GPU_CASES:
             results = gpu_case(case, args)
             tables.append(gpu_case_table(case, results, device, args.steps))

@@ -1,8 +1,8 @@
 """What every benchmark section shares: the machine's description, one measurement per fresh
 process (`run_worker`, which runs `scripts/bench.py _worker ...`), timing, peak memory, the
-LoRA targets both sides use, and the student model and chat-length mix several sections use.
-Section modules (bench_gpu.py, bench_preference.py, bench_precision.py) import this, never
-bench.py, which only dispatches to them.
+LoRA targets both sides use, and the student model, chat tokens and chat-length mix several
+sections use. Section modules (scripts/bench_<section>.py, bench_precision.py) import this,
+never bench.py, which only parses arguments and dispatches to them.
 """
 
 from __future__ import annotations
@@ -121,6 +121,25 @@ def chat_lengths(n: int, seed: int = 0) -> list[int]:
     code), clipped to [24, 12000]: the shape of public SFT mixes such as UltraChat/Tulu."""
     rng = random.Random(seed)
     return [min(12000, max(24, int(rng.lognormvariate(5.86, 0.9)))) for _ in range(n)]
+
+
+def chat_tokens(model_dir: Path, seq: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """`seq` tokens of quickstart-style chat rendered with our template: (input_ids, labels)
+    with the loss on assistant tokens only, as in chat SFT."""
+    from make_quickstart_data import sample
+
+    from gemma3_tune.data.template import Turn, render
+    from gemma3_tune.data.tokenizer import Tokenizer
+
+    tok, rng = Tokenizer(model_dir), random.Random(seed)
+    ids: list[int] = []
+    labels: list[int] = []
+    while len(ids) < seq:
+        msgs = sample(rng)["messages"]
+        s = render([Turn(m["role"], [m["content"]]) for m in msgs], tok, None)
+        ids += s.input_ids
+        labels += s.labels
+    return ids[:seq], labels[:seq]
 
 
 def student(model_dir: str):

@@ -167,7 +167,7 @@ def _trainable(model: torch.nn.Module) -> int:
 
 def _ours(model_dir: str, pair: dict, steps: int, checkpointing: bool = False) -> dict:
     """Our step: the pair as one packed row, sequence log-probs, `dpo_loss`, AdamW."""
-    from gemma3_tune.train.objectives.preference import dpo_loss, pairs
+    from gemma3_tune.train.objectives.preference_loss import dpo_loss, pairs
 
     p, c, r = pair["prompt"], pair["chosen"], pair["rejected"]
     ids = torch.tensor([p + c + p + r])  # [1, N]

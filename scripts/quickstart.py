@@ -24,8 +24,9 @@ from gemma3_tune.cli import main as cli  # noqa: E402
 from gemma3_tune.convert.embedded import embedded_model_dir  # noqa: E402
 from gemma3_tune.errors import UserError  # noqa: E402
 from gemma3_tune.eval.metrics import json_equal  # noqa: E402
+from gemma3_tune.eval.report import table  # noqa: E402
 from gemma3_tune.eval.runner import evaluate as evaluate_targets  # noqa: E402
-from gemma3_tune.eval.runner import load_samples, table  # noqa: E402
+from gemma3_tune.eval.runner import load_samples  # noqa: E402
 from gemma3_tune.eval.targets import parse_target  # noqa: E402
 from gemma3_tune.outputs import refuse_existing  # noqa: E402
 

@@ -15,7 +15,7 @@ from gemma3_tune.model.config import preset
 from gemma3_tune.model.gemma3 import Gemma3
 from gemma3_tune.model.init import random_init
 from gemma3_tune.model.logprobs import chunked_logprobs
-from gemma3_tune.train.objectives.preference import dpo_loss, orpo_loss, pairs
+from gemma3_tune.train.objectives.preference_loss import dpo_loss, orpo_loss, pairs
 
 
 def dense_logprobs(h, w, t):

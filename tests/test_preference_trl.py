@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from gemma3_tune.model.checkpoint import hf_to_ours
 from gemma3_tune.model.config import preset
 from gemma3_tune.model.gemma3 import Gemma3
-from gemma3_tune.train.objectives.preference import dpo_loss, orpo_loss, pairs
+from gemma3_tune.train.objectives.preference_loss import dpo_loss, orpo_loss, pairs
 
 trl = pytest.importorskip("trl")
 

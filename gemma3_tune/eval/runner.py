@@ -1,6 +1,7 @@
 """Score targets on held-out chats: greedy replies through our batched KV-cache decoder (or the
-training loss), a table with a row per target, and the samples where targets disagree; or on
-held-out preference pairs (`--metric preference`, how a DPO/ORPO run is measured).
+training loss), each target's scores per metric (eval/report.py prints them as a table with a
+row per target, with the samples where targets disagree); or on held-out preference pairs
+(`--metric preference`, how a DPO/ORPO run is measured).
 
 Each sample's last assistant turn is the reference and the turns before it the prompt, both
 rendered exactly as training renders them (`data.template.render`). Models are loaded one at a
@@ -16,7 +17,6 @@ restarting at each document, and the model returns each document's summed reply 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +281,7 @@ def pair_logps(model, tok, pairs: list[EvalPair], batch: int, bar) -> list[tuple
     from ..data.collate import Collator, row_features
     from ..data.images import preprocess
     from ..data.preference import render_pair
-    from ..train.objectives.preference import pairs as fold
+    from ..train.objectives.preference_loss import pairs as fold
 
     vision = _vision(model)
     samples = []
@@ -418,91 +418,3 @@ def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens
     ]  # text-only: GGUF import refuses vision
     ids = llama_cpp.replies(target.path, prompts, max_new_tokens, tok.stop_ids(), bar)
     return [stop_at_call(tok.decode(x)) for x in ids]
-
-
-# -- reporting ---------------------------------------------------------------------------------
-
-
-def _cell(metric: str, r: TargetResult) -> str:
-    if metric == "loss":
-        return f"{r.scores[metric]:.4f} (ppl {r.perplexity:.2f})"
-    if metric == PREFERENCE:
-        return f"{100 * r.scores[metric]:.1f}% (log-prob margin {r.margin:.2f} nats)"
-    return f"{100 * r.scores[metric]:.1f}%"
-
-
-def table(results: list[TargetResult], metrics: list[str], n: int) -> str:
-    head = "| target | " + " | ".join(metrics) + " |"
-    rule = "|---|" + "---|" * len(metrics)
-    rows = [f"| {r.label} | " + " | ".join(_cell(m, r) for m in metrics) + " |" for r in results]
-    what = "pairs" if PREFERENCE in metrics else "samples"
-    return "\n".join([f"{n} {what}", head, rule, *rows])
-
-
-def disagreements(
-    results: list[TargetResult], samples: list[EvalSample] | list[EvalPair], k: int = 3
-) -> str:
-    """The first k samples where the targets' replies differ."""
-    if len(results) < 2 or results[0].replies[0] is None:
-        return ""
-    lines = []
-    for i, s in enumerate(samples):
-        got = [r.replies[i] for r in results]
-        if len(set(got)) == 1:
-            continue
-        lines.append(f"{s.origin}: {s.prompt_text()[:120]!r}")
-        lines.append(f"  reference: {s.reference[:200]!r}")
-        lines += [f"  {r.label}: {(r.replies[i] or '')[:200]!r}" for r in results]
-        if len(lines) >= 3 * (2 + len(results)):
-            break
-    return "\n".join(lines)
-
-
-def json_line(results: list[TargetResult], metrics: list[str], n: int) -> str:
-    """{"metric", "n", "scores": {target: score}} (or {target: {metric: score}} for several
-    metrics); preference adds "margin": {target: mean chosen - rejected, nats}."""
-    if len(metrics) == 1:
-        m = metrics[0]
-        line = {"metric": m, "n": n, "scores": {r.label: r.scores[m] for r in results}}
-    else:
-        scores = {r.label: {m: r.scores[m] for m in metrics} for r in results}
-        line = {"metric": metrics, "n": n, "scores": scores}
-    if PREFERENCE in metrics:
-        line["margin"] = {r.label: r.margin for r in results}
-    return json.dumps(line)
-
-
-def write_outputs(
-    out: Path,
-    results: list[TargetResult],
-    samples: list[EvalSample] | list[EvalPair],
-    metrics: list[str],
-    force: bool = False,
-) -> None:
-    """predictions.jsonl (a line per sample: prompt, reference, each target's reply and
-    scores; for pairs: prompt, chosen, rejected, each target's two log-probs, margin and
-    score) and summary.json, in `out` (staged: nothing half-written)."""
-    from ..outputs import staged_dir
-
-    with staged_dir(out, force) as tmp:
-        with open(tmp / "predictions.jsonl", "w") as f:
-            for i, s in enumerate(samples):
-                targets = {r.label: _per_sample(r, i, metrics) for r in results}
-                f.write(json.dumps({**s.describe(), "targets": targets}) + "\n")
-        summary = {
-            "n": len(samples),
-            "metrics": metrics,
-            "scores": {r.label: r.scores for r in results},
-            "perplexity": {r.label: r.perplexity for r in results if r.perplexity is not None},
-        }
-        if PREFERENCE in metrics:
-            summary["margin"] = {r.label: r.margin for r in results}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def _per_sample(r: TargetResult, i: int, metrics: list[str]) -> dict:
-    scores = {m: r.per_sample[m][i] for m in metrics}
-    if r.logps:  # a pair: the two documents' summed reply log-probs
-        c, rej = r.logps[i]
-        return {"chosen_logp": c, "rejected_logp": rej, "margin": c - rej, **scores}
-    return {"reply": r.replies[i], **scores}

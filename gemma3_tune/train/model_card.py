@@ -72,20 +72,20 @@ def _objective(recipe: Recipe) -> str:
 def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int, done: bool) -> str:
     """Markdown with a YAML header (as on the Hugging Face Hub). `out` is the run folder;
     `data` is the data report's summary; metrics come from out/metrics.jsonl as it stands now."""
-    t, d = recipe.training, recipe.data
-    rows = read_metrics(out / "metrics.jsonl")
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
     adapter = recipe.method in ("lora", "qlora")
-    folder = "model" if recipe.method == "full" else "adapter"
-    tags = ["gemma3", "gemma3-tune", recipe.method] + (["vision"] if data.get("images") else [])
-    sources = ", ".join(s.path for s in d.train)
-    status = (
-        f"complete: {step} steps"
-        if done
-        else f"in progress: step {step} of {max_steps} (this card is rewritten at each checkpoint)"
-    )
     lines = [
+        *_front_matter(recipe, out, data, adapter),
+        *_facts(recipe, data, step, max_steps, done),
+        *_progress(read_metrics(out / "metrics.jsonl")),
+        *_usage(recipe, adapter),
+    ]
+    return "\n".join(lines)
+
+
+def _front_matter(recipe: Recipe, out: Path, data: dict, adapter: bool) -> list[str]:
+    """The YAML header the Hub reads, the title and the one-line description."""
+    tags = ["gemma3", "gemma3-tune", recipe.method] + (["vision"] if data.get("images") else [])
+    return [
         "---",
         f"base_model: {recipe.model.path}",
         f"library_name: {'peft' if adapter else 'transformers'}",
@@ -98,6 +98,19 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
         f"A {_method(recipe)} of the Gemma 3 model `{recipe.model.path}`, trained with gemma3-tune"
         f" {__version__}.",
         "",
+    ]
+
+
+def _facts(recipe: Recipe, data: dict, step: int, max_steps: int, done: bool) -> list[str]:
+    """The table's first rows: status, what was trained how, on what data, on what schedule."""
+    t, d = recipe.training, recipe.data
+    sources = ", ".join(s.path for s in d.train)
+    status = (
+        f"complete: {step} steps"
+        if done
+        else f"in progress: step {step} of {max_steps} (this card is rewritten at each checkpoint)"
+    )
+    return [
         "| | |",
         "|---|---|",
         f"| status | {status} |",
@@ -114,6 +127,14 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
         f"| schedule | lr {t.lr:g} ({t.lr_scheduler}, {t.warmup_steps} warmup steps), micro batch"
         f" {t.micro_batch_size} x grad_accum {t.grad_accum}, seed {t.seed} |",
     ]
+
+
+def _progress(rows: list[dict]) -> list[str]:
+    """The table's last rows, from metrics.jsonl: the train loss from its first logged step to
+    its last (with the distillation and preference terms where logged), the last eval loss."""
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    lines = []
     if train:
         last = train[-1]
         lines.append(
@@ -140,8 +161,14 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
                 f" {last.get('eval_rewards/margins', 0):.4f} (beta-scaled log-ratio)"
             )
         lines.append(f"| eval loss | {last['eval_loss']:.4f} ({how}) at step {last['step']} |")
-    run = t.output_dir  # as the recipe has it, like every path in this card
-    lines += [
+    return lines
+
+
+def _usage(recipe: Recipe, adapter: bool) -> list[str]:
+    """Where the logs are, the commands that use the run, and the recipe that made it."""
+    run = recipe.training.output_dir  # as the recipe has it, like every path in this card
+    folder = "model" if recipe.method == "full" else "adapter"
+    lines = [
         "",
         "Every logged step is in `metrics.jsonl` (the loss curve in `loss.png`), the data report"
         " in `data_report.json`.",
@@ -169,4 +196,4 @@ def model_card(recipe: Recipe, out: Path, data: dict, step: int, max_steps: int,
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return lines
