@@ -29,3 +29,12 @@ def test_scripts_are_read_too():
 def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert SHAPE["cycles"](graph) == [["a", "b", "c"]]
+
+
+def test_sizes_keep_to_the_goals():
+    """Issue 38's goals, kept: no function over 80 lines, no module over 450, and the trainer
+    importing fewer than 25 of our names (it reads as a list of steps)."""
+    s = SHAPE["shape"]()
+    assert s["longest_functions"][0][0] <= 80, s["longest_functions"][0]
+    assert s["largest_modules"][0][0] <= 450, s["largest_modules"][0]
+    assert s["trainer_imported_names"] < 25
