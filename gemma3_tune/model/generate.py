@@ -17,11 +17,17 @@ from .gemma3 import Gemma3
 from .kv_cache import KVCache
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> Tensor:
-    """logits `[B, V]` -> token ids `[B]`. temperature 0 is greedy."""
+def sample(
+    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None, top_k: int = 0
+) -> Tensor:
+    """logits `[B, V]` -> token ids `[B]`. temperature 0 is greedy; top_k 0 keeps every id."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
@@ -140,15 +146,72 @@ def _next_tokens(
     temperature: float,
     top_p: float,
     generator: torch.Generator | Sequence[torch.Generator] | None,
+    top_k: int = 0,
 ) -> Tensor:
     """The next token of every row `[B]`: one draw for the batch, or a draw per row from its
     own generator (the same draws `generate` makes for that prompt alone)."""
     if temperature <= 0 or generator is None or isinstance(generator, torch.Generator):
-        return sample(logits, temperature, top_p, generator)
+        return sample(logits, temperature, top_p, generator, top_k)
     if len(generator) != logits.shape[0]:
         raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
-    rows = [sample(logits[b : b + 1], temperature, top_p, g) for b, g in enumerate(generator)]
+    rows = [
+        sample(logits[b : b + 1], temperature, top_p, g, top_k) for b, g in enumerate(generator)
+    ]
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def generate_groups(
+    model: Gemma3,
+    prompts: list[list[int]],
+    group: int,
+    generators: Sequence[torch.Generator],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    vision_features: Tensor | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """`group` sampled completions of each prompt (prompt-major: b * group + k), each from its
+    own generator, and whether each was cut at `max_new_tokens`. Each prompt (its images
+    included: `vision_features` of the prompts' images in order) is run once; its KV cache is
+    then repeated for its samples. A completion ends with the stop token it drew."""
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):  # left-padded; each pad token is a document of its own
+        ids[b, longest - len(p) :] = torch.tensor(p)
+        pos[b, longest - len(p) :] = torch.arange(len(p))
+    cache = model.new_cache()
+    extra = {} if vision_features is None else {"vision_features": vision_features}
+    logits = model(
+        ids.to(device), position_ids=pos.to(device), cache=cache, last_logits_only=True, **extra
+    ).logits[:, -1]
+    cache, logits = cache.repeat_interleave(group), logits.repeat_interleave(group, dim=0)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(group)
+    n = len(prompts) * group
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    for _ in range(max_new_tokens):
+        tok = _next_tokens(logits, temperature, top_p, generators, top_k).tolist()
+        for b in range(n):
+            if not done[b]:
+                out[b].append(tok[b])
+                done[b] = tok[b] in stop_ids
+        if all(done):
+            break
+        step = model(
+            torch.tensor(tok, device=device)[:, None],
+            position_ids=next_pos[:, None],
+            cache=cache,
+            last_logits_only=True,
+        )
+        logits, next_pos = step.logits[:, -1], next_pos + 1
+    return out, [not d for d in done]
 
 
 def kv_cache_bytes(
@@ -173,6 +236,7 @@ __all__ = [
     "decode_one_token",
     "generate",
     "generate_batch",
+    "generate_groups",
     "kv_cache_bytes",
     "prefill",
     "sample",

@@ -27,5 +27,18 @@ class KVCache:
         info = self.info.get(layer_type)
         return 0 if info is None else info.pos.shape[1]
 
+    def repeat_interleave(self, n: int) -> KVCache:
+        """Each batch row's cache n times in a row (`[B, ...]` -> `[B * n, ...]`): a prompt
+        run once serves n samples decoded from it."""
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        info = {
+            k: None if i is None else TokenInfo(rep(i.pos), rep(i.doc), rep(i.block))
+            for k, i in self.info.items()
+        }
+        return KVCache([rep(k) for k in self.keys], [rep(v) for v in self.values], info)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

@@ -237,7 +237,11 @@ def make_trainer(recipe: Recipe, model, args, objective, collator, train_ds, eva
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=AutoTokenizer.from_pretrained(str(folder)),
-        callbacks=[MetricsCallback(out), checkpoints, LastStep(evaluate=eval_ds is not None)],
+        callbacks=[
+            MetricsCallback(out, objective.log_prefixes),
+            checkpoints,
+            LastStep(evaluate=eval_ds is not None),
+        ],
         objective=objective,
         projector_lr=recipe.train_projector_lr,
         pad_id=collator.pad_id,

@@ -30,26 +30,25 @@ class MetricsCallback(TrainerCallback):
         "peak_memory_gb",
         "skipped_steps",
     )
-    DISTILL_KEYS = ("kd_loss", "ce_loss")  # distillation runs only
-    # DPO/ORPO runs: TRL's names (eval rows carry them with an eval_ prefix)
-    PREFERENCE_PREFIXES = ("rewards/", "logps/", "nll_loss", "log_odds")
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, prefixes: tuple[str, ...] = ()):
+        """`prefixes`: the keys the run's objective logs (its `log_prefixes`), kept after the
+        common ones; eval rows carry them with an eval_ prefix."""
         self.out = out
         self.path = out / "metrics.jsonl"
+        self.prefixes = prefixes
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
             row = {"step": state.global_step, **{k: logs.get(k) for k in self.TRAIN_KEYS}}
-            row.update({k: logs[k] for k in self.DISTILL_KEYS if k in logs})
-            row.update({k: v for k, v in logs.items() if k.startswith(self.PREFERENCE_PREFIXES)})
+            row.update({k: v for k, v in logs.items() if k.startswith(self.prefixes)})
         elif "eval_loss" in logs:
             row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
             if "eval_perplexity" in logs:
                 row["eval_perplexity"] = logs["eval_perplexity"]
-            eval_keys = tuple("eval_" + p for p in self.PREFERENCE_PREFIXES)
+            eval_keys = tuple("eval_" + p for p in self.prefixes)
             row.update({k: v for k, v in logs.items() if k.startswith(eval_keys)})
         else:
             return

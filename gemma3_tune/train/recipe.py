@@ -236,6 +236,59 @@ class PreferenceSection(_Strict):
         return self
 
 
+class RLSection(_Strict):
+    """objective: grpo. The keys are TRL's GRPOConfig names (and defaults), so its settings
+    carry over; train/objectives/grpo.py says where ours differ."""
+
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="reward functions: path/to/file.py:name, module:name, or a built-in"
+        " (json_valid, json_match:COL, exact:COL, contains:COL, regex:PATTERN, tool_call:COL,"
+        " overlong:MAX:CACHE)",
+    )
+    reward_weights: list[float] | None = Field(
+        default=None, description="one weight per reward function (default: all 1)"
+    )
+    num_generations: int = Field(default=8, ge=2, description="completions per prompt (G)")
+    max_completion_length: int = Field(default=256, ge=1, description="tokens per completion")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling")
+    top_k: int = Field(default=0, ge=0, description="sample from the k most likely (0: all)")
+    beta: float = Field(
+        default=0.0, ge=0, description="KL weight to the starting model (0: no reference)"
+    )
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="lower clip: 1 - epsilon")
+    epsilon_high: float | None = Field(
+        default=None, gt=0, description="upper clip: 1 + epsilon_high (DAPO; default epsilon)"
+    )
+    delta: float | None = Field(
+        default=None, gt=1, description="cap on the importance weight (two-sided clipping)"
+    )
+    num_iterations: int = Field(
+        default=1, ge=1, description="optimizer steps per generation batch (mu)"
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        default="dapo", description="how per-token losses are averaged"
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        default="token", description="sequence: GSPO's per-completion weight"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="divide advantages by the group's std, the batch's, or not"
+    )
+    mask_truncated_completions: bool = Field(
+        default=False, description="completions cut at max_completion_length get no loss"
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self):
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards"
+            )
+        return self
+
+
 class Recipe(_Strict):
     model: ModelSection
     method: Literal["lora", "qlora", "full", "none"] = Field(
@@ -259,11 +312,13 @@ class Recipe(_Strict):
     qat: QatSection | None = Field(
         default=None, description="quantization-aware training for a GGUF export (train/qat.py)"
     )
-    objective: Literal["sft", "dpo", "orpo"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "grpo"] = Field(
         default="sft",
-        description="sft: chats; dpo/orpo: preference pairs (train/objectives/preference.py)",
+        description="sft: chats; dpo/orpo: preference pairs (train/objectives/preference.py);"
+        " grpo: prompts and reward functions (train/objectives/grpo.py)",
     )
     preference: PreferenceSection = PreferenceSection()
+    rl: RLSection = RLSection()
 
     base_dir: Path = Field(
         default=Path("."), exclude=True, description="relative data paths resolve here"

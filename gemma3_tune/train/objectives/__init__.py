@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {  # name -> "module:class" in this package
     "distill": "distill:Distillation",
     "dpo": "preference:Preference",
     "orpo": "preference:Preference",
+    "grpo": "grpo:GRPO",
 }
 
 

@@ -30,6 +30,7 @@ class Objective:
     rest where it differs."""
 
     name = ""
+    log_prefixes: tuple[str, ...] = ()  # what train_logs adds, kept in metrics.jsonl
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

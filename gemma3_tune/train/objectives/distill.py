@@ -249,6 +249,7 @@ class Distillation(SFT):
     labels, as SFT's."""
 
     name = "distill"
+    log_prefixes = ("kd_loss", "ce_loss")
 
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)

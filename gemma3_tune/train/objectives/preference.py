@@ -21,6 +21,8 @@ class Preference(Objective):
     """`objective: dpo | orpo`: pairs of documents scored per reply. DPO's reference log-probs
     are computed (and cached) before the policy loads and ride with each row."""
 
+    log_prefixes = ("rewards/", "logps/", "nll_loss", "log_odds")  # TRL's names
+
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
         self.name = recipe.objective
