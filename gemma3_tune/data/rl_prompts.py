@@ -66,7 +66,7 @@ def _prompt(rec: Record, tok: Tokenizer, vision: VisionTokens | None, options: d
     if turns[-1].role != "user":
         raise SampleError(
             rec.origin,
-            "objective: grpo reads prompts only (TRL's {\"prompt\": ...}); this row ends on a"
+            'objective: grpo reads prompts only (TRL\'s {"prompt": ...}); this row ends on a'
             " reply: remove it, or train on such rows with objective: sft",
         )
     ids, images = generation_prompt(turns, tok, vision)
