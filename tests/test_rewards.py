@@ -236,7 +236,7 @@ def test_load_refusals(tmp_path):
     (tmp_path / "broken.py").write_text("import json\nraise RuntimeError('boom\\nsecond line')\n")
     (tmp_path / "syntax.py").write_text("def f(:\n")
     cases = {
-        "missing.py:fn": ["missing.py:fn", "no file", "relative to the recipe"],
+        "missing.py:fn": ["missing.py:fn", "no file", "relative to where you run"],
         "r.py:nope": ["r.py:nope", "has no 'nope'"],
         "r.py:CONST": ["r.py:CONST", "not a function"],
         "r.py:positional": ["r.py:positional", "cannot take TRL's call", "**kwargs"],
