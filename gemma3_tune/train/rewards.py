@@ -240,7 +240,8 @@ def _load_one(spec: str, base: Path) -> RewardFunction:
 
 
 def load_rewards(specs: list[str], base: Path) -> list[RewardFunction]:
-    """The reward functions a recipe names; `base` is the recipe's folder, for relative files."""
+    """The reward functions a recipe names; relative files resolve in `base` (the working
+    directory, as data paths do)."""
     return [_load_one(spec, Path(base)) for spec in specs]
 
 
