@@ -17,12 +17,9 @@ from .gemma3 import Gemma3
 from .kv_cache import KVCache
 
 
-def sample(
-    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None, top_k: int = 0
-) -> Tensor:
-    """logits `[B, V]` -> token ids `[B]`. temperature 0 is greedy; top_k 0 keeps every id."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+def _probs(logits: Tensor, temperature: float, top_p: float, top_k: int) -> Tensor:
+    """The sampling distribution `[B, V]`: softmax at `temperature` over the `top_k` most
+    likely ids (0: all) and the smallest set reaching `top_p`."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -33,7 +30,34 @@ def sample(
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return probs
+
+
+def sample(
+    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None, top_k: int = 0
+) -> Tensor:
+    """logits `[B, V]` -> token ids `[B]`. temperature 0 is greedy; top_k 0 keeps every id."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = _probs(logits, temperature, top_p, top_k)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sample_rows(
+    logits: Tensor, generators: Sequence[torch.Generator], temperature: float, top_p: float,
+    top_k: int,
+) -> Tensor:  # fmt: skip
+    """One draw per row `[B]`, each from its own generator, by inverting the CDF: one uniform
+    per row and one cumulative sum for the batch, where a multinomial per row costs ~5 ms
+    over 262,144 ids (half of a decode step at batch 16 on a 2-core CPU). temperature 0:
+    greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = _probs(logits, temperature, top_p, top_k)
+    cdf = probs.cumsum(-1)  # [B, V]
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return ids.clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -197,7 +221,7 @@ def generate_groups(
     out: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     for _ in range(max_new_tokens):
-        tok = _next_tokens(logits, temperature, top_p, generators, top_k).tolist()
+        tok = sample_rows(logits, generators, temperature, top_p, top_k).tolist()
         for b in range(n):
             if not done[b]:
                 out[b].append(tok[b])
