@@ -227,7 +227,10 @@ def from_alpaca(data: dict, ctx: Ctx) -> list[Turn]:
 
 
 PAIRED_KEYS = {"completion", "chosen", "rejected"}  # TRL's other "prompt" formats: not read here
-DISTILL_HINT = "a distill: section with a teacher can answer it (distill.teacher)"
+DISTILL_HINT = (
+    "a distill: section with a teacher can answer it (distill.teacher), or objective: grpo"
+    " trains on prompts with reward functions (rl.rewards)"
+)
 
 
 def from_prompt(data: dict, ctx: Ctx, allowed: bool) -> list[Turn]:

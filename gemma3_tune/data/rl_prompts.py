@@ -109,13 +109,7 @@ def read_prompts(
     max_completion_length: int,
 ) -> RLData:
     """The train and held-out prompts of `cfg` (data.eval, or data.eval_split of train)."""
-    room = cfg.max_seq_len - max_completion_length
-    if room < 1:
-        raise SampleError(
-            "data.max_seq_len",
-            f"{cfg.max_seq_len} leaves no room for a prompt beside rl.max_completion_length"
-            f" {max_completion_length}; raise data.max_seq_len",
-        )
+    room = cfg.max_seq_len - max_completion_length  # > 0: refused before (grpo.py)
     report = Report()
     train = _read(cfg, cfg.train, tok, vision, base, room, report)
     if cfg.eval:

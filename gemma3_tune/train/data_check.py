@@ -131,8 +131,48 @@ def documents(sample: Sample) -> list[tuple[str, Sample]]:
     ]
 
 
+def _rl_check(recipe: Recipe, as_json: bool) -> int:
+    """objective: grpo: the prompts (and their other columns), and the reward functions."""
+    from .objectives import build
+    from .refusals import refuse
+
+    refuse(recipe)  # the reward functions load
+    objective = build(recipe)
+    try:
+        tok, _, data = objective.prepare()
+    except DataErrors as e:
+        return _print_errors(e)
+    r, out = data.report, sys.stdout
+    print(f"prompts            {r.samples}  (+{r.eval_samples} eval)", file=out)
+    print(f"prompt tokens      {r.tokens}", file=out)
+    print(f"images             {r.images}", file=out)
+    room = recipe.data.max_seq_len - recipe.rl.max_completion_length
+    print(f"dropped            {r.dropped}  (longer than {room} tokens: max_seq_len less"
+          " rl.max_completion_length)", file=out)  # fmt: skip
+    for where in shown(r.dropped_at, LISTED):
+        print(f"  {where}", file=out)
+    names = ", ".join(f.name for f in objective.rewards)
+    print(f"rewards            {names}", file=out)
+    if data.train:
+        first = data.train[0]
+        columns = ", ".join(first.columns) or "none"
+        print(f"\nfirst prompt ({first.origin}), columns for the rewards: {columns}", file=out)
+        print(tok.decode(first.ids), file=out)
+    if as_json:
+        print(json.dumps(r.summary()), file=out)
+    warning, refusal = data_loss(r, recipe.data)
+    if warning:
+        print(warning, file=sys.stderr)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.objective == "grpo":  # prompts, not samples to train on
+        return _rl_check(recipe, as_json)
     try:
         if recipe.distill is None:
             tok, cfg, data = load_data(recipe)

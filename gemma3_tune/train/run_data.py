@@ -36,6 +36,6 @@ def load_data(recipe: Recipe, answers=None, prompts=None):
         recipe.base_dir,
         recipe.training.seed,
         answers=answers,
-        pairs=recipe.objective != "sft",
+        pairs=recipe.objective in ("dpo", "orpo"),
     )
     return tok, cfg, data

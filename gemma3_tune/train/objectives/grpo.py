@@ -163,6 +163,11 @@ class GRPO(Objective):
                 " model, not supported yet; use method lora (the adapter off is the reference)"
                 " or rl.beta=0"
             )
+        if recipe.data.max_seq_len <= r.max_completion_length:
+            raise UserError(
+                f"data.max_seq_len {recipe.data.max_seq_len} leaves no room for a prompt beside"
+                f" rl.max_completion_length {r.max_completion_length}; raise data.max_seq_len"
+            )
         if recipe.data.feature_cache:
             raise UserError(
                 "objective: grpo encodes each prompt's images once per group; remove"
