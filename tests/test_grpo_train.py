@@ -74,3 +74,60 @@ def test_metrics_carry_trls_names(runs):
 def test_the_same_seed_samples_the_same_completions(runs):
     a, b = ((r / "completions.jsonl").read_text() for r in runs)
     assert a == b
+
+
+EVENS = '''
+def evens(prompts, completions, completion_ids, **kw):
+    """The share of even token ids: varies from sample to sample, so every group has signal."""
+    return [sum(t % 2 == 0 for t in c) / max(len(c), 1) for c in completion_ids]
+'''
+
+
+def _resumable(tmp_path: Path, tiny_dir: Path, name: str) -> Path:
+    (tmp_path / "evens.py").write_text(EVENS)
+    data = _prompts(tmp_path / "prompts.jsonl")
+    return write_recipe(
+        tmp_path / f"{name}.yaml", tiny_dir, data, tmp_path / name,
+        objective="grpo", data__max_seq_len=48, training__max_steps=6, training__save_steps=2,
+        training__lr=2e-2, rl__rewards=[f"{tmp_path / 'evens.py'}:evens"],
+        rl__num_generations=4, rl__max_completion_length=8,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_unbroken_run(tmp_path, tiny_dir):
+    """Kill a GRPO run once checkpoint-4 is complete, resume it: the completions sampled, their
+    rewards, the losses and the adapter equal an unbroken run's (completions.jsonl loses the
+    rows logged after the checkpoint, as metrics.jsonl does)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from gemma3_tune.train.checkpoints import MARKER
+
+    assert main(["train", str(_resumable(tmp_path, tiny_dir, "unbroken"))]) == 0
+    recipe, run = _resumable(tmp_path, tiny_dir, "killed"), tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gemma3_tune.cli", "train", str(recipe)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-4" / MARKER).exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert main(["train", str(recipe), "training.resume=true"]) == 0
+    want, got = tmp_path / "unbroken", run
+    rows = [json.loads(x) for x in (want / "completions.jsonl").read_text().splitlines()]
+    assert len({r["completion"] for r in rows}) > 4 and any(r["advantage"] for r in rows)
+    assert (got / "completions.jsonl").read_text() == (want / "completions.jsonl").read_text()
+    a, b = (
+        [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (want, got)
+    )
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-5 for x, y in zip(a, b, strict=True))
+    wa, wb = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (want, got))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5

@@ -48,16 +48,18 @@ def find_resume(recipe: Recipe, out: Path) -> Path | None:
 
 
 def resume_point(out: Path) -> Path | None:
-    """The newest complete checkpoint; half-written ones are removed, and metrics.jsonl loses
-    the rows logged after the checkpoint (the resumed run logs those steps again)."""
+    """The newest complete checkpoint; half-written ones are removed, and the run's logs
+    (metrics.jsonl, and GRPO's completions.jsonl) lose the rows logged after the checkpoint
+    (the resumed run logs those steps again)."""
     for p in remove_incomplete(out):
         print(f"removed {p.name}: it was not completely written", file=sys.stderr)
     ckpt = newest_complete(out)
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file():
-        step = int(ckpt.name.removeprefix("checkpoint-")) if ckpt else 0
-        rows = [r for r in metrics.read_text().splitlines() if json.loads(r)["step"] <= step]
-        write_atomic(metrics, "".join(r + "\n" for r in rows))
+    step = int(ckpt.name.removeprefix("checkpoint-")) if ckpt else 0
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        log = out / name
+        if log.is_file():
+            rows = [r for r in log.read_text().splitlines() if json.loads(r)["step"] <= step]
+            write_atomic(log, "".join(r + "\n" for r in rows))
     return ckpt
 
 
