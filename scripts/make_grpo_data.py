@@ -4,11 +4,12 @@
              Caller ID 555-4283: Priya Moore, a 46-year-old from Miami."
     answer: {"name": "Priya Moore", "age": 46, "city": "Miami", "phone": "555-4283"}
 
-The quickstart's fine-tune (recipes/quickstart.yaml, exported merged) gets most of them right
-but not all: it reads the number in "Caller ID ..." as the age, misreads "turned 79 this year",
-and leaves the JSON open after "- tel. 555-0071". recipes/grpo-contacts.yaml trains it on the
-prompts with the `json_match:answer` reward alone (no reply is ever shown to it);
-heldout.jsonl holds other prompts of the same templates, as chats for `gemma3-tune eval`.
+The quickstart's full fine-tune (24 steps) gets 77.5% of the held-out ones exactly right (it
+leaves the JSON open after "- tel. 555-0071", an answer whose closing brace it almost never
+samples, so no reward can teach it that); its 12-step checkpoint writes the right card but
+rarely ends its turn. recipes/grpo-contacts.yaml trains that checkpoint on the prompts with the
+`json_match:answer` reward alone (no reply is ever shown to it); heldout.jsonl holds other
+prompts of the same templates, as chats for `gemma3-tune eval`.
 Deterministic: `python scripts/make_grpo_data.py` rewrites data/grpo/ identically.
 """
 
