@@ -8,7 +8,7 @@ The quickstart's full fine-tune (24 steps) gets 77.5% of the held-out ones exact
 leaves the JSON open after "- tel. 555-0071", an answer whose closing brace it almost never
 samples, so no reward can teach it that); its 12-step checkpoint writes the right card but
 rarely ends its turn. recipes/grpo-contacts.yaml trains that checkpoint on the prompts with the
-`json_match:answer` reward alone (no reply is ever shown to it); heldout.jsonl holds other
+`json_equal:answer` reward alone (no reply is ever shown to it); heldout.jsonl holds other
 prompts of the same templates, as chats for `gemma3-tune eval`.
 Deterministic: `python scripts/make_grpo_data.py` rewrites data/grpo/ identically.
 """

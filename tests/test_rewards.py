@@ -75,6 +75,14 @@ def test_json_match_types_and_nested_values():
     assert _run("json_match:ref", ["{}", '{"a": 1}'], [{}, {}]) == [1.0, 0.0]
 
 
+def test_json_equal_gives_no_partial_credit():
+    ref = {"name": "Ada", "year": 1815}
+    texts = ['{"year": 1815, "name": "Ada"}', '{"name": "Ada"}', '{"name": "Ada", "year": 1815,'
+             ' "x": 1}', '{"name": "Ada", "year": 1815} and more', "not json"]  # fmt: skip
+    assert _run("json_equal:ref", texts, [ref] * 5) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert _run("json_equal:ref", [_chat('{"name": "Ada", "year": 1815}')], [ref]) == [1.0]
+
+
 @pytest.mark.parametrize("wrap", [str, _chat], ids=["text", "chat"])
 def test_exact_and_contains(wrap):
     texts = [" 42 \n", "42.", "The answer is 42.", "4 2"]

@@ -243,7 +243,8 @@ class RLSection(_Strict):
     rewards: list[str] = Field(
         default_factory=list,
         description="reward functions: path/to/file.py:name, module:name, or a built-in"
-        " (json_valid, json_match:COL, exact:COL, contains:COL, regex:PATTERN, tool_call:COL,"
+        " (json_valid, json_match:COL, json_equal:COL, exact:COL, contains:COL, regex:PATTERN,"
+        " tool_call:COL,"
         " overlong:MAX:CACHE)",
     )
     reward_weights: list[float] | None = Field(

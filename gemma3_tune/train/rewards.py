@@ -100,6 +100,13 @@ def _json_match(text: str, ref: Any) -> float:
     return sum(k in got and _canon(got[k]) == _canon(v) for k, v in ref.items()) / len(ref)
 
 
+def _json_equal(text: str, ref: Any) -> float:
+    """1 when the completion's JSON equals the reference exactly (eval's `json` metric): no
+    partial credit, so leaving a hard field out never pays (json_match's 3 of 4 keys does)."""
+    ref = _json_of(ref) if isinstance(ref, str) else ref
+    return float(_canon(_json_of(text)) == _canon(ref)) if _json_of(text) is not _NOT_JSON else 0.0
+
+
 def _exact(text: str, ref: Any) -> float:
     return float(text.strip() == str(ref).strip())
 
@@ -148,9 +155,13 @@ def _overlong(completion_ids: list, *, max_len: int, cache: int, **kwargs: Any) 
 
 # --- loading ---------------------------------------------------------------------------------
 
-_BUILTINS = "json_valid json_match:COLUMN exact:COLUMN contains:COLUMN regex:PATTERN"
+_BUILTINS = "json_valid json_match:COLUMN json_equal:COLUMN exact:COLUMN contains:COLUMN"
+_BUILTINS += " regex:PATTERN"
 _BUILTINS += " tool_call:COLUMN overlong:MAX:CACHE"
-_CHECKS = dict(json_match=_json_match, exact=_exact, contains=_contains, tool_call=_tool_call)
+_CHECKS = dict(
+    json_match=_json_match, json_equal=_json_equal, exact=_exact, contains=_contains,
+    tool_call=_tool_call,
+)  # fmt: skip
 
 
 def _builtin(spec: str) -> Callable:
