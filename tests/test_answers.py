@@ -340,7 +340,10 @@ def test_prompts_without_a_teacher_are_one_line_errors_naming_distill(tmp_path, 
     ]  # fmt: skip
     got = _errors(tmp_path, tiny_dir, rows)
     data = tmp_path / "bad.jsonl"
-    hint = "a distill: section with a teacher can answer it (distill.teacher)"
+    hint = (
+        "a distill: section with a teacher can answer it (distill.teacher), or objective: grpo"
+        " trains on prompts with reward functions (rl.rewards)"
+    )
     ends = f"no assistant reply to train on (the conversation ends on the user's turn: {hint})"
     prompt_row = f"a 'prompt'-only row has no assistant reply to train on; {hint}"
     assert got == [
