@@ -164,17 +164,23 @@ def main() -> None:
                "--prompts", str(a.prompts), "--generations", str(a.generations),
                "--tokens", str(a.tokens), "--steps", str(a.steps)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{side}: {out.stderr.strip().splitlines()[-1:]}")
-        res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    o, t = res["ours"], res["trl"]
+        if out.returncode:  # -9: the OOM killer (the machine's memory, not a bug of the side)
+            why = "killed (out of memory)" if out.returncode == -9 else f"exit {out.returncode}"
+            res[side] = {"error": why}
+        else:
+            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
     print("| side | generation s | training s | step s | peak GiB |\n|---|---|---|---|---|")
     for side, r in res.items():
+        if "error" in r:
+            print(f"| {side} | {r['error']} | | | |")
+            continue
         print(f"| {side} | {r['generation_s']:.1f} | {r['training_s']:.1f} | {r['step_s']:.1f}"
               f" | {r['peak_gib']:.2f} |")  # fmt: skip
-    print(f"| ours / TRL | {o['generation_s'] / t['generation_s']:.2f}x"
-          f" | {o['training_s'] / t['training_s']:.2f}x | {o['step_s'] / t['step_s']:.2f}x"
-          f" | {o['peak_gib'] / t['peak_gib']:.2f}x |")  # fmt: skip
+    o, t = res["ours"], res["trl"]
+    if "error" not in o and "error" not in t:
+        print(f"| ours / TRL | {o['generation_s'] / t['generation_s']:.2f}x"
+              f" | {o['training_s'] / t['training_s']:.2f}x | {o['step_s'] / t['step_s']:.2f}x"
+              f" | {o['peak_gib'] / t['peak_gib']:.2f}x |")  # fmt: skip
     print(
         f"\n{a.prompts} prompts x {a.generations} completions x {a.tokens} tokens,"
         f" median of {a.steps} steps after one warm-up; {Path(model).name}"
