@@ -74,8 +74,8 @@ def ours(model_dir: str, prompts: int, group: int, tokens: int, steps: int) -> d
         adv = (rewards - rewards.view(-1, group).mean(1).repeat_interleave(group)) / 0.3
         t1 = time.perf_counter()
         n = len(completions)
-        ro = Rollout(shell, completions, torch.tensor(cut), rewards[:, None], adv,
-                     torch.zeros(n, dtype=torch.bool), None, 0.0)  # fmt: skip
+        ro = Rollout(shell, completions, torch.tensor(cut), [""] * n, rewards[:, None], rewards,
+                     adv, torch.zeros(n, dtype=torch.bool), None, 0.0)  # fmt: skip
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logps = completion_logps(model, ro, tok.pad_id, 1.0)
         mask = torch.ones_like(logps, dtype=torch.bool)

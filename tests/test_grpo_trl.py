@@ -102,7 +102,8 @@ def _ours(ours, trainer, prompts, completions):
     group = len(completions) // len(prompts)
     ro = Rollout(
         [SimpleNamespace(ids=p, images=[]) for p in prompts], completions,
-        torch.zeros(len(completions), dtype=torch.bool), torch.zeros(len(completions), 1),
+        torch.zeros(len(completions), dtype=torch.bool), [""] * len(completions),
+        torch.zeros(len(completions), 1), torch.zeros(len(completions)),
         torch.zeros(len(completions)), torch.zeros(len(completions), dtype=torch.bool), None, 0.0,
     )  # fmt: skip
     assert group == 4

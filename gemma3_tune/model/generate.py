@@ -112,6 +112,19 @@ def generate(
         logits = decode_one_token(model, tok, cache)
 
 
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts left-padded to the longest `[B, T]`, and positions that start at 0 on each
+    prompt's first token (each pad token is a document of its own, at position 0, so the
+    masks keep it out of every real row)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p) :] = torch.tensor(p)
+        pos[b, longest - len(p) :] = torch.arange(len(p))
+    return ids, pos
+
+
 @torch.no_grad()
 def generate_batch(
     model: Gemma3,
@@ -134,12 +147,7 @@ def generate_batch(
     """
     stop_ids = stop_ids or set()
     device = next(model.parameters()).device
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    pos = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, longest - len(p) :] = torch.tensor(p)
-        pos[b, longest - len(p) :] = torch.arange(len(p))
+    ids, pos = _left_padded(prompts, pad_id)
     cache = model.new_cache()
     logits = model(
         ids.to(device), position_ids=pos.to(device), cache=cache, last_logits_only=True
@@ -204,12 +212,7 @@ def generate_groups(
     included: `vision_features` of the prompts' images in order) is run once; its KV cache is
     then repeated for its samples. A completion ends with the stop token it drew."""
     device = next(model.parameters()).device
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    pos = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):  # left-padded; each pad token is a document of its own
-        ids[b, longest - len(p) :] = torch.tensor(p)
-        pos[b, longest - len(p) :] = torch.arange(len(p))
+    ids, pos = _left_padded(prompts, pad_id)
     cache = model.new_cache()
     extra = {} if vision_features is None else {"vision_features": vision_features}
     logits = model(

@@ -205,12 +205,19 @@ def _from_file(spec: str, file: str, base: Path) -> Any:
         raise UserError(
             f"reward {spec!r}: no file {path}; give a path relative to where you run gemma3-tune, as data paths are"
         )
-    name = f"gemma3_tune_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
+    stat = path.stat()  # a file edited since it was loaded is loaded again
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    name = f"gemma3_tune_reward_{path.stem}_{abs(hash(key))}"
+    if name in sys.modules:  # loaded by the refusal check already: run the file once
+        return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = sys.modules[name] = importlib.util.module_from_spec(module_spec)  # for pickling
     sys.path.insert(0, str(path.parent))  # so the file can import its neighbours
     try:
         _import(spec, str(path), lambda: module_spec.loader.exec_module(module))
+    except UserError:
+        del sys.modules[name]  # not half a module for the next load
+        raise
     finally:
         sys.path.remove(str(path.parent))
     return module

@@ -51,7 +51,9 @@ class Rollout:
     prompts: list  # data/rl_prompts.RLPrompt, one per prompt
     completions: list[list[int]]  # ids, the stop token included when one was drawn
     truncated: Tensor  # [N] bool: cut at max_completion_length
+    texts: list[str]  # the completions decoded, stop tokens dropped
     rewards: Tensor  # [N, F] (NaN: a function that does not apply)
+    total: Tensor  # [N] the weighted sum over the functions (NaN: none applies)
     advantages: Tensor  # [N]
     zero_std: Tensor  # [N] bool
     features: Tensor | None  # the prompts' images through the frozen tower, once per prompt
@@ -218,21 +220,21 @@ class GRPO(Objective):
             )  # fmt: skip
         finally:
             model.train(was_training)
-        texts, per = self._completion_texts(prompts, completions)
+        as_trl, texts = self._completion_texts(prompts, completions)
         per_prompt = [p for p in prompts for _ in range(r.num_generations)]
         scores = score(
             self.rewards,
             [p.prompt for p in per_prompt],
-            texts,
+            as_trl,
             completions,
             [p.columns for p in per_prompt],
             [p.origin for p in per_prompt],
         )
         weights = torch.tensor(r.reward_weights or [1.0] * len(self.rewards))
-        adv, zero_std = advantages(combine_rewards(scores, weights), r.num_generations,
-                                   r.scale_rewards)  # fmt: skip
+        total = combine_rewards(scores, weights)
+        adv, zero_std = advantages(total, r.num_generations, r.scale_rewards)
         cut = torch.tensor(truncated)
-        return Rollout(prompts, completions, cut, scores, adv, zero_std, features,
+        return Rollout(prompts, completions, cut, texts, scores, total, adv, zero_std, features,
                        time.perf_counter() - t0)  # fmt: skip
 
     def _completion_texts(self, prompts: list, completions: list[list[int]]):
@@ -279,8 +281,7 @@ class GRPO(Objective):
             return completion_logps(model, ro, self.tok.pad_id, self.recipe.rl.temperature)
 
     def _rollout_stats(self, ro: Rollout, train_seconds: float) -> dict[str, Tensor]:
-        weights = torch.tensor(self.recipe.rl.reward_weights or [1.0] * len(self.rewards))
-        total = combine_rewards(ro.rewards, weights)
+        total = ro.total
         lengths = torch.tensor([len(c) for c in ro.completions], dtype=torch.float32)
         stats = {
             "reward": torch.nanmean(total),
@@ -304,7 +305,7 @@ class GRPO(Objective):
         if not trainer.is_world_process_zero():
             return
         group = len(ro.completions) // len(ro.prompts)
-        texts = self._completion_texts(ro.prompts, ro.completions)[1]
+        texts = ro.texts
         path = Path(trainer.args.output_dir) / "completions.jsonl"
         with path.open("a") as f:
             for i, text in enumerate(texts):
