@@ -66,10 +66,15 @@ class Objective:
         return {}
 
 
-def mean_stats(stats: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, float]:
-    """The mean of each stat over the micro-batches since the last log (one host read)."""
+def mean_stats(
+    stats: list[dict[str, torch.Tensor]], prefix: str = "", skip_nan: bool = False
+) -> dict[str, float]:
+    """The mean of each stat over the micro-batches since the last log (one host read);
+    `skip_nan`: a NaN (a stat that had nothing to average in a micro-batch) is left out."""
     if not stats:
         return {}
     keys = list(stats[0])
-    means = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats]).mean(0)
-    return {prefix + k: v for k, v in zip(keys, means.tolist(), strict=True)}
+    device = stats[0][keys[0]].device  # stats on the host join it: still one read at the end
+    values = torch.stack([torch.stack([s[k].float().to(device) for k in keys]) for s in stats])
+    means = (torch.nanmean(values, 0) if skip_nan else values.mean(0)).tolist()
+    return {prefix + k: v for k, v in zip(keys, means, strict=True)}

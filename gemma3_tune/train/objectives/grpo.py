@@ -40,7 +40,7 @@ from ...model.generate import generate_groups
 from ...model.logprobs import chunked_logprobs
 from ..adapters import unwrap
 from ..recipe import Recipe
-from .base import Objective
+from .base import Objective, mean_stats
 from .grpo_loss import PolicyLossSettings, advantages, combine_rewards, nanstd, policy_loss
 
 
@@ -326,19 +326,8 @@ class GRPO(Objective):
             s = self._samples[-1]
             print(f"sample ({s['origin']}): {s['completion'][:200]!r}", file=sys.stderr)
             self._samples = []
-        return _means(stats)
+        return mean_stats(stats, skip_nan=True)
 
     def eval_logs(self, eval_loss: float) -> dict:
         stats, self._stats["eval"] = self._stats["eval"], []
-        return _means(stats, "eval_")
-
-
-def _means(stats: list[dict[str, Tensor]], prefix: str = "") -> dict[str, float]:
-    """Each stat's mean over the micro-batches since the last log, NaNs skipped (a reward
-    function that applied to none of a micro-batch's completions)."""
-    if not stats:
-        return {}
-    keys = list(stats[0])
-    values = torch.stack([torch.stack([s[k].float().cpu() for k in keys]) for s in stats])
-    means = torch.nanmean(values, dim=0).tolist()
-    return {prefix + k: v for k, v in zip(keys, means, strict=True)}
+        return mean_stats(stats, "eval_", skip_nan=True)
