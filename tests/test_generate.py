@@ -88,6 +88,15 @@ def test_groups_share_each_prompts_cache(tmp_path):
             assert out[b * 3 + k] == want
             assert cut[b * 3 + k] == (stop not in alone[b])
     assert cut[0] is False and len(out[0]) == alone[0].index(stop) + 1 <= 6
+    # under ZeRO-3 a rank decodes on while another rank's completions run (`stop` says when
+    # all are done): the tokens past a completion's stop are drawn and dropped
+    asked: list[bool] = []
+    longer = generate_groups(
+        model, prompts[:1], 3, [None] * 3, max_new_tokens=24, stop_ids={stop}, temperature=0.0,
+        stop=lambda mine: asked.append(mine) or False,
+    )  # fmt: skip
+    assert longer == (out[:3], cut[:3])
+    assert len(asked) == 24 and asked[-1] is True
 
 
 def test_sample_rows_draws_from_the_distribution():

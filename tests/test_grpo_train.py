@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from trainutil import write_recipe
+from trainutil import sigkill_and_resume_matches, write_recipe
 
 from gemma3_tune.cli import main
 
@@ -99,35 +99,4 @@ def test_sigkill_then_resume_equals_an_unbroken_run(tmp_path, tiny_dir):
     """Kill a GRPO run once checkpoint-4 is complete, resume it: the completions sampled, their
     rewards, the losses and the adapter equal an unbroken run's (completions.jsonl loses the
     rows logged after the checkpoint, as metrics.jsonl does)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from safetensors.torch import load_file
-
-    from gemma3_tune.train.checkpoints import MARKER
-
-    assert main(["train", str(_resumable(tmp_path, tiny_dir, "unbroken"))]) == 0
-    recipe, run = _resumable(tmp_path, tiny_dir, "killed"), tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "gemma3_tune.cli", "train", str(recipe)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoint-4" / MARKER).exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert main(["train", str(recipe), "training.resume=true"]) == 0
-    want, got = tmp_path / "unbroken", run
-    rows = [json.loads(x) for x in (want / "completions.jsonl").read_text().splitlines()]
-    assert len({r["completion"] for r in rows}) > 4 and any(r["advantage"] for r in rows)
-    assert (got / "completions.jsonl").read_text() == (want / "completions.jsonl").read_text()
-    a, b = (
-        [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (want, got)
-    )
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    assert all(abs(x["loss"] - y["loss"]) <= 1e-5 for x, y in zip(a, b, strict=True))
-    wa, wb = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (want, got))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    sigkill_and_resume_matches(tmp_path, lambda name: _resumable(tmp_path, tiny_dir, name))

@@ -20,7 +20,10 @@ CONTRACT = {
     "compute_loss": ["model", "inputs", "return_outputs", "num_items_in_batch"],
     "create_scheduler": ["num_training_steps", "optimizer"],
     "create_optimizer": ["model"],
-    "set_initial_training_values": ["args", "dataloader"],  # refuse_finished calls it
+    "set_initial_training_values": ["args", "dataloader"],
+    "_get_train_sampler": [
+        "train_dataset"
+    ],  # private: GRPO's num_iterations order  # refuse_finished calls it
 }
 
 

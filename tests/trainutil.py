@@ -120,3 +120,43 @@ def refused_in_one_line(capsys, argv: list[str], *needles: str) -> str:
     for n in needles:
         assert n in err, err
     return err
+
+
+def sigkill_and_resume_matches(tmp_path: Path, make) -> None:
+    """GRPO's resume check: run `make("unbroken")`; run `make("killed")`, SIGKILL it once checkpoint-4 is complete,
+    resume it; the two runs' completions, losses and adapters agree."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from gemma3_tune.cli import main
+    from gemma3_tune.train.checkpoints import MARKER
+
+    assert main(["train", str(make("unbroken"))]) == 0
+    recipe, run = make("killed"), tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gemma3_tune.cli", "train", str(recipe)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-4" / MARKER).exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from gemma3_tune.cli import main
+
+    assert main(["train", str(recipe), "training.resume=true"]) == 0
+    want, got = tmp_path / "unbroken", run
+    rows = [json.loads(x) for x in (want / "completions.jsonl").read_text().splitlines()]
+    assert len({r["completion"] for r in rows}) > 4 and any(r["advantage"] for r in rows)
+    assert (got / "completions.jsonl").read_text() == (want / "completions.jsonl").read_text()
+    a, b = (
+        [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (want, got)
+    )
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-5 for x, y in zip(a, b, strict=True))
+    wa, wb = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (want, got))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5

@@ -24,7 +24,7 @@ from .attention import Attention, FlexMask, flex_options
 from .config import GLOBAL, Gemma3Config
 from .kv_cache import KVCache
 from .layers import GeGLU, RMSNorm, activation_dtype, residual_dtype, rope_cos_sin, rope_inv_freq
-from .logprobs import sequence_logprobs
+from .logprobs import chunked_logprobs, sequence_logprobs
 from .loss import IGNORE_INDEX, SoftTargets, batch_loss
 from .masks import TokenInfo, flex_block_mask, token_info, visible
 from .siglip import MultiModalProjector, VisionTower, pool_patches
@@ -34,7 +34,7 @@ class Output(dict):
     """A dict (as HF's Trainer expects) with attribute access. Fields, by call: `loss` (with
     labels; `kd_loss`, `ce_loss` when distilling), `logits` (without), `hidden` (hidden_only),
     `logps` and `tokens` (sequence_logps: per document, the summed log-probability of its
-    labelled targets `[S]` fp32 and their count `[S]` int64)."""
+    labelled targets `[S]` fp32 and their count `[S]` int64), `logps` (token_logps: `[K]`)."""
 
     def __getattr__(self, name: str):
         try:
@@ -384,6 +384,8 @@ class Gemma3(nn.Module):
         soft_targets: SoftTargets | None = None,  # distillation: a teacher's targets (loss.py)
         hidden_only: bool = False,  # the final hidden states [B, T, D], unprojected (a teacher)
         sequence_logps: bool = False,  # preference tuning: per-document log p(labels), no loss
+        token_logps: bool = False,  # RL: log p(label) per labelled target `[K]`, row-major
+        temperature: float = 1.0,  # token_logps: the sampling temperature (logits / it)
         scored: Tensor | None = None,  # [K] the collator's scored positions (see loss.batch_loss)
         **_: object,
     ) -> Output:
@@ -412,6 +414,10 @@ class Gemma3(nn.Module):
             return Output(logits=(h.reshape(-1, h.shape[-1]) @ weight.T).view(*h.shape[:2], -1))
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
+        if token_logps:  # inside forward, so ZeRO-3 has the tied head gathered
+            keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
+            flat = h.reshape(-1, h.shape[-1])[keep] / temperature
+            return Output(logps=chunked_logprobs(flat, weight, targets.reshape(-1)[keep]))
         if sequence_logps:  # masks document boundaries too: finds its own rows (no `scored`)
             logps, tokens = sequence_logprobs(h, weight, targets, info.doc)
             return Output(logps=logps, tokens=tokens)

@@ -7,7 +7,7 @@ only on the global layers (1 in 6).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -206,11 +206,14 @@ def generate_groups(
     top_p: float = 1.0,
     top_k: int = 0,
     vision_features: Tensor | None = None,
+    stop: Callable[[bool], bool] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """`group` sampled completions of each prompt (prompt-major: b * group + k), each from its
     own generator, and whether each was cut at `max_new_tokens`. Each prompt (its images
     included: `vision_features` of the prompts' images in order) is run once; its KV cache is
-    then repeated for its samples. A completion ends with the stop token it drew."""
+    then repeated for its samples. A completion ends with the stop token it drew.
+    `stop(all mine done) -> bool` decides when decoding ends (default: when all are done);
+    processes whose weights are sharded (ZeRO-3) must run the same forwards, so they agree."""
     device = next(model.parameters()).device
     ids, pos = _left_padded(prompts, pad_id)
     cache = model.new_cache()
@@ -229,7 +232,7 @@ def generate_groups(
             if not done[b]:
                 out[b].append(tok[b])
                 done[b] = tok[b] in stop_ids
-        if all(done):
+        if stop(all(done)) if stop is not None else all(done):
             break
         step = model(
             torch.tensor(tok, device=device)[:, None],

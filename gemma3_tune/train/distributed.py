@@ -46,6 +46,52 @@ def images_needed(partitioned: bool) -> Callable[[int, torch.device], int]:
     return need
 
 
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _device() -> torch.device:
+    """Where a collective's tensor lives: this rank's GPU (nccl) or the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_done() -> Callable[[bool], bool]:
+    """For decoding under ZeRO-3 (model/generate `stop`): whether every rank's completions are
+    done, agreed by one all-reduce per token, so that all ranks run the same forwards (each
+    gathers the sharded weights with the others)."""
+
+    def stop(mine: bool) -> bool:
+        if _ranks() == 1:
+            return mine
+        flag = torch.tensor([int(mine)], device=_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    return stop
+
+
+def gather_to_main(items: list) -> list:
+    """Every rank's `items`, concatenated in rank order, on rank 0 (the others get [])."""
+    if _ranks() == 1:
+        return items
+    dist = torch.distributed
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, out, dst=0)
+    return [x for part in out for x in part] if out is not None else []
+
+
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks (a copy; `t` itself when there is one process)."""
+    if _ranks() == 1:
+        return t
+    t = t.to(_device()).clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
 def init_distributed(use_deepspeed: bool, timeout_s: int = 1800) -> None:
     """DeepSpeed needs its process group before the model is built; gloo on CPU, nccl on GPU.
     (Without DeepSpeed the Trainer creates it, with the same `ddp_timeout`.)"""

@@ -151,6 +151,12 @@ class Gemma3Trainer(SFTTrainer):
         loss, outputs = self.objective.loss(self, model, inputs, rows, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        """The objective's order (GRPO's repeated steps), else the Trainer's own."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = self.objective.train_sampler(len(dataset), self.args)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """schedule.py's warmup (from lr / warmup_steps, not from 0) and decay."""
         if self.lr_scheduler is None:

@@ -8,7 +8,7 @@ An objective answers, in this order of a run:
    a reference model's log-probs, both cached);
 3. `attach(model)`: anything that needs the trained model itself (QAT's self-teacher);
 4. `row_fields(rows, split)`: what each row of a split carries besides its tokens (the
-   collator batches it);
+   collator batches it), and `train_sampler(rows, args)`: the order rows are drawn in;
 5. `loss(trainer, model, inputs, rows, num_items)`: the micro-batch's loss and the model's
    outputs, keeping whatever it reports since the last log;
 6. `train_logs(steps)` and `eval_logs(eval_loss)`: what it adds to the train and eval logs.
@@ -17,6 +17,8 @@ The loop (loop.py) calls only these, so it never branches on an objective's name
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -52,6 +54,11 @@ class Objective:
         """What each row of `split` ("train" or "eval") carries besides its tokens."""
         return {}
 
+    def train_sampler(self, rows: int, args):
+        """The order the Trainer draws the `rows` training rows in; None: its own (a seeded
+        shuffle per epoch)."""
+        return None
+
     def loss(self, trainer, model, inputs: dict, rows, num_items) -> tuple:
         """(loss, outputs) of one micro-batch, already scaled for gradient accumulation as
         the HF Trainer expects; `rows`: the prepared row of each batch row (a tensor)."""
@@ -67,14 +74,23 @@ class Objective:
 
 
 def mean_stats(
-    stats: list[dict[str, torch.Tensor]], prefix: str = "", skip_nan: bool = False
+    stats: list[dict[str, torch.Tensor]],
+    prefix: str = "",
+    skip_nan: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """The mean of each stat over the micro-batches since the last log (one host read);
-    `skip_nan`: a NaN (a stat that had nothing to average in a micro-batch) is left out."""
+    `skip_nan`: a NaN (a stat that had nothing to average in a micro-batch) is left out;
+    `reduce`: sums the `[2, K]` sums and counts over the ranks (distributed.sum_across_ranks),
+    so the mean is over every rank's micro-batches (every rank must call it, as TRL gathers)."""
     if not stats:
         return {}
     keys = list(stats[0])
     device = stats[0][keys[0]].device  # stats on the host join it: still one read at the end
     values = torch.stack([torch.stack([s[k].float().to(device) for k in keys]) for s in stats])
-    means = (torch.nanmean(values, 0) if skip_nan else values.mean(0)).tolist()
+    ok = ~values.isnan() if skip_nan else torch.ones_like(values, dtype=torch.bool)
+    totals = torch.stack([torch.where(ok, values, 0.0).sum(0), ok.sum(0).float()])  # [2, K]
+    if reduce is not None:
+        totals = reduce(totals)
+    means = (totals[0] / totals[1]).tolist()  # 0 / 0: NaN, as nanmean of nothing
     return {prefix + k: v for k, v in zip(keys, means, strict=True)}

@@ -24,6 +24,7 @@ synced per step), and the seeds are then vLLM's.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -33,15 +34,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ...data.collate import scored_positions
 from ...errors import UserError
 from ...model.gemma3 import Output
 from ...model.generate import generate_groups
-from ...model.logprobs import chunked_logprobs
 from ..adapters import unwrap
+from ..distributed import all_done, gather_to_main, sum_across_ranks
 from ..recipe import Recipe
+from ..refusals import zero_stage
 from .base import Objective, mean_stats
 from .grpo_loss import PolicyLossSettings, advantages, combine_rewards, nanstd, policy_loss
+from .grpo_reuse import Generated, GenerationBuffer, RepeatSampler
 
 
 @dataclass
@@ -89,7 +91,8 @@ def _pack(prompts: list, completions: list[list[int]], group: int, pad_id: int):
 
 def completion_logps(model, rollout: Rollout, pad_id: int, temperature: float) -> Tensor:
     """log p(token) of every completion token `[N, T]` (0 past a completion's end), at the
-    sampling temperature (TRL divides the logits by it)."""
+    sampling temperature (TRL divides the logits by it). The model projects only the labelled
+    positions, a chunk at a time (never `[tokens, vocab]` logits)."""
     group = len(rollout.completions) // len(rollout.prompts)
     ids, pos, labels = _pack(rollout.prompts, rollout.completions, group, pad_id)
     device = next(model.parameters()).device
@@ -100,13 +103,10 @@ def completion_logps(model, rollout: Rollout, pad_id: int, temperature: float) -
         order = [starts[b] + j for b in range(len(views)) for _ in range(group)
                  for j in range(views[b])]  # fmt: skip
         extra["vision_features"] = rollout.features[torch.tensor(order, dtype=torch.long)]
-    h = model(ids.to(device), position_ids=pos.to(device), hidden_only=True, **extra).hidden
-    keep = scored_positions(labels).to(device)  # [K] flat indices into [N * L]
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]
-    weight = unwrap(model).get_output_embeddings().weight
-    flat = chunked_logprobs(h.reshape(-1, h.shape[-1])[keep] / temperature, weight,
-                            targets.reshape(-1).to(device)[keep])  # fmt: skip
+    flat = model(
+        ids.to(device), position_ids=pos.to(device), labels=labels.to(device), token_logps=True,
+        temperature=temperature, **extra,
+    ).logps  # [K], row-major  # fmt: skip
     lengths = torch.tensor([len(c) for c in rollout.completions])
     out = torch.zeros(len(lengths), int(lengths.max()), dtype=flat.dtype, device=device)
     mask = torch.arange(out.shape[1])[None] < lengths[:, None]
@@ -143,6 +143,10 @@ class GRPO(Objective):
         self.tok = None
         self._stats: dict[str, list] = {"train": [], "eval": []}
         self._samples: list[dict] = []  # this log's completions, for completions.jsonl
+        mu = r.num_iterations
+        self.buffer = GenerationBuffer(mu) if mu > 1 else None  # grpo_reuse.py
+        self.reference = None  # method full with beta > 0: a frozen copy (attach)
+        self._stop = None  # ZeRO-3: when decoding ends, agreed by the ranks (attach)
 
     @staticmethod
     def refuse(recipe: Recipe) -> None:
@@ -154,16 +158,18 @@ class GRPO(Objective):
             )
         if recipe.distill is not None or recipe.qat is not None:
             raise UserError("objective: grpo cannot be combined with distill: or qat:; remove it")
-        if r.num_iterations > 1:
+        t = recipe.training
+        if r.num_iterations > 1 and t.save_steps % r.num_iterations:
             raise UserError(
-                "rl.num_iterations > 1 is not supported yet; set rl.num_iterations=1 (TRL's"
-                " default: one optimizer step per generation batch)"
+                f"rl.num_iterations {r.num_iterations} trains each generation for"
+                f" {r.num_iterations} steps; set training.save_steps (now {t.save_steps}) to a"
+                " multiple of it, so a resumed run starts at a fresh generation"
             )
-        if r.beta > 0 and recipe.method == "full":
+        if r.beta > 0 and recipe.method == "full" and zero_stage(recipe) == 3:
             raise UserError(
-                "rl.beta > 0 needs a reference: with method full that is a second copy of the"
-                " model, not supported yet; use method lora (the adapter off is the reference)"
-                " or rl.beta=0"
+                "rl.beta > 0 with method full keeps a frozen copy of the model as the"
+                " reference, which ZeRO-3 does not shard; use deepspeed zero2, method lora"
+                " (the adapter off is the reference) or rl.beta=0"
             )
         if recipe.data.max_seq_len <= r.max_completion_length:
             raise UserError(
@@ -191,9 +197,37 @@ class GRPO(Objective):
             recipe.data, tok, vision_tokens(cfg), recipe.base_dir, recipe.training.seed,
             recipe.rl.max_completion_length,
         )  # fmt: skip
+        if self.data.image_refs() and zero_stage(recipe) == 3:
+            raise UserError(
+                "objective: grpo with images under ZeRO-3 is not supported yet (each rank would"
+                " run the sharded tower on its own prompts only); use deepspeed zero2"
+            )
         self.rewards = load_rewards(recipe.rl.rewards, recipe.base_dir)
         self.tok = tok
         return tok, cfg, self.data
+
+    def attach(self, model) -> None:
+        """With method full and beta > 0, the reference is a frozen copy of the starting model
+        (TRL loads a second copy too); LoRA and QLoRA switch the adapter off instead."""
+        if zero_stage(self.recipe) == 3:  # sharded weights: every rank decodes as long
+            self._stop = all_done()
+        if self.settings.beta > 0 and self.recipe.method == "full":
+            self.reference = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
+
+    def train_sampler(self, rows: int, args):
+        """num_iterations > 1: each optimizer step's prompts, `mu` times in a row."""
+        mu = self.recipe.rl.num_iterations
+        if mu == 1:
+            return None
+        step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        sampler = RepeatSampler(rows, step, mu, args.seed)
+        if sampler.dropped and args.process_index == 0:
+            print(
+                f"rl.num_iterations {mu}: {sampler.dropped} of {rows} prompts left out of each"
+                f" epoch (the last {step} prompts per step do not fill a step; TRL drops them too)",
+                file=sys.stderr,
+            )
+        return sampler
 
     # -- a micro-batch -----------------------------------------------------------------------
     @torch.no_grad()
@@ -216,7 +250,7 @@ class GRPO(Objective):
                 generators(self.recipe.training.seed, step, rows, r.num_generations, device),
                 max_new_tokens=r.max_completion_length, stop_ids=self.tok.stop_ids(),
                 pad_id=self.tok.pad_id, temperature=r.temperature, top_p=r.top_p,
-                top_k=r.top_k, vision_features=features,
+                top_k=r.top_k, vision_features=features, stop=self._stop,
             )  # fmt: skip
         finally:
             model.train(was_training)
@@ -251,36 +285,63 @@ class GRPO(Objective):
 
     def loss(self, trainer, model, inputs: dict, rows, num_items) -> tuple:
         split = "train" if model.training else "eval"
-        data = self.data.train if split == "train" else self.data.eval
         row_list = rows.tolist()
-        prompts = [data[i] for i in row_list]
-        step = trainer.state.global_step if split == "train" else -1 - trainer.state.global_step
-        ro = self.rollout(model, prompts, row_list, step, inputs)
+        if split == "train":
+            ro, old, ref, keep = self._train_rollout(trainer, model, inputs, row_list)
+        else:
+            prompts = [self.data.eval[i] for i in row_list]
+            ro = self.rollout(model, prompts, row_list, -1 - trainer.state.global_step, inputs)
+            old, ref, keep = None, self._reference(model, ro), None
         t0 = time.perf_counter()
         logps = completion_logps(model, ro, self.tok.pad_id, self.recipe.rl.temperature)
+        if keep is not None:  # num_iterations > 1: the next steps reuse this generation
+            keep(logps.detach())
         mask = (torch.arange(logps.shape[1])[None] <
                 torch.tensor([len(c) for c in ro.completions])[:, None]).to(logps.device)  # fmt: skip
         if self.recipe.rl.mask_truncated_completions:
             mask = mask & ~ro.truncated[:, None].to(mask.device)
-        ref = self._reference(model, ro) if self.settings.beta > 0 else None
         accumulation = trainer.current_gradient_accumulation_steps if split == "train" else 1
         items = mask.sum() * accumulation  # dapo: a token mean over the step's micro-batches
         loss, stats = policy_loss(
-            logps, None, ref, ro.advantages.to(logps.device), mask, self.settings,
+            logps, old, ref, ro.advantages.to(logps.device), mask, self.settings,
             accumulation, items,
         )  # fmt: skip
-        stats.update(self._rollout_stats(ro, time.perf_counter() - t0))
+        fresh = split == "eval" or old is None
+        stats.update(self._rollout_stats(ro, time.perf_counter() - t0, fresh))
         self._stats[split].append(stats)
-        if split == "train":
+        if split == "train" and fresh:
             self._keep(trainer, ro)
         return loss, Output(loss=loss)
 
-    def _reference(self, model, ro: Rollout) -> Tensor:
-        """The starting model's log-probs: the adapter switched off (LoRA, QLoRA)."""
-        with torch.no_grad(), model.disable_adapter():
-            return completion_logps(model, ro, self.tok.pad_id, self.recipe.rl.temperature)
+    def _train_rollout(self, trainer, model, inputs: dict, rows: list[int]):
+        """(rollout, old log-probs, reference log-probs, keep): a fresh generation (old None:
+        on-policy), or with num_iterations > 1 on a cycle's later steps the buffered one;
+        `keep(old)` buffers a fresh one with its log-probs (None when mu is 1)."""
+        step = trainer.state.global_step
+        if self.buffer is None:
+            ro = self.rollout(model, [self.data.train[i] for i in rows], rows, step, inputs)
+            return ro, None, self._reference(model, ro), None
+        first, micro, iteration = self.buffer.position(step)
+        if iteration:
+            g = self.buffer.reuse(micro, rows)
+            return g.rollout, g.old, g.ref, None
+        ro = self.rollout(model, [self.data.train[i] for i in rows], rows, first, inputs)
+        ref = self._reference(model, ro)
+        return ro, None, ref, lambda old: self.buffer.keep(micro, Generated(rows, ro, old, ref))
 
-    def _rollout_stats(self, ro: Rollout, train_seconds: float) -> dict[str, Tensor]:
+    def _reference(self, model, ro: Rollout) -> Tensor | None:
+        """The starting model's log-probs when beta > 0: the adapter switched off (LoRA,
+        QLoRA), or the frozen copy `attach` made (full)."""
+        if self.settings.beta == 0:
+            return None
+        temperature = self.recipe.rl.temperature
+        with torch.no_grad():
+            if self.reference is not None:
+                return completion_logps(self.reference, ro, self.tok.pad_id, temperature)
+            with model.disable_adapter():
+                return completion_logps(model, ro, self.tok.pad_id, temperature)
+
+    def _rollout_stats(self, ro: Rollout, train_seconds: float, fresh: bool) -> dict[str, Tensor]:
         total = ro.total
         lengths = torch.tensor([len(c) for c in ro.completions], dtype=torch.float32)
         stats = {
@@ -291,7 +352,7 @@ class GRPO(Objective):
             "completions/min_length": lengths.min(),
             "completions/max_length": lengths.max(),
             "completions/clipped_ratio": ro.truncated.float().mean(),
-            "generation_seconds": torch.tensor(ro.seconds),
+            "generation_seconds": torch.tensor(ro.seconds if fresh else 0.0),
             "training_seconds": torch.tensor(train_seconds),
         }
         for j, f in enumerate(self.rewards):
@@ -300,25 +361,26 @@ class GRPO(Objective):
         return stats
 
     def _keep(self, trainer, ro: Rollout) -> None:
-        """Every completion with its prompt and rewards, appended to completions.jsonl in the
-        run by the main process (users read them); the console shows one per log."""
+        """Every completion with its prompt and rewards, from every rank (in rank order),
+        appended to completions.jsonl in the run by the main process (users read them); the
+        console shows one per log."""
+        group = len(ro.completions) // len(ro.prompts)
+        rows = [
+            {
+                "step": trainer.state.global_step + 1,
+                "origin": ro.prompts[i // group].origin,
+                "completion": text,
+                "rewards": [None if x != x else x for x in ro.rewards[i].tolist()],
+                "advantage": round(float(ro.advantages[i]), 6),
+            }
+            for i, text in enumerate(ro.texts)
+        ]
+        rows = gather_to_main(rows)
         if not trainer.is_world_process_zero():
             return
-        group = len(ro.completions) // len(ro.prompts)
-        texts = ro.texts
-        path = Path(trainer.args.output_dir) / "completions.jsonl"
-        with path.open("a") as f:
-            for i, text in enumerate(texts):
-                p = ro.prompts[i // group]
-                row = {
-                    "step": trainer.state.global_step + 1,
-                    "origin": p.origin,
-                    "completion": text,
-                    "rewards": [None if x != x else x for x in ro.rewards[i].tolist()],
-                    "advantage": round(float(ro.advantages[i]), 6),
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._samples = [{"origin": ro.prompts[0].origin, "completion": texts[0]}]
+        with (Path(trainer.args.output_dir) / "completions.jsonl").open("a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self._samples = [{"origin": rows[0]["origin"], "completion": rows[0]["completion"]}]
 
     def train_logs(self, steps: int) -> dict:
         stats, self._stats["train"] = self._stats["train"], []
@@ -326,8 +388,8 @@ class GRPO(Objective):
             s = self._samples[-1]
             print(f"sample ({s['origin']}): {s['completion'][:200]!r}", file=sys.stderr)
             self._samples = []
-        return mean_stats(stats, skip_nan=True)
+        return mean_stats(stats, skip_nan=True, reduce=sum_across_ranks)
 
     def eval_logs(self, eval_loss: float) -> dict:
         stats, self._stats["eval"] = self._stats["eval"], []
-        return mean_stats(stats, "eval_", skip_nan=True)
+        return mean_stats(stats, "eval_", skip_nan=True, reduce=sum_across_ranks)
