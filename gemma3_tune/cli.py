@@ -121,49 +121,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.metrics import METRICS, PREFERENCE
+    from .eval.command import run
 
-    metrics = list(dict.fromkeys(args.metric or ["exact"]))  # in the order given, once each
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise UserError(f"eval --metric {bad[0]}: choose from {', '.join(METRICS)}")
-    if PREFERENCE in metrics and len(metrics) > 1:
-        other = next(m for m in metrics if m != PREFERENCE)
-        raise UserError(
-            f"eval --metric preference scores preference pairs, --metric {other} chats: run"
-            " them as two evals, each on its own --data"
-        )
-    if args.batch_size < 1:
-        raise UserError(f"eval --batch-size {args.batch_size}: give 1 or more")
-    if not Path(args.data).exists():
-        raise UserError(f"eval --data {args.data}: no such file or folder")
-    if args.out is not None:
-        from .outputs import refuse_existing
-
-        refuse_existing(args.out, args.force)  # before any model loads
-    from .eval.targets import parse_target
-
-    targets = [parse_target(t, args.adapter) for t in args.targets]
-    from .eval.report import disagreements, json_line, table, write_outputs
-    from .eval.runner import check_llama_cpp, evaluate, load_pairs, load_samples
-
-    if args.backend == "llama.cpp":
-        check_llama_cpp(targets, metrics)  # before the data is read
-    load = load_pairs if PREFERENCE in metrics else load_samples
-    samples = load(args.data, args.limit)
-    results = evaluate(
-        targets, samples, metrics, args.max_new_tokens, args.batch_size, args.backend, args.dtype
-    )
-    print(table(results, metrics, len(samples)))
-    differ = disagreements(results, samples)
-    if differ:
-        print("\nwhere the targets disagree:\n" + differ)
-    if args.out is not None:
-        write_outputs(args.out, results, samples, metrics, args.force)
-        print(f"wrote {args.out}/predictions.jsonl and summary.json", file=sys.stderr)
-    if args.json:
-        print(json_line(results, metrics, len(samples)))
-    return 0
+    return run(args)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -307,7 +267,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "eval",
         help="score runs, models, adapters or GGUF files on held-out chats (or preference"
-        " pairs), side by side",
+        " pairs, or prompts with reward functions), side by side",
     )
     s.add_argument(
         "targets", nargs="+", metavar="TARGET",
@@ -316,14 +276,26 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--data", required=True,
         help="chats (JSONL, JSON, Parquet, save_to_disk); for --metric preference, TRL's"
-        " {prompt, chosen, rejected} pairs",
+        " {prompt, chosen, rejected} pairs; for --metric reward, TRL's prompt-only rows",
     )  # fmt: skip
     s.add_argument(
         "--metric", action="append", default=None,
         help="exact (default), json, contains or loss; repeatable. preference (on pairs, on its"
         " own): the share of pairs whose chosen reply gets the higher summed log-prob, and the"
-        " mean margin in nats",
+        " mean margin in nats. reward (on prompt-only rows, on its own, with --reward): each"
+        " function's mean over the completions, the total, and best of K with --samples K",
     )  # fmt: skip
+    s.add_argument(
+        "--reward", action="append", default=None, metavar="SPEC",
+        help="--metric reward: a reward function, as rl.rewards names it (json_valid,"
+        " json_equal:COLUMN, path/file.py:function, module:function); repeatable",
+    )  # fmt: skip
+    s.add_argument(
+        "--samples", type=int, default=None, metavar="K",
+        help="--metric reward: K sampled completions per prompt (default: one, greedy)",
+    )  # fmt: skip
+    s.add_argument("--temperature", type=float, default=None, help="with --samples; default 1.0")
+    s.add_argument("--seed", type=int, default=None, help="with --samples; default 0")
     s.add_argument("--adapter", type=Path, default=None, help="a peft adapter for HF folders")
     s.add_argument(
         "--backend", choices=["ours", "llama.cpp"], default="ours",
@@ -333,7 +305,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--max-new-tokens", type=int, default=None,
         help="longest reply; default: twice the longest reference reply in tokens, at least 32"
-        " (a base model never ends its turn)",
+        " (a base model never ends its turn); --metric reward: 256 (TRL's)",
     )  # fmt: skip
     s.add_argument(
         "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",

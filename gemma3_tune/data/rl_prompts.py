@@ -17,7 +17,7 @@ from .dataset import DataErrors, Report, split_eval
 from .records import Record, SampleError
 from .samples import record_turns
 from .settings import DataConfig, resolve_path, turn_options
-from .template import IGNORE, ImageRef, Sample, VisionTokens, generation_prompt
+from .template import IGNORE, ImageRef, Sample, Turn, VisionTokens, generation_prompt
 from .tokenizer import Tokenizer
 
 PROMPT_KEYS = ("prompt", "messages")  # what the prompt is read from: not a reward column
@@ -60,19 +60,33 @@ class RLData:
         return [im for p in self.train + self.eval for im in p.images]
 
 
-def _prompt(rec: Record, tok: Tokenizer, vision: VisionTokens | None, options: dict) -> RLPrompt:
-    data = rec.data if isinstance(rec.data, dict) else {}
-    turns = record_turns(rec, vision, options, allow_prompt_only=True)
+ENDS_ON_REPLY = (
+    'objective: grpo reads prompts only (TRL\'s {"prompt": ...}); this row ends on a reply:'
+    " remove it, or train on such rows with objective: sft"
+)
+
+
+def check_prompt_only(turns: list[Turn], origin: str, why: str = ENDS_ON_REPLY) -> None:
+    """Refuse a conversation that ends on a reply (`why` says what to do instead)."""
     if turns[-1].role != "user":
-        raise SampleError(
-            rec.origin,
-            'objective: grpo reads prompts only (TRL\'s {"prompt": ...}); this row ends on a'
-            " reply: remove it, or train on such rows with objective: sft",
-        )
-    ids, images = generation_prompt(turns, tok, vision)
-    prompt = data.get("prompt", data.get("messages"))
+        raise SampleError(origin, why)
+
+
+def prompt_and_columns(rec: Record) -> tuple[object, dict]:
+    """The prompt as the row gives it (a string or messages: reward functions get it as is)
+    and the row's other columns."""
+    data = rec.data if isinstance(rec.data, dict) else {}
     columns = {k: v for k, v in data.items() if k not in PROMPT_KEYS}
-    return RLPrompt(ids, images, rec.origin, prompt, columns)
+    return data.get("prompt", data.get("messages")), columns
+
+
+def rl_prompt(rec: Record, tok: Tokenizer, vision: VisionTokens | None, options: dict) -> RLPrompt:
+    """One prompt-only record rendered as generation starts from it. `options`: to_turns'
+    keyword arguments for its source (settings.turn_options)."""
+    turns = record_turns(rec, vision, options, allow_prompt_only=True)
+    check_prompt_only(turns, rec.origin)
+    ids, images = generation_prompt(turns, tok, vision)
+    return RLPrompt(ids, images, rec.origin, *prompt_and_columns(rec))
 
 
 def _read(cfg: DataConfig, sources, tok, vision, base: Path, room: int, report: Report):
@@ -85,7 +99,7 @@ def _read(cfg: DataConfig, sources, tok, vision, base: Path, room: int, report: 
         options = turn_options(cfg, base, path)
         for rec in read_records(path):
             try:
-                p = _prompt(rec, tok, vision, options)
+                p = rl_prompt(rec, tok, vision, options)
             except SampleError as e:
                 errors.append(e)
                 if len(errors) >= cfg.max_errors:

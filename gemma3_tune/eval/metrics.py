@@ -6,7 +6,9 @@ would put the loss on (every assistant turn, its `<end_of_turn>` included), and 
 `preference` scores preference pairs, not chats: 1.0 where the target gives the chosen reply a
 higher summed log-probability than the rejected one (strictly), with the mean margin in nats
 (the target's own preference: unlike DPO's rewards/accuracies, no reference model is
-subtracted; eval/runner.py `pair_logps`).
+subtracted; eval/runner.py `pair_logps`). `reward` scores prompt-only rows with GRPO's reward
+functions (`--reward`): the mean reward of the target's greedy or sampled completions
+(eval/rewarded.py).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from collections.abc import Callable
 
 GENERATION = ("exact", "json", "contains")
 PREFERENCE = "preference"
-METRICS = (*GENERATION, "loss", PREFERENCE)
-OURS_ONLY = ("loss", PREFERENCE)  # log-probs from our model: not from llama.cpp's replies
+REWARD = "reward"
+METRICS = (*GENERATION, "loss", PREFERENCE, REWARD)
+OURS_ONLY = ("loss", PREFERENCE, REWARD)  # our model's log-probs, or our seeded sampler
+OWN_DATA = {PREFERENCE: "preference pairs", REWARD: "prompt-only rows"}  # not chats
 
 
 def exact(reply: str, reference: str) -> bool:

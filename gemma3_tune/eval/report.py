@@ -1,6 +1,7 @@
 """What `gemma3-tune eval` reports once every target is scored (eval/runner.py): the table with a
 row per target, the samples where the targets' replies differ, the one-line JSON of scores, and
-the `--out` folder (predictions.jsonl, summary.json).
+the `--out` folder (predictions.jsonl, summary.json). `reward` is reported as its columns:
+each function's mean, the total, best of K (eval/rewarded.py).
 """
 
 from __future__ import annotations
@@ -8,8 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import PREFERENCE
+from .metrics import GENERATION, PREFERENCE, REWARD
 from .runner import EvalPair, EvalSample, TargetResult
+
+
+def columns(results: list[TargetResult], metrics: list[str]) -> list[str]:
+    """The metrics, `reward` spelled out as its scores (rewards/NAME..., reward, best_of_K)."""
+    return list(results[0].scores) if metrics == [REWARD] else metrics
 
 
 def _cell(metric: str, r: TargetResult) -> str:
@@ -17,14 +23,18 @@ def _cell(metric: str, r: TargetResult) -> str:
         return f"{r.scores[metric]:.4f} (ppl {r.perplexity:.2f})"
     if metric == PREFERENCE:
         return f"{100 * r.scores[metric]:.1f}% (log-prob margin {r.margin:.2f} nats)"
-    return f"{100 * r.scores[metric]:.1f}%"
+    if metric in GENERATION:
+        return f"{100 * r.scores[metric]:.1f}%"
+    return "n/a" if r.scores[metric] is None else f"{r.scores[metric]:.4f}"  # a reward's mean
 
 
-def table(results: list[TargetResult], metrics: list[str], n: int) -> str:
-    head = "| target | " + " | ".join(metrics) + " |"
-    rule = "|---|" + "---|" * len(metrics)
-    rows = [f"| {r.label} | " + " | ".join(_cell(m, r) for m in metrics) + " |" for r in results]
-    what = "pairs" if PREFERENCE in metrics else "samples"
+def table(results: list[TargetResult], metrics: list[str], n: int, what: str = "") -> str:
+    """`what`: the first line's noun ("samples", "pairs" by default)."""
+    cols = columns(results, metrics)
+    head = "| target | " + " | ".join(cols) + " |"
+    rule = "|---|" + "---|" * len(cols)
+    rows = [f"| {r.label} | " + " | ".join(_cell(m, r) for m in cols) + " |" for r in results]
+    what = what or ("pairs" if PREFERENCE in metrics else "samples")
     return "\n".join([f"{n} {what}", head, rule, *rows])
 
 
@@ -49,7 +59,8 @@ def disagreements(
 
 def json_line(results: list[TargetResult], metrics: list[str], n: int) -> str:
     """{"metric", "n", "scores": {target: score}} (or {target: {metric: score}} for several
-    metrics); preference adds "margin": {target: mean chosen - rejected, nats}."""
+    metrics); preference adds "margin": {target: mean chosen - rejected, nats}, reward
+    "rewards": {target: {column: score}} (each function's mean, the total, best of K)."""
     if len(metrics) == 1:
         m = metrics[0]
         line = {"metric": m, "n": n, "scores": {r.label: r.scores[m] for r in results}}
@@ -58,6 +69,8 @@ def json_line(results: list[TargetResult], metrics: list[str], n: int) -> str:
         line = {"metric": metrics, "n": n, "scores": scores}
     if PREFERENCE in metrics:
         line["margin"] = {r.label: r.margin for r in results}
+    if REWARD in metrics:
+        line["rewards"] = {r.label: r.scores for r in results}
     return json.dumps(line)
 
 
@@ -67,16 +80,20 @@ def write_outputs(
     samples: list[EvalSample] | list[EvalPair],
     metrics: list[str],
     force: bool = False,
+    settings: dict | None = None,
 ) -> None:
     """predictions.jsonl (a line per sample: prompt, reference, each target's reply and
     scores; for pairs: prompt, chosen, rejected, each target's two log-probs, margin and
-    score) and summary.json, in `out` (staged: nothing half-written)."""
+    score; for prompts: each target's completions, their rewards, the prompt's scores) and
+    summary.json (with `settings`: how the scores were made), in `out` (staged: nothing
+    half-written)."""
     from ..outputs import staged_dir
 
+    cols = columns(results, metrics)
     with staged_dir(out, force) as tmp:
         with open(tmp / "predictions.jsonl", "w") as f:
             for i, s in enumerate(samples):
-                targets = {r.label: _per_sample(r, i, metrics) for r in results}
+                targets = {r.label: _per_sample(r, i, cols) for r in results}
                 f.write(json.dumps({**s.describe(), "targets": targets}) + "\n")
         summary = {
             "n": len(samples),
@@ -86,6 +103,7 @@ def write_outputs(
         }
         if PREFERENCE in metrics:
             summary["margin"] = {r.label: r.margin for r in results}
+        summary |= settings or {}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -94,4 +112,6 @@ def _per_sample(r: TargetResult, i: int, metrics: list[str]) -> dict:
     if r.logps:  # a pair: the two documents' summed reply log-probs
         c, rej = r.logps[i]
         return {"chosen_logp": c, "rejected_logp": rej, "margin": c - rej, **scores}
+    if r.completions:  # a prompt: its completions, each with its rewards
+        return {"completions": r.completions[i], **scores}
     return {"reply": r.replies[i], **scores}

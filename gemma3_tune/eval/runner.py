@@ -13,6 +13,8 @@ of two documents, prompt + chosen then prompt + rejected, labels on the replies 
 `batch_size` pairs (and PAIR_TOKENS tokens) are packed into one row per forward, positions
 restarting at each document, and the model returns each document's summed reply log-prob
 (`sequence_logps=True`): a pair scores 1.0 when chosen > rejected, strictly.
+
+Prompt-only rows (`--metric reward`) are answered and scored by eval/rewarded.py.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..data.template import (
     stop_at_call,
 )
 from ..errors import UserError
-from .metrics import GENERATION, OURS_ONLY, PREFERENCE, SCORERS
+from .metrics import GENERATION, OURS_ONLY, PREFERENCE, REWARD, SCORERS
 from .targets import Target, eval_dtype, load_target, target_config
 
 
@@ -89,6 +91,7 @@ class TargetResult:
     perplexity: float | None = None
     margin: float | None = None  # preference: mean chosen - rejected log-prob (nats)
     logps: list[tuple[float, float]] = field(default_factory=list)  # preference: per pair
+    completions: list[list[dict]] = field(default_factory=list)  # reward: per prompt, each one
 
 
 def _text(turn: Turn) -> str:
@@ -337,9 +340,11 @@ def evaluate(
     batch_size: int = 16,
     backend: str = "ours",
     dtype: str = "auto",
+    rewards=None,
 ) -> list[TargetResult]:
     """Score every target on `samples`, each loaded in turn in one dtype (targets.eval_dtype:
-    `auto` is a run's own dtype, else bf16 where bf16 matmuls are native)."""
+    `auto` is a run's own dtype, else bf16 where bf16 matmuls are native). `rewards`
+    (rewarded.RewardEval) answers and scores prompt-only rows for `reward`."""
     from ..progress import bar as progress_bar
 
     if backend == "llama.cpp":
@@ -348,7 +353,7 @@ def evaluate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generating = any(m in GENERATION for m in metrics)
     per_target = len(samples) * (
-        int(generating) + int("loss" in metrics) + int(PREFERENCE in metrics)
+        int(generating) + sum(m in metrics for m in ("loss", PREFERENCE, REWARD))
     )
     for target in targets:  # every refusal before the first model loads
         check_target_fits(target, target_config(target), samples)
@@ -374,6 +379,8 @@ def evaluate(
                     res.perplexity = math.exp(min(res.scores[m], 50.0))
                 elif m == PREFERENCE:
                     _score_pairs(res, pair_logps(model, tok, samples, batch_size, bar))
+                elif m == REWARD:
+                    rewards.score(res, model, tok, samples, max_new_tokens, batch_size, bar)
                 else:
                     ok = [
                         float(SCORERS[m](r, s.reference))

@@ -266,6 +266,21 @@ def load_rewards(specs: list[str], base: Path) -> list[RewardFunction]:
 # --- scoring ---------------------------------------------------------------------------------
 
 
+def completion_texts(tok, prompts: list, completions: list[list[int]]) -> tuple[list, list[str]]:
+    """Completions as TRL gives them to reward functions: text, or for a conversational prompt
+    `[{"role": "assistant", "content": text}]`; and the texts. `completions` are ids (stop
+    tokens dropped here), prompt-major: prompt b's k-th at b * G + k; `prompts` have
+    `.conversational` (data/rl_prompts.RLPrompt)."""
+    group = len(completions) // len(prompts)
+    stops = tok.stop_ids()
+    texts = [tok.decode([t for t in c if t not in stops]) for c in completions]
+    out = [
+        [{"role": "assistant", "content": t}] if prompts[i // group].conversational else t
+        for i, t in enumerate(texts)
+    ]
+    return out, texts
+
+
 def _value(reward: RewardFunction, value: Any, origin: str) -> float:
     """One returned value as a float: None -> NaN (TRL: no reward), bool -> 1.0 / 0.0."""
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):

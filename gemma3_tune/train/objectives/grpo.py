@@ -233,7 +233,7 @@ class GRPO(Objective):
     @torch.no_grad()
     def rollout(self, model, prompts: list, rows: list[int], step: int, inputs: dict) -> Rollout:
         """Sample, score and compute the advantages of one micro-batch of prompts."""
-        from ..rewards import score
+        from ..rewards import completion_texts, score
 
         t0, r = time.perf_counter(), self.recipe.rl
         base = unwrap(model)
@@ -254,7 +254,7 @@ class GRPO(Objective):
             )  # fmt: skip
         finally:
             model.train(was_training)
-        as_trl, texts = self._completion_texts(prompts, completions)
+        as_trl, texts = completion_texts(self.tok, prompts, completions)
         per_prompt = [p for p in prompts for _ in range(r.num_generations)]
         scores = score(
             self.rewards,
@@ -270,18 +270,6 @@ class GRPO(Objective):
         cut = torch.tensor(truncated)
         return Rollout(prompts, completions, cut, texts, scores, total, adv, zero_std, features,
                        time.perf_counter() - t0)  # fmt: skip
-
-    def _completion_texts(self, prompts: list, completions: list[list[int]]):
-        """Completions as TRL gives them to reward functions: text, or for a conversational
-        prompt `[{"role": "assistant", "content": text}]`."""
-        group = len(completions) // len(prompts)
-        stops = self.tok.stop_ids()
-        texts = [self.tok.decode([t for t in c if t not in stops]) for c in completions]
-        out = [
-            [{"role": "assistant", "content": t}] if prompts[i // group].conversational else t
-            for i, t in enumerate(texts)
-        ]
-        return out, texts
 
     def loss(self, trainer, model, inputs: dict, rows, num_items) -> tuple:
         split = "train" if model.training else "eval"
