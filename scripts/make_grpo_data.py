@@ -9,7 +9,8 @@ leaves the JSON open after "- tel. 555-0071", an answer whose closing brace it a
 samples, so no reward can teach it that); its 12-step checkpoint writes the right card but
 rarely ends its turn. recipes/grpo-contacts.yaml trains that checkpoint on the prompts with the
 `json_equal:answer` reward alone (no reply is ever shown to it); heldout.jsonl holds other
-prompts of the same templates, as chats for `gemma3-tune eval`.
+prompts of the same templates as chats (`eval --metric json`), heldout_prompts.jsonl the same
+prompts with their answers (`eval --metric reward --reward json_equal:answer`).
 Deterministic: `python scripts/make_grpo_data.py` rewrites data/grpo/ identically.
 """
 
@@ -51,15 +52,18 @@ def main(out: Path = Path("data/grpo"), train: int = 240, heldout: int = 40) -> 
         for _ in range(train):
             prompt, card = example(rng)
             f.write(json.dumps({"prompt": prompt, "answer": card}) + "\n")
-    with open(out / "heldout.jsonl", "w") as f:
-        for _ in range(heldout):
-            prompt, card = example(rng)
+    held = [example(rng) for _ in range(heldout)]
+    with open(out / "heldout.jsonl", "w") as f:  # chats: eval --metric json
+        for prompt, card in held:
             chat = [
                 {"role": "user", "content": prompt},
                 {"role": "assistant", "content": json.dumps(card)},
             ]
             f.write(json.dumps({"messages": chat}) + "\n")
-    print(f"wrote {train} prompts and {heldout} held-out chats to {out}")
+    with open(out / "heldout_prompts.jsonl", "w") as f:  # the same: eval --metric reward
+        for prompt, card in held:
+            f.write(json.dumps({"prompt": prompt, "answer": card}) + "\n")
+    print(f"wrote {train} prompts and {heldout} held-out chats and prompts to {out}")
 
 
 if __name__ == "__main__":
