@@ -37,7 +37,7 @@ CASES = {
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
         "missing content",
     ),
-    "no_messages_key": ({"text": "hello"}, "no 'messages' or 'conversations' key"),
+    "no_messages_key": ({"body": "hello"}, "no 'messages' or 'conversations' key"),
     "not_alternating": (
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
         "must alternate",

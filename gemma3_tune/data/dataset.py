@@ -45,6 +45,9 @@ class Report:
     rows: int = 0
     packing_efficiency: float = 1.0
     eval_samples: int = 0
+    text_documents: int = 0  # raw text documents among the training samples
+    text_windows: int = 0  # the windows they were cut into (each a training sample)
+    sources: list[dict] = field(default_factory=list)  # per train source: what it contributes
     dropped_at: list[str] = field(default_factory=list)  # origins of dropped samples
     truncated_at: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list, repr=False)
@@ -70,6 +73,9 @@ class Report:
             "rows": self.rows,
             "packing_efficiency": round(self.packing_efficiency, 4),
             "eval_samples": self.eval_samples,
+            "text_documents": self.text_documents,
+            "text_windows": self.text_windows,
+            "sources": self.sources,
         }
 
 

@@ -125,7 +125,8 @@ def render_pair(
     if isinstance(data, SampleError):
         raise data
     if not is_pair(data):
-        kind = next((k for k in ("messages", "conversations", "instruction") if k in data), None)
+        kind = next((k for k in ("messages", "conversations", "instruction", "text") if k in data),
+                    None)  # fmt: skip
         what = f"a '{kind}' row" if kind else "a row with no 'chosen'/'rejected'"
         raise SampleError(
             origin,

@@ -49,7 +49,7 @@ from .settings import DataConfig, Source, data_root, resolve_path
 from .template import VisionTokens
 from .tokenizer import TOKENIZER_FILES
 
-FORMAT_VERSION = 3  # bump when the files written here change
+FORMAT_VERSION = 4  # bump when the files written here change
 TEMPLATE_VERSION = 2  # bump when template.render or dataset.fit_one change their output
 FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones sampled
 COMPLETE = "COMPLETE"
@@ -175,6 +175,7 @@ def _build(
     train_rows = _rows(train, lengths, cfg, seed)
     eval_rows = _rows(evals, lengths, cfg, seed) if cfg.packing else [[i] for i in evals]
     _count(report, ds, train, evals, train_rows, cfg)
+    _per_source(report, ds, train, cfg.train)
     example = train[0] if train else -1  # the first sample training sees (never a dropped one)
     write(folder, ds, train_rows, eval_rows, lengths[train], example, report, seconds, procs)
 
@@ -222,6 +223,27 @@ def _count(
     report.rows = len(train_rows)
     longest = int(train_lengths.max()) if len(train_lengths) else 0
     report.packing_efficiency = row_fill(report.tokens, len(train_rows), longest, cfg)
+
+
+def _per_source(report: Report, ds, train: list[int], sources: list[Source]) -> None:
+    """What each train source contributes to what is trained (after mixing, the eval split and
+    dropping): samples, tokens, trained tokens and its share of them; raw text documents and
+    windows."""
+    col = ds.data.column
+    src, window = col("src").to_numpy()[train], col("window").to_numpy()[train]
+    tokens, trained = col("length").to_numpy()[train], col("trainable").to_numpy()[train]
+    report.text_documents = int((window == 1).sum())
+    report.text_windows = int((window >= 1).sum())
+    total = max(int(trained.sum()), 1)
+    for i, s in enumerate(sources):
+        mine = src == i
+        report.sources.append({
+            "path": s.path,
+            "samples": int(mine.sum()),
+            "tokens": int(tokens[mine].sum()),
+            "trainable_tokens": int(trained[mine].sum()),
+            "share": round(int(trained[mine].sum()) / total, 4),
+        })  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

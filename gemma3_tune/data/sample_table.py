@@ -2,10 +2,11 @@
 `num_proc` worker processes through `datasets.map`.
 
 JSONL sources are cut into byte ranges at line starts (`parts`), other sources are one part
-each; a worker renders its parts' records (`samples.record_sample`, or `preference.render_pair`
-for pairs), checks each against max_seq_len (`dataset.fit_one`) and writes one row per sample:
-input_ids, labels, images, origin, length, status (OK, TRUNCATED, DROPPED or BAD) and the note
-saying why. Nothing is held in Python lists; `bad_samples` turns the BAD rows into one
+each; a worker renders its parts' records (`documents.record_documents`: a chat's sample, a raw
+text document's windows, a prompt-completion row's sample; `preference.render_pair` for
+pairs), checks each against max_seq_len (`dataset.fit_one`) and writes one row per sample:
+input_ids, labels, images, origin, length, status (OK, TRUNCATED, DROPPED or BAD), the note
+saying why, and a raw text window's number. Nothing is held in Python lists; `bad_samples` turns the BAD rows into one
 DataErrors, as a run reports them.
 """
 
@@ -19,9 +20,9 @@ import numpy as np
 from ..progress import on_terminal
 from .answers import AnswerStore, answered
 from .dataset import DataErrors, fit_one
+from .documents import record_documents
 from .preference import render_pair
 from .records import SampleError
-from .samples import record_sample
 from .settings import DataConfig, Source, resolve_path, turn_options
 from .sources import read_jsonl, read_records
 from .template import Sample, VisionTokens
@@ -42,6 +43,7 @@ COLUMNS = (
     "labels",
     "images",
     "split",
+    "window",  # a raw text document's window number, from 1 (0: not raw text)
 )
 
 
@@ -136,6 +138,7 @@ def render_tasks(
             [{"path": im.path, "views": im.views} for im in sample.images] if sample else []
         )
         cols["split"].append(sample.split if sample else 0)
+        cols["window"].append(sample.window if sample else 0)
 
     for i in range(len(batch["src"])):
         task = {k: batch[k][i] for k in batch}
@@ -145,16 +148,17 @@ def render_tasks(
             for rec in _records(task):
                 try:
                     if pairs:
-                        sample = render_pair(rec, tok, vision, options)
+                        samples = [render_pair(rec, tok, vision, options)]
                     else:
-                        sample = record_sample(rec, tok, vision, options, cfg.train_on, reply)
+                        samples = record_documents(rec, tok, vision, options, cfg, reply)
                 except SampleError as e:
                     add(task["src"], e.origin, BAD, e.reason, None)
                     continue
-                kept, note = fit_one(sample, cfg, vision)
-                status = OK if not note else DROPPED if kept is None else TRUNCATED
-                lost = len(sample) - (len(kept) if kept else 0)
-                add(task["src"], sample.origin, status, note, kept, lost)
+                for sample in samples:  # a raw text document: its windows
+                    kept, note = fit_one(sample, cfg, vision)
+                    status = OK if not note else DROPPED if kept is None else TRUNCATED
+                    lost = len(sample) - (len(kept) if kept else 0)
+                    add(task["src"], sample.origin, status, note, kept, lost)
         except SampleError as e:  # the whole source is unreadable
             add(task["src"], e.origin, BAD, e.reason, None)
     return cols
@@ -177,6 +181,7 @@ def _features():
             "labels": datasets.Sequence(datasets.Value("int32")),
             "images": [{"path": datasets.Value("string"), "views": datasets.Value("int32")}],
             "split": datasets.Value("int32"),
+            "window": datasets.Value("int32"),
         }
     )
 

@@ -1,4 +1,5 @@
-"""Record -> turns -> sample: the one path a chat record takes to training tokens.
+"""Record -> turns -> sample: the one path a chat record takes to training tokens (raw text
+and prompt-completion rows take documents.py's; `documents.record_documents` chooses).
 
 `record_turns` checks a record into turns (`sources.to_turns`, with its source's options) and
 refuses images for a text-only model; `record_sample` renders those turns with the loss mask,

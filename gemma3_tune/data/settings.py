@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..paths import cache_root
 
@@ -40,6 +40,9 @@ class DataConfig(BaseModel):
     max_seq_len: int = Field(default=2048, gt=8, description="tokens per row")
     packing: bool = Field(
         default=True, description="pack samples into full rows (best fit decreasing)"
+    )
+    text_overlap: int = Field(
+        default=0, ge=0, description="raw text windows: tokens of context repeated, no loss"
     )
     truncation: Literal["truncate", "drop"] = Field(
         default="truncate",
@@ -71,6 +74,16 @@ class DataConfig(BaseModel):
     num_proc: int | None = Field(
         default=None, gt=0, description="processes that tokenize; None: every core"
     )
+
+    @model_validator(mode="after")
+    def _overlap_leaves_room(self):
+        if self.text_overlap >= self.max_seq_len - 1:
+            raise ValueError(
+                f"data.text_overlap {self.text_overlap} leaves no new tokens in a window of"
+                f" max_seq_len {self.max_seq_len} (one is <bos>); use at most"
+                f" {self.max_seq_len - 2}"
+            )
+        return self
 
     @field_validator("train", "eval", mode="before")
     @classmethod

@@ -11,6 +11,9 @@ Formats, one object per line (JSONL), or a JSON array, or a table (Parquet, Arro
   `observation` turns and `"tools"` (a JSON string) for tool calling;
 - Alpaca: `{"instruction": STR, "input": STR, "output": STR, "system": STR, "history": [[q, a]]}`
   (`input`, `system`, `history` optional; the user turn is instruction + "\n" + input);
+- raw text, `{"text": STR}`, and TRL's prompt-completion rows, `{"prompt", "completion"}`, are
+  read here too but are documents, not chats (documents.py); a `.txt` file, or a folder of
+  them, is one `{"text": ...}` record per file;
 - TRL prompt-only, for a teacher to answer (`distill:`; refused elsewhere):
   `{"prompt": [{"role": "user", "content": "Why is the sky blue?"}]}` or `{"prompt": "Why is the
   sky blue?"}` (a string is one user message, rendered in the chat template).
@@ -55,6 +58,9 @@ def read_records(path: str | os.PathLike) -> Iterator[Record]:
     path = Path(path)
     if not path.exists():
         raise SampleError(str(path), "no such file or folder; check data.train / data.eval")
+    if path.suffix == ".txt" or (path.is_dir() and _text_folder(path)):
+        yield from _read_text(path)
+        return
     if path.is_dir() or path.suffix in (".parquet", ".arrow"):
         yield from _read_table(path)
         return
@@ -65,7 +71,8 @@ def read_records(path: str | os.PathLike) -> Iterator[Record]:
         raise SampleError(
             str(path),
             f"unsupported data file type {path.suffix or '(none)'!r}; use .jsonl, .json,"
-            " .parquet, .arrow or a datasets.save_to_disk folder",
+            " .parquet, .arrow, .txt (raw text), a folder of .txt files or a"
+            " datasets.save_to_disk folder",
         )
     yield from read_jsonl(path)
 
@@ -140,6 +147,29 @@ def _read_json_array(path: Path) -> Iterator[Record]:
         yield Record(f"{path}:item {i}", item)
 
 
+DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # save_to_disk's
+
+
+def _text_folder(path: Path) -> bool:
+    """A folder of .txt files (not a `save_to_disk` folder)."""
+    return not any((path / f).exists() for f in DATASET_FILES) and any(path.rglob("*.txt"))
+
+
+def _read_text(path: Path) -> Iterator[Record]:
+    """Raw text: a .txt file is one document, `{"text": its contents}`; a folder, every .txt
+    file under it in path order."""
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            yield Record(
+                str(f), SampleError(str(f), f"not UTF-8 text (byte {e.start}); convert it")
+            )
+            continue
+        yield Record(str(f), {"text": text})
+
+
 def _read_table(path: Path) -> Iterator[Record]:
     import datasets
 
@@ -195,6 +225,13 @@ def to_turns(
         turns = from_alpaca(data, ctx)
     elif data.get("prompt") is not None and not PAIRED_KEYS & data.keys():
         turns = from_prompt(data, ctx, allow_prompt_only)
+    elif "text" in data or {"prompt", "completion"} <= data.keys():
+        what = "raw text" if "text" in data else "a prompt-completion row"
+        raise SampleError(
+            origin,
+            f"{what}, not a chat or a prompt: only objective sft trains on it (continued"
+            " pretraining, docs/pretraining.md)",
+        )
     elif "chosen" in data or "rejected" in data:
         raise SampleError(
             origin,
@@ -204,7 +241,9 @@ def to_turns(
     else:
         keys = ", ".join(sorted(map(str, data))) or "none"
         raise SampleError(
-            origin, f"no 'messages' or 'conversations' key (keys: {keys}); use {FORMATS}"
+            origin,
+            f"no 'messages' or 'conversations' key (keys: {keys}); use {FORMATS}, or for"
+            " continued pretraining 'text' (raw text) or 'prompt' + 'completion'",
         )
     tools = declared_tools(data.get("tools"), ctx)
     _check_order(turns, origin, allow_prompt_only)

@@ -73,6 +73,7 @@ class Sample:
     images: list[ImageRef] = field(default_factory=list)
     origin: str = ""  # "file:line", for error messages and reports
     split: int = 0  # a preference pair: where its second document (prompt + rejected) starts
+    window: int = 0  # a raw text document's window, from 1 (documents.py); 0: not raw text
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -169,6 +169,19 @@ def _rl_check(recipe: Recipe, as_json: bool) -> int:
     return 0
 
 
+def _print_sources(r, out) -> None:
+    """Raw text documents and windows, and each source's share of the trained tokens (what
+    mixing weights actually give), when there is more than one source or any raw text."""
+    if r.text_windows:
+        print(f"raw text           {r.text_documents} documents in {r.text_windows} windows"
+              " (each window its own document, opening with <bos>)", file=out)  # fmt: skip
+    if len(r.sources) > 1 or r.text_windows:
+        print("sources            share of trained tokens", file=out)
+        for s in r.sources:
+            print(f"  {s['share']:>6.1%}  {s['trainable_tokens']:>10} of {s['tokens']} tokens"
+                  f"  {s['samples']:>7} samples  {s['path']}", file=out)  # fmt: skip
+
+
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
     if recipe.objective == "grpo":  # prompts, not samples to train on
@@ -191,6 +204,7 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     print(f"samples            {r.samples}{unit}  (+{r.eval_samples} eval)", file=out)
     print(f"tokens             {r.tokens}", file=out)
     print(f"trainable tokens   {r.trainable_tokens}", file=out)
+    _print_sources(r, out)
     print(f"images             {r.images}", file=out)
     print(f"truncated          {r.truncated}", file=out)
     print(f"dropped            {r.dropped}", file=out)

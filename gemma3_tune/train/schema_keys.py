@@ -120,4 +120,6 @@ def explain(root: type[BaseModel], e: ValidationError, source: str) -> str:
         return f"{source}: unknown key {key}{_unknown_key_hint(root, loc)}"
     if err["type"] == "missing":
         return f"{source}: missing required key {key}"
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}"  # a section's own check
     return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"
