@@ -275,7 +275,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     s.add_argument(
         "--data", required=True,
-        help="chats (JSONL, JSON, Parquet, save_to_disk); for --metric preference, TRL's"
+        help="chats (JSONL, JSON, Parquet, save_to_disk); for --metric loss also raw text"
+        " ({text}, .txt) and {prompt, completion} rows; for --metric preference, TRL's"
         " {prompt, chosen, rejected} pairs; for --metric reward, TRL's prompt-only rows",
     )  # fmt: skip
     s.add_argument(
@@ -302,6 +303,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="ours: GGUFs de-quantized into our model; llama.cpp: real llama.cpp (llama-cpp-python)",
     )  # fmt: skip
     s.add_argument("--limit", type=int, default=None, help="the first N samples")
+    s.add_argument(
+        "--max-seq-len", type=int, default=2048,
+        help="--metric loss on raw text: a longer document is scored in windows of this many"
+        " tokens, as training cuts it (use the recipe's data.max_seq_len)",
+    )  # fmt: skip
     s.add_argument(
         "--max-new-tokens", type=int, default=None,
         help="longest reply; default: twice the longest reference reply in tokens, at least 32"

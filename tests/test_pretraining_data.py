@@ -180,3 +180,40 @@ def test_txt_files_and_folders_are_documents(tmp_path, tiny_dir):
     assert [r.data for r in records] == [{"text": "first document"}, {"text": "second document"}]
     assert records[1].origin == str(folder / "b" / "c.txt")
     assert [r.data for r in read_records(folder / "a.txt")] == [{"text": "first document"}]
+
+
+def test_eval_loss_scores_text_windows_and_completions(tmp_path, tiny_dir, capsys):
+    """`eval --metric loss` on raw text and prompt-completion rows: the summed cross-entropy
+    over every window's tokens and every completion's tokens, over their count, equals a
+    log-softmax of the model's full logits (not the chunked loss eval uses)."""
+    from gemma3_tune.cli import main
+    from gemma3_tune.data.documents import record_documents
+    from gemma3_tune.eval.loss import Windows
+    from gemma3_tune.model.checkpoint import load_model
+
+    rows = [{"text": TEXT}, ROWS[0], ROWS[2], {"text": "One more short document."}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    argv = ["eval", str(tiny_dir), "--data", str(data), "--metric", "loss", "--json",
+            "--max-seq-len", "48", "--dtype", "float32"]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scores"][str(tiny_dir)]
+    tok, model = Tokenizer(tiny_dir), load_model(tiny_dir).eval()
+    total, n = 0.0, 0
+    for i, row in enumerate(rows):
+        for doc in record_documents(Record(f"x:{i}", row), tok, None, {}, Windows(48)):
+            with torch.no_grad():
+                logits = model(torch.tensor([doc.input_ids])).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], -1)
+            for t, label in enumerate(doc.labels[1:]):
+                if label != IGNORE:
+                    total, n = total - float(logp[t, label]), n + 1
+    assert n > 100 and got == pytest.approx(total / n, rel=1e-5)
+
+
+def test_the_eval_split_keeps_a_documents_windows_together(tmp_path, tiny_dir):
+    tok, _, data = _prepared(tmp_path, tiny_dir, data__eval_split=0.3)
+    train = {s.origin for row in data.train_rows for s in row}
+    held = {s.origin for row in data.eval_rows for s in row}
+    assert train and held and not train & held

@@ -134,15 +134,39 @@ def truncate(sample: Sample, max_len: int, vision: VisionTokens | None) -> Sampl
     return Sample(sample.input_ids[:cut], sample.labels[:cut], images, sample.origin)
 
 
-def split_eval(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded `fraction` of the samples (or their indices) held out, in order."""
+def split_eval(
+    samples: list, fraction: float, seed: int, documents: list | None = None
+) -> tuple[list, list]:
+    """(train, eval): a seeded `fraction` of the samples (or their indices) held out, in order.
+    `documents`: each sample's document; a document's samples (a raw text document's windows)
+    then go to one side together, so a held-out loss never scores text trained on."""
     if fraction <= 0 or len(samples) < 2:
         return samples, []
+    if documents is not None and len(set(documents)) < len(documents):
+        return _split_documents(samples, fraction, seed, documents)
     idx = list(range(len(samples)))
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(len(samples) * fraction))
     held = set(idx[:n_eval])
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def _split_documents(samples: list, fraction: float, seed: int, documents: list):
+    """split_eval by whole documents: seeded documents held out until `fraction` of the
+    samples is (at least one document, never all of them)."""
+    order = list(dict.fromkeys(documents))
+    random.Random(seed).shuffle(order)
+    size: dict = {}
+    for d in documents:
+        size[d] = size.get(d, 0) + 1
+    want, held, n = max(1, round(len(samples) * fraction)), set(), 0
+    for d in order[:-1]:
+        if n >= want:
+            break
+        held.add(d)
+        n += size[d]
+    train = [s for s, d in zip(samples, documents, strict=True) if d not in held]
+    return train, [s for s, d in zip(samples, documents, strict=True) if d in held]
 
 
 def _image_tokens(sample: Sample, vision: VisionTokens | None) -> int:

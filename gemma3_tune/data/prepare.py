@@ -167,7 +167,7 @@ def _build(
             file=sys.stderr,
         )
     status = ds.data.column("status").to_numpy()
-    train, evals = _mixed(ds.data.column("src").to_numpy(), sources, cfg, seed)
+    train, evals = _mixed(ds, sources, cfg, seed)
     report = _noted(ds, status, train)
     train = [i for i in train if status[i] != DROPPED]
     evals = [i for i in evals if status[i] != DROPPED]
@@ -180,11 +180,11 @@ def _build(
     write(folder, ds, train_rows, eval_rows, lengths[train], example, report, seconds, procs)
 
 
-def _mixed(
-    src: np.ndarray, sources: list[Source], cfg: DataConfig, seed: int
-) -> tuple[list[int], list[int]]:
-    """Sample indices of the train and eval sets (`src`: each sample's source): every source
-    mixed by its weight or count, then, without eval sources, data.eval_split held out."""
+def _mixed(ds, sources: list[Source], cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
+    """Sample indices of the train and eval sets: every source mixed by its weight or count,
+    then, without eval sources, data.eval_split held out (a raw text document's windows on one
+    side together)."""
+    src = ds.data.column("src").to_numpy()
     n_train = len(cfg.train)
     train: list[int] = []
     evals: list[int] = []
@@ -192,7 +192,12 @@ def _mixed(
         mixed = mix(np.flatnonzero(src == i).tolist(), s, seed)
         (train if i < n_train else evals).extend(mixed)
     if not cfg.eval:
-        train, evals = split_eval(train, cfg.eval_split, seed)
+        window = ds.data.column("window").to_numpy()
+        documents = None
+        if cfg.eval_split and (window[train] > 0).any():
+            origin = ds.data.column("origin").to_pylist()
+            documents = [origin[i] if window[i] else i for i in train]
+        train, evals = split_eval(train, cfg.eval_split, seed, documents)
     return train, evals
 
 

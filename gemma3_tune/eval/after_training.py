@@ -9,6 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ..data.documents import document_kind
 from ..data.settings import turn_options
 from ..data.sources import read_records, to_turns
 from ..errors import UserError
@@ -37,7 +38,7 @@ def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
         samples: list = []
         for src in d.eval:
             path = Path(src.path) if Path(src.path).is_absolute() else recipe.base_dir / src.path
-            samples += load_pairs(path, None) if pairs else load_samples(path, None)
+            samples += load_pairs(path, None) if pairs else load_samples(path, None, d.max_seq_len)
         return samples[:limit]
     if not d.eval_split:
         raise UserError(
@@ -46,7 +47,8 @@ def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
     from ..train.run_data import load_data
 
     _, _, data = load_data(recipe)  # the prepared data (cached): its eval rows' origins
-    origins = [s.origin for row in data.eval_rows for s in row][:limit]
+    # a raw text document's windows share its origin: it is scored once, whole
+    origins = list(dict.fromkeys(s.origin for row in data.eval_rows for s in row))[:limit]
     by_file: dict[str, set[str]] = defaultdict(set)
     for o in origins:
         by_file[o.rsplit(":", 1)[0]].add(o)
@@ -57,6 +59,9 @@ def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
         for record in read_records(file):
             if record.origin in wanted and pairs:
                 found[record.origin] = _pair(record, base)
+            elif record.origin in wanted and document_kind(record.data) is not None:
+                found[record.origin] = EvalSample(record.origin, [], "", record, base,
+                                                  d.max_seq_len)  # fmt: skip
             elif record.origin in wanted:
                 turns = to_turns(record, **options)
                 text = "".join(p for p in turns[-1].parts if isinstance(p, str))

@@ -91,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
         samples = load_prompts(args.data, args.limit)
         what, settings = rewards.describe(), {"reward": rewards.settings(args.max_new_tokens)}
     else:
-        samples = (load_pairs if PREFERENCE in metrics else load_samples)(args.data, args.limit)
+        samples = (
+            load_pairs(args.data, args.limit)
+            if PREFERENCE in metrics
+            else load_samples(args.data, args.limit, args.max_seq_len)
+        )
     results = evaluate(
         targets, samples, metrics, args.max_new_tokens, args.batch_size, args.backend, args.dtype,
         rewards,

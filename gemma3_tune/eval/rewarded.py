@@ -30,7 +30,8 @@ from ..data.sources import to_turns
 from ..data.template import has_images
 from ..errors import UserError
 from ..train.rewards import RewardFunction
-from .runner import TargetResult, _pixels, _read, _vision
+from .model_inputs import pixels, vision_of
+from .runner import TargetResult, _read
 
 COMPLETION_TOKENS = 256  # --max-new-tokens' default here: TRL's max_completion_length default
 
@@ -176,7 +177,7 @@ class RewardEval:
         from ..model.generate import generate_groups
         from ..train.objectives.grpo import generators
 
-        vision = _vision(model)
+        vision = vision_of(model)
         try:
             rendered = [rl_prompt(p.record, tok, vision, {"base": p.base}) for p in prompts]
         except SampleError as e:
@@ -187,7 +188,7 @@ class RewardEval:
             for a in range(0, len(rendered), batch):
                 chunk = rendered[a : a + batch]
                 images = [im for p in chunk for im in p.images]
-                features = model.vision_features(_pixels(model, images)) if images else None
+                features = model.vision_features(pixels(model, images)) if images else None
                 got, truncated = generate_groups(
                     model, [p.ids for p in chunk], self.group,
                     generators(self.seed, 0, list(range(a, a + len(chunk))), self.group, device),

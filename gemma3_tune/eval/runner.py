@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.documents import document_kind
 from ..data.preference import is_pair, pair_turns
 from ..data.sources import Record, SampleError, read_records, to_turns
 from ..data.template import (
@@ -34,11 +35,12 @@ from ..data.template import (
     generation_prompt,
     has_images,
     reference_text,
-    render,
     stop_at_call,
 )
 from ..errors import UserError
+from .loss import WINDOW, token_loss
 from .metrics import GENERATION, OURS_ONLY, PREFERENCE, REWARD, SCORERS
+from .model_inputs import pixels, vision_of
 from .targets import Target, eval_dtype, load_target, target_config
 
 
@@ -47,6 +49,9 @@ class EvalSample:
     origin: str  # "file:line"
     turns: list[Turn]  # the whole conversation (the loss metric scores all of it)
     reference: str  # the last assistant turn's text (its calls, up to the first tool result)
+    document: Record | None = None  # raw text or prompt-completion: scored by `loss` only
+    base: Path | None = None  # a document's folder (images of a conversational one)
+    window: int = WINDOW  # raw text: scored in windows of this many tokens (eval/loss.py)
 
     @property
     def prompt_turns(self) -> list[Turn]:
@@ -57,6 +62,9 @@ class EvalSample:
         return has_images(self.turns)
 
     def prompt_text(self) -> str:
+        if self.document is not None:
+            data = self.document.data
+            return str(data.get("prompt", data.get("text", "")))
         return _text(self.prompt_turns[-1])
 
     def describe(self) -> dict:
@@ -120,13 +128,15 @@ def _read(path: str | Path, limit: int | None, one, what: str) -> list:
     return out
 
 
-def _chat(record: Record, base: Path) -> EvalSample:
+def _chat(record: Record, base: Path, window: int = WINDOW) -> EvalSample:
     if is_pair(record.data):  # to_turns' own advice is for training (objective: dpo)
         raise SampleError(
             record.origin,
             "a preference pair (prompt/chosen/rejected), not a chat; score pairs with"
             " --metric preference",
         )
+    if document_kind(record.data) is not None:
+        return EvalSample(record.origin, [], "", record, base, window)
     turns = to_turns(record, base=base)
     if turns[-1].role != "assistant":
         raise SampleError(
@@ -136,9 +146,10 @@ def _chat(record: Record, base: Path) -> EvalSample:
     return EvalSample(record.origin, turns, reference_text(turns[-1]))
 
 
-def load_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
-    """The chats of a data file, each ending in an assistant turn."""
-    return _read(path, limit, _chat, "samples")
+def load_samples(path: str | Path, limit: int | None, window: int = WINDOW) -> list[EvalSample]:
+    """The chats of a data file, each ending in an assistant turn, and its raw text and
+    prompt-completion rows (for `loss`; raw text scored in windows of `window` tokens)."""
+    return _read(path, limit, lambda rec, base: _chat(rec, base, window), "samples")
 
 
 def load_pairs(path: str | Path, limit: int | None) -> list[EvalPair]:
@@ -169,24 +180,6 @@ def _pair(record: Record, base: Path) -> EvalPair:
     )
 
 
-def _vision(model) -> VisionTokens | None:
-    c = model.config
-    if not c.is_multimodal:
-        return None
-    return VisionTokens(c.image_token_id, c.boi_token_id, c.eoi_token_id, c.mm_tokens_per_image)
-
-
-def _pixels(model, images: list[ImageRef]) -> torch.Tensor | None:
-    from ..data.images import preprocess
-
-    if not images:
-        return None
-    p = next(model.parameters())
-    size = model.config.vision.image_size
-    px = torch.cat([preprocess(im.path, size, im.views > 1) for im in images])
-    return px.to(p.device, p.dtype)
-
-
 def prompt_ids(
     tok, sample: EvalSample, vision: VisionTokens | None
 ) -> tuple[list[int], list[ImageRef]]:
@@ -212,7 +205,7 @@ def replies(model, tok, samples: list[EvalSample], max_new_tokens: int | None, b
 
     stops = tok.stop_ids()
     out: list[str | None] = [None] * len(samples)
-    rendered = [prompt_ids(tok, s, _vision(model)) for s in samples]
+    rendered = [prompt_ids(tok, s, vision_of(model)) for s in samples]
     text_only = [i for i, (_, images) in enumerate(rendered) if not images]
     with torch.no_grad():
         for a in range(0, len(text_only), batch):
@@ -234,30 +227,12 @@ def replies(model, tok, samples: list[EvalSample], max_new_tokens: int | None, b
                     model,
                     torch.tensor([ids], device=device),
                     max_new_tokens=max_new_tokens,
-                    pixel_values=_pixels(model, images),
+                    pixel_values=pixels(model, images),
                     stop_ids=stops,
                 )
                 out[i] = stop_at_call(tok.decode(list(new)))
                 bar.update(1)
     return out
-
-
-def token_loss(model, tok, samples: list[EvalSample], bar) -> tuple[list[float], list[int]]:
-    """Per sample: summed cross-entropy over the tokens training puts the loss on, and their
-    number (the mean over the whole set is sum / count, every token weighted alike)."""
-    sums, counts = [], []
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for s in samples:
-            r = render(s.turns, tok, _vision(model))
-            ids = torch.tensor([r.input_ids], device=device)
-            labels = torch.tensor([r.labels], device=device)
-            n = int((labels[:, 1:] != -100).sum())
-            loss = model(ids, pixel_values=_pixels(model, r.images), labels=labels).loss
-            sums.append(float(loss) * n)
-            counts.append(n)
-            bar.update(1)
-    return sums, counts
 
 
 PAIR_TOKENS = 4096  # tokens per forward when scoring pairs (a longer pair gets a row alone)
@@ -286,7 +261,7 @@ def pair_logps(model, tok, pairs: list[EvalPair], batch: int, bar) -> list[tuple
     from ..data.preference import render_pair
     from ..train.objectives.preference_loss import pairs as fold
 
-    vision = _vision(model)
+    vision = vision_of(model)
     samples = []
     for p in pairs:
         try:
@@ -355,6 +330,7 @@ def evaluate(
     per_target = len(samples) * (
         int(generating) + sum(m in metrics for m in ("loss", PREFERENCE, REWARD))
     )
+    _check_documents(samples, metrics)
     for target in targets:  # every refusal before the first model loads
         check_target_fits(target, target_config(target), samples)
     weights = eval_dtype(targets, dtype) if backend == "ours" else None
@@ -373,7 +349,7 @@ def evaluate(
                     res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)
             for m in metrics:
                 if m == "loss":
-                    sums, counts = token_loss(model, tok, samples, bar)
+                    sums, counts = token_loss(model, tok, samples, bar, vision_of(model))
                     res.per_sample[m] = [x / max(c, 1) for x, c in zip(sums, counts, strict=True)]
                     res.scores[m] = sum(sums) / max(sum(counts), 1)
                     res.perplexity = math.exp(min(res.scores[m], 50.0))
@@ -391,6 +367,17 @@ def evaluate(
             results.append(res)
             del model
     return results
+
+
+def _check_documents(samples: list, metrics: list[str]) -> None:
+    """Raw text and prompt-completion rows have no reply to generate: `loss` only."""
+    doc = next((s for s in samples if getattr(s, "document", None) is not None), None)
+    other = [m for m in metrics if m != "loss"]
+    if doc is not None and other:
+        raise UserError(
+            f"eval --metric {other[0]}: {doc.origin} is raw text or a prompt-completion row,"
+            " which has no reply to generate; score it with --metric loss"
+        )
 
 
 def _score_pairs(res: TargetResult, logps: list[tuple[float, float]]) -> None:
