@@ -25,6 +25,10 @@ CASES = [
     ({"qat": {"format": "q4_0"}, "deepspeed": "zero3_offload"}, "qat cannot be combined with ZeRO-3"),
     ({"training__compile": True, "deepspeed": "zero3"}, "training.compile: true cannot be combined"),
     ({"deepspeed": "zero9"}, "deepspeed: 'zero9' is neither zero2, zero3, zero3_offload"),
+    ({"embedding_lr": 1e-4}, "embedding_lr: set train_embeddings: true too"),
+    ({"method": "full", "embedding_lr": 1e-4}, "embedding_lr: set train_embeddings: true too"),
+    ({"method": "none", "train_embeddings": True, "train_projector": True},
+     "train_embeddings: method none trains the projector only"),
 ]  # fmt: skip
 
 
@@ -51,7 +55,9 @@ def test_refused_in_one_line_before_anything_runs(over, message, tmp_path, tiny_
 
 def test_the_same_recipes_without_the_clash_pass(tmp_path, tiny_dir):
     for over in ({"qat": {"format": "q4_0"}}, {"deepspeed": "zero2", "training__compile": True},
-                 {"objective": "orpo"}, {"method": "qlora", "deepspeed": "zero2"}):  # fmt: skip
+                 {"objective": "orpo"}, {"method": "qlora", "deepspeed": "zero2"},
+                 {"train_embeddings": True, "embedding_lr": 1e-4, "deepspeed": "zero3"},
+                 {"method": "full", "train_embeddings": False}):  # fmt: skip
         refuse(load_recipe(_recipe(tmp_path, tiny_dir, over)))
 
 

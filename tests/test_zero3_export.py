@@ -1,6 +1,7 @@
 """`export RUN --checkpoint N --merge` of a ZeRO-3 run (2 processes, gloo, no GPU), full SFT and
-LoRA: the exported model's logits equal the live model's at that step (the run's last step,
-whose weights the run also saved itself, gathered, as model/ or adapter/)."""
+LoRA (also with a trained embedding, peft's copy gathered for the tied head): the exported model's
+logits equal the live model's at that step (the run's last step, whose weights the run also saved
+itself, gathered, as model/ or adapter/)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ from gemma3_tune.model import load_model
 pytestmark = pytest.mark.slow  # multi-process launches: outside the fast tier
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora_embeddings"])
 def test_zero3_checkpoint_exports_the_live_weights(method, tmp_path, tiny_dir):
     data = chat_set(tmp_path / "chat.jsonl", n=16)
     run = tmp_path / "run"
+    embeddings = method == "lora_embeddings"
+    method = method.removesuffix("_embeddings")
     r = write_recipe(
         tmp_path / "r.yaml", tiny_dir, data, run, method=method, deepspeed="zero3",
         training__max_steps=4, training__save_steps=2, training__micro_batch_size=1,
+        **({"train_embeddings": True} if embeddings else {}),
     )  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), "-m", "gemma3_tune", "train", str(r)]  # fmt: skip
@@ -53,3 +57,6 @@ def test_zero3_checkpoint_exports_the_live_weights(method, tmp_path, tiny_dir):
     base = load_model(tiny_dir).eval()
     with torch.no_grad():  # and training did change the model
         assert (base(ids).logits - want).abs().max().item() > 1e-2
+    if embeddings:
+        moved = live.text_model.embed_tokens.weight - base.text_model.embed_tokens.weight
+        assert moved.abs().max().item() > 1e-4

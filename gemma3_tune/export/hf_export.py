@@ -167,7 +167,7 @@ def export_adapter(
     """The peft adapter. As trained, it loads with peft onto transformers' Gemma 3 (our module
     names are transformers' own), by `peft.AutoPeftModelForCausalLM.from_pretrained(out)` too
     (adapters.portable_config). `for_vllm` renames it for vLLM (see vllm_adapter)."""
-    from ..train.adapters import portable_config
+    from ..train.adapters import portable_config, portable_weights
 
     base, adapter = resolve_run(src)
     if adapter is None:
@@ -184,12 +184,15 @@ def export_adapter(
     if for_vllm:
         cfg, weights = vllm_adapter(cfg, weights, src)
     cfg = portable_config(cfg, base)  # loads with AutoPeftModelForCausalLM (runs of any age)
+    weights = portable_weights(weights)
     with staged_dir(out, force) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         copy_tokenizer(base, tmp)
     if cfg.get("modules_to_save"):
-        print("note: the adapter carries the trained projector (modules_to_save)", file=sys.stderr)
+        print(
+            f"note: the adapter carries {_trained_modules(cfg)} (modules_to_save)", file=sys.stderr
+        )
     return out
 
 
@@ -200,13 +203,27 @@ VLLM_PREFIX = {"model.language_model.": "language_model.model."}
 VLLM_MAX_DEFAULT_RANK = 16  # vLLM's default --max-lora-rank
 
 
+# modules_to_save entry -> (what it is, the recipe key that trained it)
+_SAVED_MODULES = {
+    "multi_modal_projector": ("the trained multimodal projector", "train_projector"),
+    "embed_tokens": ("the trained embedding (tied LM head)", "train_embeddings"),
+}
+
+
+def _trained_modules(cfg: dict) -> str:
+    """An adapter's modules_to_save, in words."""
+    mods = cfg.get("modules_to_save") or []
+    return " and ".join(_SAVED_MODULES.get(m, (m,))[0] for m in mods)
+
+
 def vllm_adapter(cfg: dict, weights: dict, src: Path) -> tuple[dict, dict]:
     """Rename an adapter's modules to vLLM's Gemma 3 names and refuse what vLLM's LoRA cannot
-    apply: a trained projector (modules_to_save) and DoRA."""
-    if cfg.get("modules_to_save"):
+    apply: a trained projector or embedding (modules_to_save) and DoRA."""
+    if mods := cfg.get("modules_to_save"):
+        keys = " / ".join(_SAVED_MODULES[m][1] for m in mods if m in _SAVED_MODULES)
         raise UserError(
-            f"{src}: the adapter trains the multimodal projector, which vLLM's LoRA cannot load;"
-            " export --merge (or --format gguf) instead, or train with train_projector: false"
+            f"{src}: the adapter carries {_trained_modules(cfg)}, which vLLM's LoRA cannot load;"
+            f" export --merge (or --format gguf) instead, or train with {keys}: false"
         )
     if cfg.get("use_dora"):
         raise UserError(f"{src}: vLLM does not serve DoRA adapters; export --merge instead")

@@ -12,10 +12,10 @@ import torch
 from ..model.checkpoint import load_model
 from ..model.dtypes import resolve_dtype
 from . import precision, qat
-from .adapters import apply_method, parameter_table, unwrap
+from .adapters import apply_method, parameter_table, trains_embeddings, unwrap
 from .args import compile_enabled
 from .batches import device
-from .distributed import images_needed, is_main_process, load_model_zero3
+from .distributed import gather_tied_embedding, images_needed, is_main_process, load_model_zero3
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe
 
@@ -44,9 +44,11 @@ def build_model(recipe: Recipe, folder: Path, out: Path, args, objective) -> tup
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if recipe.qat is not None:  # decoder linears fake-quantized, before peft wraps them
-        qat.apply(model, recipe.qat, trains_embedding=recipe.method == "full")
+        qat.apply(model, recipe.qat, trains_embedding=trains_embeddings(recipe))
     torch.manual_seed(recipe.training.seed)  # LoRA init must not depend on how the model was built
     model = apply_method(model, recipe)
+    if zero3 and recipe.method == "lora" and trains_embeddings(recipe):
+        gather_tied_embedding(unwrap(model))  # peft's trained copy, read by the head too
     if recipe.qat is not None:
         qat.attach_lora(model)
     objective.attach(model)

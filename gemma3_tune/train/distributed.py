@@ -192,7 +192,14 @@ def load_model_zero3(
     missing = sorted(set(params) - seen)
     if missing:
         raise ValueError(f"{folder}: weights missing for {', '.join(missing[:3])}")
-    # The tied LM head reads the embedding matrix outside the embedding's own forward:
-    # tell ZeRO-3 to gather it whenever the whole model runs.
-    deepspeed.zero.register_external_parameter(model, model.text_model.embed_tokens.weight)
+    gather_tied_embedding(model)
     return model
+
+
+def gather_tied_embedding(model: Gemma3) -> None:
+    """ZeRO-3: the tied LM head reads the embedding matrix outside the embedding's own forward,
+    so ZeRO-3 must gather it whenever the whole model runs. Called on the loaded model, and
+    again once peft wraps a trained embedding (`embed_tokens.weight` is then peft's copy)."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(model, model.text_model.embed_tokens.weight)

@@ -29,6 +29,7 @@ _METHOD = "lora | qlora | full | none"
 _TEMPLATE = "Gemma 3's own chat template is always used; remove it"
 _EVAL = "eval runs every N steps and at the end"
 _ADAMW = "training uses AdamW; set training.lr and training.weight_decay"
+_SAVE = "embed_tokens and lm_head are one tied matrix; the projector: train_projector: true"
 
 FOREIGN_KEYS: dict[str, Hint] = {
     # model
@@ -68,6 +69,13 @@ FOREIGN_KEYS: dict[str, Hint] = {
     "finetune_language_layers": Hint("lora.targets", "all-linear"),  # Unsloth
     "peft_use_dora": Hint("lora.use_dora"),  # Axolotl
     "peft_use_rslora": Hint("lora.use_rslora"),  # Axolotl
+    "modules_to_save": Hint("train_embeddings", "true", note=_SAVE),  # peft, Unsloth
+    "lora_modules_to_save": Hint("train_embeddings", "true", note=_SAVE),  # Axolotl
+    "additional_target": Hint("train_embeddings", "true", note=_SAVE),  # LLaMA-Factory
+    "embedding_learning_rate": Hint("embedding_lr", note="with train_embeddings: true"),  # Unsloth
+    "embedding_lr_scale": Hint(
+        "embedding_lr", note="an lr, not a factor: training.lr times the scale"
+    ),  # Axolotl
     # data
     "datasets": Hint("data.train", note="paths, or {path, weight | samples}"),  # Axolotl
     "dataset": Hint("data.train", note="paths, or {path, weight | samples}"),  # LLaMA-Factory

@@ -1,8 +1,8 @@
 """The training loop class: TRL's SFTTrainer with our loss (the model's own, chunked, or an
-objective's), token counting, the non-finite guard, our scheduler and model card, and a
-projector learning rate. Kept apart from trainer.py (which builds everything it needs) so
-that trl is imported only when a run starts, and so the HF methods it overrides stand in one
-place (tests/test_hf_contract.py pins them).
+objective's), token counting, the non-finite guard, our scheduler and model card, and the
+projector's and embedding's own learning rates. Kept apart from trainer.py (which builds
+everything it needs) so that trl is imported only when a run starts, and so the HF methods it
+overrides stand in one place (tests/test_hf_contract.py pins them).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from trl import SFTTrainer
 from ..model.dtypes import resolve_dtype
 from ..outputs import write_atomic
 from . import precision
-from .adapters import PROJECTOR
+from .adapters import group_lrs
 from .checkpoints import CompleteCheckpoints
 from .console import Console
 from .distributed import is_main_process
@@ -46,6 +46,31 @@ def peak_memory_gb() -> float:
 TRACE_ROWS = "GEMMA3_TUNE_TRACE_ROWS"
 
 
+def param_groups(
+    named: list[tuple[str, torch.nn.Parameter]],
+    lrs: dict[str, float],
+    decay: set[str],
+    weight_decay: float,
+) -> list[dict]:
+    """AdamW parameter groups for the trainable `named` parameters: each at the lr of the first
+    name fragment in `lrs` its name contains (else the optimizer's default, training.lr), with
+    weight decay where HF's Trainer gives it (`decay`: not norms or biases). The default-lr
+    groups come first (the Trainer logs the first group's lr); empty groups are left out."""
+    groups: dict[tuple[float | None, bool], list] = {}
+    for lr in (None, *lrs.values()):
+        for decays in (True, False):
+            groups.setdefault((lr, decays), [])
+    for n, p in named:
+        lr = next((v for k, v in lrs.items() if k in n), None)
+        groups[(lr, n in decay)].append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decays else 0.0}
+        | ({} if lr is None else {"lr": lr})
+        for (lr, decays), ps in groups.items()
+        if ps
+    ]
+
+
 def _trace_rows(step: int, rows: torch.Tensor) -> None:
     """With $GEMMA3_TUNE_TRACE_ROWS=PREFIX, each rank appends `step row...` for every
     micro-batch it trains on to PREFIX.RANK: an audit of the data order (resume tests use it)."""
@@ -56,13 +81,13 @@ def _trace_rows(step: int, rows: torch.Tensor) -> None:
 
 class Gemma3Trainer(SFTTrainer):
     """SFTTrainer with an objective's loss and logs, token counts, the non-finite guard, our
-    scheduler, card and a projector learning rate."""
+    scheduler, card, and learning rates by parameter name (`group_lrs`: name fragment -> lr)."""
 
     def __init__(
         self,
         *a,
         objective: Objective,
-        projector_lr: float | None = None,
+        group_lrs: dict[str, float] | None = None,
         pad_id: int = 0,
         guard: NonFiniteGuard | None = None,
         card=None,
@@ -70,7 +95,7 @@ class Gemma3Trainer(SFTTrainer):
     ):
         self.objective = objective  # objectives/*.py: the loss, and what it logs
         self.card = card  # (step, max_steps, done) -> the run's README.md
-        self.projector_lr = projector_lr
+        self.group_lrs = group_lrs or {}
         self.pad_id = pad_id
         self.guard = guard
         self._tokens = 0  # real (non-padding) tokens, this process, read at each log
@@ -179,13 +204,12 @@ class Gemma3Trainer(SFTTrainer):
             write_atomic(Path(self.args.output_dir) / "README.md", self.card_text(done=False))
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.projector_lr is not None:
-            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            proj = [p for n, p in params if PROJECTOR in n]
-            rest = [p for n, p in params if PROJECTOR not in n]
+        if self.optimizer is None and self.group_lrs:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            decay = set(self.get_decay_parameter_names(self.model))
+            groups = param_groups(named, self.group_lrs, decay, self.args.weight_decay)
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-            groups = [{"params": rest}, {"params": proj, "lr": self.projector_lr}]
-            self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+            self.optimizer = cls(groups, **kwargs)
         else:
             super().create_optimizer()
         if self.guard is not None:
@@ -249,7 +273,7 @@ def make_trainer(recipe: Recipe, model, args, objective, collator, train_ds, eva
             LastStep(evaluate=eval_ds is not None),
         ],
         objective=objective,
-        projector_lr=recipe.train_projector_lr,
+        group_lrs=group_lrs(recipe),
         pad_id=collator.pad_id,
         guard=NonFiniteGuard(t.max_skipped_steps, recipe.model.dtype, read_every),
         card=lambda step, max_steps, done: model_card(recipe, out, report, step, max_steps, done),

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
+from .adapters import trains_embeddings
 from .metrics import read_metrics
 from .recipe import Recipe, recipe_to_yaml
 
@@ -33,6 +34,10 @@ def _method(recipe: Recipe) -> str:
     }[recipe.method]
     if recipe.train_projector and recipe.method != "none":
         described += ", plus the multimodal projector"
+    if recipe.method == "full" and not trains_embeddings(recipe):
+        described += ", the embedding frozen"
+    elif recipe.method != "full" and trains_embeddings(recipe):
+        described += ", plus the tied embedding (LM head)"
     return described
 
 

@@ -300,6 +300,15 @@ class Recipe(_Strict):
     train_projector_lr: float | None = Field(
         default=None, gt=0, description="its own lr (default: training.lr)"
     )
+    train_embeddings: bool | None = Field(
+        default=None,
+        description="train the tied embedding (also the LM head) at embedding_lr; null: the"
+        " method's default (full: trained at training.lr; lora, qlora: frozen); false under full"
+        " freezes it",
+    )
+    embedding_lr: float | None = Field(
+        default=None, gt=0, description="its own lr (default: training.lr / 10)"
+    )
     data: DataConfig
     training: TrainingSection = TrainingSection()
     deepspeed: str | None = Field(

@@ -20,6 +20,7 @@ def refuse(recipe: Recipe) -> None:
     from .objectives import objective_class
 
     _qat(recipe)
+    _embeddings(recipe)
     objective_class(recipe).refuse(recipe)  # each objective's own (objectives/*.py)
     if zero_stage(recipe) == 3:
         _zero3(recipe)
@@ -65,6 +66,16 @@ def _qat(recipe: Recipe) -> None:
         raise UserError(
             "qat.target: teacher distils from the model itself; remove the distill: section or"
             " set qat.target=labels (then distill.teacher teaches the quantized student)"
+        )
+
+
+def _embeddings(recipe: Recipe) -> None:
+    if recipe.embedding_lr is not None and not recipe.train_embeddings:
+        raise UserError("embedding_lr: set train_embeddings: true too (or remove embedding_lr)")
+    if recipe.train_embeddings and recipe.method == "none":
+        raise UserError(
+            "train_embeddings: method none trains the projector only; use method: lora, qlora"
+            " or full"
         )
 
 

@@ -82,8 +82,8 @@ def load_with_adapter(base: Path, adapter: Path | None, dtype=None, device: str 
 
 
 def apply_adapter(model: Gemma3, adapter: Path | None) -> Gemma3:
-    """Fold a run's adapter into `model`: peft LoRA/DoRA (a trained projector, saved as
-    modules_to_save, replaces the base's on merge) or a projector-only adapter."""
+    """Fold a run's adapter into `model`: peft LoRA/DoRA (a trained projector or embedding,
+    saved as modules_to_save, replaces the base's on merge) or a projector-only adapter."""
     if adapter is None:
         return model
     proj_file = adapter / "projector.safetensors"
@@ -100,6 +100,10 @@ def apply_adapter(model: Gemma3, adapter: Path | None) -> Gemma3:
         raise UserError(f"{adapter}: no adapter_config.json (not a peft adapter)")
     import peft
 
+    # A trained embedding's config asks peft to tie transformers' separate lm_head to it
+    # (adapters.portable_config); our head reads the embedding itself: nothing to tie.
+    cfg = peft.PeftConfig.from_pretrained(str(adapter))
+    cfg.ensure_weight_tying = False
     return peft.PeftModel.from_pretrained(
-        model, str(adapter), is_trainable=False
+        model, str(adapter), config=cfg, is_trainable=False
     ).merge_and_unload()

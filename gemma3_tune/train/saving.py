@@ -14,7 +14,7 @@ from ..data.tokenizer import copy_tokenizer_files
 from ..model.checkpoint import save_model
 from ..outputs import replace_dir, write_atomic
 from . import precision
-from .adapters import PROJECTOR, unwrap, write_portable_config
+from .adapters import PROJECTOR, unwrap, write_portable_config, write_portable_weights
 from .checkpoints import UNREAD
 from .recipe import Recipe
 
@@ -22,11 +22,13 @@ from .recipe import Recipe
 def folder_files(dest: Path, base: Path) -> None:
     """What every folder of trained weights carries besides them (adapter/, model/ and each
     checkpoint-N/): the base's tokenizer files and the chat template, and for a peft adapter
-    an adapter_config.json that peft's AutoPeftModel loads onto transformers' Gemma 3."""
+    an adapter_config.json (and weights) that peft's AutoPeftModel loads onto transformers'
+    Gemma 3."""
     copy_tokenizer_files(base, dest)
     ensure_chat_template(dest)
     if (dest / "adapter_config.json").is_file():
         write_portable_config(dest, base)
+        write_portable_weights(dest)
 
 
 def save_final(trainer, recipe: Recipe, out: Path, base_folder: Path) -> None:
