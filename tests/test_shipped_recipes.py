@@ -22,6 +22,7 @@ AFTER_QUICKSTART = {  # what their comments say to run first: an HF folder of th
     "quickstart-qat": "runs/quickstart/merged",
     "grpo-contacts": "runs/quickstart-12/merged",
 }
+AFTER_SCRIPT = {"cpt-transformers": "make_cpt_corpus"}  # its corpus, made from transformers
 TEMPLATES = {  # the user's own model and data
     "chat-lora-1b": "tiny",
     "chat-lora-4b": "tiny-vision",
@@ -34,7 +35,7 @@ TEMPLATES = {  # the user's own model and data
 
 def test_every_recipe_is_covered():
     shipped = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
-    assert shipped == {*TINY, *EMBEDDED, *AFTER_QUICKSTART, *TEMPLATES}
+    assert shipped == {*TINY, *EMBEDDED, *AFTER_QUICKSTART, *AFTER_SCRIPT, *TEMPLATES}
 
 
 @pytest.fixture
@@ -100,3 +101,24 @@ def test_270m_recipes_run_as_shipped(name, embedded, checkout, capsys):
         merged.parent.mkdir(parents=True)
         merged.symlink_to(embedded)
     assert _check(name, capsys)["samples"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(AFTER_SCRIPT))
+def test_recipes_after_their_script_run_as_shipped(name, embedded, checkout, capsys):
+    """The script its comment names writes the data (into the checkout's own data/, whose
+    other entries link to the repository's), then data check passes."""
+    import importlib.util
+
+    (checkout / "data").unlink()
+    (checkout / "data").mkdir()
+    for entry in (ROOT / "data").iterdir():
+        if entry.name != "cpt":  # a corpus made in the repository is not this one
+            (checkout / "data" / entry.name).symlink_to(entry)
+    path = ROOT / "scripts" / f"{AFTER_SCRIPT[name]}.py"
+    spec = importlib.util.spec_from_file_location(AFTER_SCRIPT[name], path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main()
+    report = _check(name, capsys)
+    assert report["text_documents"] > 100 and report["text_windows"] > report["text_documents"]

@@ -237,7 +237,8 @@ def _per_source(report: Report, ds, train: list[int], sources: list[Source]) -> 
     col = ds.data.column
     src, window = col("src").to_numpy()[train], col("window").to_numpy()[train]
     tokens, trained = col("length").to_numpy()[train], col("trainable").to_numpy()[train]
-    report.text_documents = int((window == 1).sum())
+    origin = col("origin")  # a document's windows share its origin; mixing may keep a few
+    report.text_documents = len({origin[int(i)].as_py() for i in np.asarray(train)[window > 0]})
     report.text_windows = int((window >= 1).sum())
     total = max(int(trained.sum()), 1)
     for i, s in enumerate(sources):
