@@ -102,11 +102,11 @@ def _gguf_onto_folder(t: Path, run: Path) -> list[str]:
 
 
 def _unknown_format(t: Path, model: Path) -> list[str]:
-    (t / "d.txt").write_text("hi")
+    (t / "d.csv").write_text("hi")
     return [
         "data",
         "check",
-        str(_recipe(t, f"model:\n  path: {model}\ndata:\n  train: {t / 'd.txt'}\n")),
+        str(_recipe(t, f"model:\n  path: {model}\ndata:\n  train: {t / 'd.csv'}\n")),
     ]
 
 
@@ -244,7 +244,7 @@ CASES = {
     ),
     "data_unknown_format": (
         lambda t, m, v, r: _unknown_format(t, m),
-        ["d.txt", "unsupported data file type '.txt'", ".jsonl"],
+        ["d.csv", "unsupported data file type '.csv'", ".jsonl"],
     ),
     "image_escapes_root": (
         lambda t, m, v, r: _image_case(t, v, "../secret.png"),

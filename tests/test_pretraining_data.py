@@ -114,7 +114,8 @@ ROWS = [
 
 def test_prompt_completion_equals_trls_sft_tokenization(real_270m, tiny_dir, tmp_path):
     """TRL 1.16's SFTTrainer (completion_only_loss, its default) on the same rows with the real
-    Gemma 3 tokenizer: the same input_ids and the same labelled positions."""
+    Gemma 3 tokenizer: the same input_ids and the same labelled positions; and a raw text row
+    as TRL's language-modelling row."""
     import datasets
     import transformers
     import trl
@@ -132,6 +133,15 @@ def test_prompt_completion_equals_trls_sft_tokenization(real_270m, tiny_dir, tmp
         ours = prompt_completion(Record("pc.jsonl:1", row), tok, None, {})
         assert ours.input_ids == want["input_ids"], row
         assert ours.labels == want["labels"], row
+    # TRL's language-modelling rows: the same tokens, every one a target (TRL labels position 0
+    # too, which no position predicts: the model's shift drops it on both sides)
+    row = {"text": "Raw text for continued pretraining, trained on every token."}
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=hf_tok,
+                             train_dataset=datasets.Dataset.from_list([row]))  # fmt: skip
+    want = trainer.train_dataset[0]
+    (ours,) = text_windows(Record("t.jsonl:1", row), tok, 2048, 0)
+    assert ours.input_ids == want["input_ids"]
+    assert ours.labels[1:] == want.get("labels", want["input_ids"])[1:]
 
 
 def _refused(tmp_path, tiny_dir, capsys, rows, *needles, **over):

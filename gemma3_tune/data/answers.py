@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .dataset import DataErrors
+from .documents import document_kind
 from .records import SampleError
 from .samples import record_turns
 from .settings import DataConfig, pan_and_scan_args, resolve_path, turn_options
@@ -194,6 +195,8 @@ def find_prompts(
         crops = pan_and_scan_args(cfg) if cfg.pan_and_scan else None
         try:
             for rec in read_records(path):
+                if document_kind(rec.data) is not None:  # raw text, prompt-completion: no
+                    continue  # reply to ask for; they train as documents
                 try:
                     turns = record_turns(rec, vision, options, allow_prompt_only=True)
                     prompt = prompt_of(turns, tok, vision, rec.origin, crops)
