@@ -101,6 +101,61 @@ def test_lora_quantizes_the_merged_weight(tiny_dir):
         assert torch.allclose(b.grad, s * g @ a.detach().T, atol=1e-6, rtol=1e-4), key
 
 
+def test_lora_qat_forms_no_weight_gradient(tiny_dir):
+    """QAT with LoRA costs LoRA's FLOPs: the base layer's fq(W + dW) - dW is a constant for
+    autograd, so backward runs no matmul giving a decoder weight's `[out, in]` gradient (the
+    LoRA factors' small ones only); logits and LoRA gradients are those of the graph that
+    computes the straight-through weight in autograd (fp32, 1e-6)."""
+    import peft
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gemma3_tune.train.adapters import target_regex
+
+    def lora_model():
+        model = load_model(tiny_dir, dtype=torch.float32)
+        qat.apply(model, QatSection(format="q4_0"), trains_embedding=False)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_regex("all-linear"))
+        torch.manual_seed(1)
+        pm = peft.get_peft_model(model, cfg)
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.3)
+        qat.attach_lora(pm)
+        return pm
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[tuple[int, ...]] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                a = args[0] if func.overloadpacket is torch.ops.aten.mm else args[1]
+                self.seen.add((*out.shape, a.shape[-1]))  # (rows, cols, summed over)
+            return out
+
+    ids, labels = _batch(load_model(tiny_dir).config.vocab_size)
+    fast, graph = lora_model(), lora_model()
+    for m in graph.modules():  # the graph path: W trainable in name only (it gets no step)
+        if isinstance(m, qat.QATLinear):
+            m.weight.requires_grad_(True)
+    tokens = ids.numel()  # a weight gradient sums over the tokens: G^T x
+    weights = {(*m.weight.shape, tokens) for m in fast.modules() if isinstance(m, qat.QATLinear)}
+    loss = fast(ids, labels=labels).loss
+    with Shapes() as shapes:  # (B A, recomputed in backward, sums over the rank only)
+        loss.backward()
+    assert not weights & shapes.seen, weights & shapes.seen
+    want = graph(ids, labels=labels)
+    want.loss.backward()
+    assert abs(loss.item() - want.loss.item()) <= 1e-6
+    ref = dict(graph.named_parameters())
+    lora = [(n, p) for n, p in fast.named_parameters() if "lora_" in n]
+    assert lora
+    for n, p in lora:
+        torch.testing.assert_close(p.grad, ref[n].grad, atol=1e-6, rtol=0, msg=n)
+
+
 def test_qat_lora_run_exports_its_fake_quantized_weights(tmp_path, tiny_dir):
     """A QAT LoRA run (q4_0, embeddings q8_0), exported with --quantize q4_0: each decoder
     linear in the file dequantizes, bitwise, to gguf's round trip of the merged weight of the

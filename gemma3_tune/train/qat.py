@@ -11,7 +11,9 @@ blocks (tested: every tensor of the exported file dequantizes to the last step's
 - Full SFT: the weight W is quantized. LoRA: the merged weight W + s B A, what `export --merge`
   writes (computed with peft's own `get_delta_weight`, as its merge does). The LoRA path still
   adds `x (s B A)^T` after the base layer, so the base layer returns `x (fq(W + dW) - dW)^T`: the
-  sum is `x fq(W + dW)^T`, and the gradient reaching dW is the straight-through one.
+  sum is `x fq(W + dW)^T`, and the gradient reaching dW is the straight-through one. The base
+  layer's weight is a constant for autograd (its gradient to dW cancels), so it is computed
+  without a graph: QAT with LoRA costs LoRA's FLOPs, not full fine-tuning's.
 - The tied embedding (input and LM head): `embeddings: q8_0` (the default: the head is the
   most sensitive matrix, and Q8_0 keeps the quickstart at 100%), `f16`, or `same` (the linears'
   format). Frozen under LoRA, it is quantized once; under full SFT, straight-through each step.
@@ -61,6 +63,24 @@ class _FakeQuantLinear(torch.autograd.Function):
         return gx, gw, None
 
 
+class _LoRABaseQuantLinear(torch.autograd.Function):
+    """LoRA's base layer under QAT: `x Q^T` with Q = fq(W + dW) - dW. Under the
+    straight-through estimator Q is a constant for autograd: the gradient it passes to dW is
+    +G - G = 0, and LoRA's own branch `x dW^T` carries all of dW's gradient. So Q is computed
+    without a graph (no `[out, in]` weight-gradient matmul per layer, as full fine-tuning would
+    pay) and recomputed in backward rather than kept (no copy of W from forward to backward).
+    `module`: the QATLinear (W frozen, its LoRA layer unchanged between the passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: QATLinear) -> Tensor:
+        ctx.module = module
+        return F.linear(x, module.constant_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.module.constant_weight().to(grad.dtype), None
+
+
 class QATLinear(nn.Linear):
     """A decoder linear whose forward weight is fake-quantized (same parameters and state-dict
     keys as the nn.Linear it replaces, so checkpoints and peft see no difference)."""
@@ -85,6 +105,15 @@ class QATLinear(nn.Linear):
             return ste(self.weight, self.fmt)
         return ste(self.weight + delta.to(self.weight.dtype), self.fmt) - delta
 
+    @torch.no_grad()
+    def constant_weight(self) -> Tensor:
+        """quantized_weight's value under LoRA, without a graph: fq(W + dW) - dW."""
+        delta = self._delta()
+        if delta is None:
+            return fake_quantize(self.weight, self.fmt)
+        delta = delta.to(self.weight.dtype)
+        return fake_quantize(self.weight + delta, self.fmt) - delta
+
     def _delta(self) -> Tensor | None:
         layer = self.__dict__.get("lora")
         if layer is None or layer.disable_adapters or layer.merged:
@@ -97,6 +126,8 @@ class QATLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.bias is None and self.__dict__["lora"] is None:  # full QAT: no LoRA around it
             return _FakeQuantLinear.apply(x, self.weight, self.fmt)
+        if self.bias is None and not self.weight.requires_grad:  # LoRA: W frozen
+            return _LoRABaseQuantLinear.apply(x, self)
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
 
