@@ -59,3 +59,14 @@ def test_no_room_for_the_completions(tmp_path, tiny_dir, prompts, capsys):
 def test_no_rewards(tmp_path, tiny_dir, prompts, capsys):
     r = _recipe(tmp_path, tiny_dir, prompts, rl__rewards=[])
     refused_in_one_line(capsys, ["train", r], "rl.rewards")
+
+
+def test_eval_reward_needs_grpo(tmp_path, tiny_dir, capsys):
+    chats = chat_set(tmp_path / "chats.jsonl", n=4)
+    r = _recipe(tmp_path, tiny_dir, chats, objective="sft", eval__metric=["reward"])
+    refused_in_one_line(capsys, ["train", r], "eval.metric: reward", "objective grpo")
+
+
+def test_eval_reward_needs_held_out_prompts(tmp_path, tiny_dir, prompts, capsys):
+    r = _recipe(tmp_path, tiny_dir, prompts, eval__metric=["reward"])
+    refused_in_one_line(capsys, ["train", r], "eval.metric: reward", "data.eval")

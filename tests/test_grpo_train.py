@@ -100,3 +100,29 @@ def test_sigkill_then_resume_equals_an_unbroken_run(tmp_path, tiny_dir):
     rewards, the losses and the adapter equal an unbroken run's (completions.jsonl loses the
     rows logged after the checkpoint, as metrics.jsonl does)."""
     sigkill_and_resume_matches(tmp_path, lambda name: _resumable(tmp_path, tiny_dir, name))
+
+
+def test_eval_metric_reward_after_training_equals_the_eval_command(tmp_path, tiny_dir, capsys):
+    """`eval.metric: [reward]` scores data.eval's prompts with the run's rl.rewards after
+    training (greedy, rl.max_completion_length tokens): eval.json holds what `gemma3-tune eval
+    --metric reward` gives for the same run, prompts and function."""
+    (tmp_path / "reward.py").write_text(REWARD)
+    data, held = _prompts(tmp_path / "prompts.jsonl"), tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"say {k}", "number": k}) + "\n"
+                            for k in range(3)))  # fmt: skip
+    spec = f"{tmp_path / 'reward.py'}:mentions_number"
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, data, tmp_path / "run", objective="grpo",
+        data__max_seq_len=48, data__eval=str(held), training__max_steps=2,
+        training__save_steps=100, rl__rewards=[spec], rl__num_generations=4,
+        rl__max_completion_length=8, eval__metric=["reward"],
+    )  # fmt: skip
+    assert main(["train", str(recipe)]) == 0
+    after = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert after["n"] == 3 and "reward" in after["scores"]
+    capsys.readouterr()
+    argv = ["eval", str(tmp_path / "run"), "--data", str(held), "--metric", "reward",
+            "--reward", spec, "--max-new-tokens", "8", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["scores"][str(tmp_path / "run")] == pytest.approx(after["scores"]["reward"])

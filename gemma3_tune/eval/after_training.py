@@ -14,7 +14,7 @@ from ..data.settings import turn_options
 from ..data.sources import read_records, to_turns
 from ..errors import UserError
 from ..outputs import write_atomic
-from .metrics import PREFERENCE
+from .metrics import PREFERENCE, REWARD
 from .report import table
 from .runner import EvalPair, EvalSample, _pair, evaluate, load_pairs, load_samples
 from .targets import Target
@@ -69,23 +69,46 @@ def held_out_samples(recipe) -> list[EvalSample] | list[EvalPair]:
     return [found[o] for o in origins if o in found]
 
 
+def held_out_prompts(recipe):
+    """`eval.metric: reward`: data.eval's prompts and the run's reward functions (refusals.py
+    has checked both exist), and the completion length training sampled."""
+    from .rewarded import RewardEval, load_prompts
+
+    prompts: list = []
+    for src in recipe.data.eval:
+        path = Path(src.path) if Path(src.path).is_absolute() else recipe.base_dir / src.path
+        prompts += load_prompts(path, None)
+    rewards = RewardEval.load(recipe.rl.rewards, None, 1.0, 0, recipe.base_dir)
+    return (
+        prompts[: recipe.eval.limit],
+        rewards,
+        recipe.eval.max_new_tokens or (recipe.rl.max_completion_length),
+    )
+
+
 def score_run(run: Path, recipe) -> dict:
     """Score the finished run; write eval.json and add the scores to its model cards."""
     metrics = list(recipe.eval.metric)
-    samples = held_out_samples(recipe)
+    rewards, length = None, recipe.eval.max_new_tokens
+    if REWARD in metrics:
+        samples, rewards, length = held_out_prompts(recipe)
+    else:
+        samples = held_out_samples(recipe)
     if not samples:
         raise UserError("eval.metric: no held-out samples to score")
-    results = evaluate([Target(str(run), "run", run)], samples, metrics, recipe.eval.max_new_tokens)
-    r = results[0]
+    target = Target(str(run), "run", run)
+    r = evaluate([target], samples, metrics, length, rewards=rewards)[0]
+    results = [r]
     summary = {"metric": metrics, "n": len(samples), "scores": r.scores}
     if r.perplexity is not None:
         summary["perplexity"] = r.perplexity
     if r.margin is not None:
         summary["margin"] = r.margin
     write_atomic(run / "eval.json", json.dumps(summary, indent=2) + "\n")
-    print(table(results, metrics, len(samples)), file=sys.stderr)
+    what = rewards.describe() if rewards is not None else ""
+    print(table(results, metrics, len(samples), what), file=sys.stderr)
     lines = ["", "## Held-out evaluation (`gemma3-tune eval`)", ""]
-    lines += [table(results, metrics, len(samples)), ""]
+    lines += [table(results, metrics, len(samples), what), ""]
     for card in (run / "README.md", run / "adapter" / "README.md", run / "model" / "README.md"):
         if card.is_file():
             write_atomic(card, card.read_text().rstrip("\n") + "\n" + "\n".join(lines))

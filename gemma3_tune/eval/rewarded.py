@@ -102,13 +102,16 @@ class RewardEval:
     seed: int = 0
 
     @classmethod
-    def load(cls, specs: list[str], samples: int | None, temperature: float, seed: int):
+    def load(
+        cls, specs: list[str], samples: int | None, temperature: float, seed: int,
+        base: Path | None = None,
+    ):  # fmt: skip
         """Load the functions now (a missing file or function: one line); relative files
-        resolve in the working directory, as data paths do."""
+        resolve in `base`: the working directory, as data paths do (a recipe's: its folder)."""
         from ..train.rewards import load_rewards
 
         specs = list(dict.fromkeys(specs))
-        return cls(specs, load_rewards(specs, Path.cwd()), samples, temperature, seed)
+        return cls(specs, load_rewards(specs, base or Path.cwd()), samples, temperature, seed)
 
     @property
     def group(self) -> int:

@@ -47,10 +47,14 @@ def eval_line(step: int, max_steps: int, logs: dict) -> str:
     line = f"eval {step:>{width}}/{max_steps}  loss {logs['eval_loss']:.4f}"
     if "eval_perplexity" in logs:
         return line + f"  perplexity {logs['eval_perplexity']:.2f}"
-    return (
-        line + f"  reward accuracy {logs['eval_rewards/accuracies']:.2f}"
-        f"  reward margin {logs['eval_rewards/margins']:.3f} (beta-scaled log-ratio)"
-    )
+    if "eval_reward" in logs:  # GRPO: the held-out prompts' sampled completions
+        return line + f"  reward {logs['eval_reward']:.3f} (sampled)"
+    if "eval_rewards/accuracies" in logs:  # DPO / ORPO
+        return (
+            line + f"  reward accuracy {logs['eval_rewards/accuracies']:.2f}"
+            f"  reward margin {logs['eval_rewards/margins']:.3f} (beta-scaled log-ratio)"
+        )
+    return line
 
 
 class Console(TrainerCallback):

@@ -140,11 +140,12 @@ class WandbSection(_Strict):
 
 
 class EvalSection(_Strict):
-    metric: list[Literal["exact", "json", "contains", "loss", "preference"]] = Field(
+    metric: list[Literal["exact", "json", "contains", "loss", "preference", "reward"]] = Field(
         default=[],  # pydantic copies defaults: not shared between recipes
         description="after training, score the held-out chats (data.eval or data.eval_split)"
         " into eval.json and the model card, as `gemma3-tune eval` does; preference: the share"
-        " of held-out pairs whose chosen reply is the more likely (objective dpo/orpo)",
+        " of held-out pairs whose chosen reply is the more likely (objective dpo/orpo); reward:"
+        " greedy completions of the data.eval prompts scored by rl.rewards (objective grpo)",
     )
     max_new_tokens: int | None = Field(
         default=None,

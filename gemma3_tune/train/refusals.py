@@ -21,9 +21,29 @@ def refuse(recipe: Recipe) -> None:
 
     _qat(recipe)
     _embeddings(recipe)
+    _reward_eval(recipe)
     objective_class(recipe).refuse(recipe)  # each objective's own (objectives/*.py)
     if zero_stage(recipe) == 3:
         _zero3(recipe)
+
+
+def _reward_eval(recipe: Recipe) -> None:
+    """`eval.metric: reward` scores held-out prompts with the run's own reward functions."""
+    metrics = recipe.eval.metric
+    if "reward" not in metrics:
+        return
+    if recipe.objective != "grpo":
+        raise UserError(
+            "eval.metric: reward scores prompts with rl.rewards, which only objective grpo has;"
+            " use exact, json, contains or loss"
+        )
+    if len(metrics) > 1:
+        raise UserError("eval.metric: reward scores prompts, the other metrics chats; keep one")
+    if not recipe.data.eval:
+        raise UserError(
+            "eval.metric: reward scores the prompts of data.eval; set data.eval to a held-out"
+            " prompt file"
+        )
 
 
 def deepspeed_config_path(recipe: Recipe) -> Path:
