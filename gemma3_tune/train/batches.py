@@ -6,7 +6,6 @@ collator, which loads each image as pixels or as cached SigLIP features.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 
 import torch
@@ -18,14 +17,10 @@ from ..data.settings import pan_and_scan_args
 from ..data.template import ImageRef
 from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
 from .adapters import unwrap
+from .distributed import device
 from .recipe import Recipe
 
 RowFields = dict[str, Callable[[int], object]]  # name -> row number -> what the row carries
-
-
-def device() -> str:
-    """This process's device: its local rank's GPU, or the CPU."""
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def rows_dataset(rows, fields: RowFields | None = None):

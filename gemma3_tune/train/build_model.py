@@ -14,8 +14,13 @@ from ..model.dtypes import resolve_dtype
 from . import precision, qat
 from .adapters import apply_method, parameter_table, trains_embeddings, unwrap
 from .args import compile_enabled
-from .batches import device
-from .distributed import gather_tied_embedding, images_needed, is_main_process, load_model_zero3
+from .distributed import (
+    device,
+    gather_tied_embedding,
+    images_needed,
+    is_main_process,
+    load_model_zero3,
+)
 from .qlora import load_quantized, write_settings
 from .recipe import Recipe
 

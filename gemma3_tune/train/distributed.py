@@ -51,11 +51,10 @@ def _ranks() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _device() -> torch.device:
-    """Where a collective's tensor lives: this rank's GPU (nccl) or the CPU (gloo)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def device() -> str:
+    """This process's device: its local rank's GPU, or the CPU (where a collective's tensors
+    live too: nccl on the GPU, gloo on the CPU)."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def all_done() -> Callable[[bool], bool]:
@@ -66,7 +65,7 @@ def all_done() -> Callable[[bool], bool]:
     def stop(mine: bool) -> bool:
         if _ranks() == 1:
             return mine
-        flag = torch.tensor([int(mine)], device=_device())
+        flag = torch.tensor([int(mine)], device=device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -87,7 +86,7 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over the ranks (a copy; `t` itself when there is one process)."""
     if _ranks() == 1:
         return t
-    t = t.to(_device()).clone()
+    t = t.to(device()).clone()
     torch.distributed.all_reduce(t)
     return t
 

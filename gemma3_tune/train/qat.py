@@ -107,12 +107,8 @@ class QATLinear(nn.Linear):
 
     @torch.no_grad()
     def constant_weight(self) -> Tensor:
-        """quantized_weight's value under LoRA, without a graph: fq(W + dW) - dW."""
-        delta = self._delta()
-        if delta is None:
-            return fake_quantize(self.weight, self.fmt)
-        delta = delta.to(self.weight.dtype)
-        return fake_quantize(self.weight + delta, self.fmt) - delta
+        """quantized_weight's value, without a graph (`ste`'s forward value is fq's)."""
+        return self.quantized_weight()
 
     def _delta(self) -> Tensor | None:
         layer = self.__dict__.get("lora")

@@ -271,7 +271,8 @@ class Distillation(SFT):
         model itself will be (attach)."""
         from ...data.collate import Collator
         from ...model.dtypes import resolve_dtype
-        from ..batches import device, pixel_loader
+        from ..batches import pixel_loader
+        from ..distributed import device
         from ..qat import teacher_recipe
         from ..run_data import load_data, tokenizer_and_config
 

@@ -306,16 +306,16 @@ class GRPO(Objective):
         on-policy), or with num_iterations > 1 on a cycle's later steps the buffered one;
         `keep(old)` buffers a fresh one with its log-probs (None when mu is 1)."""
         step = trainer.state.global_step
-        if self.buffer is None:
-            ro = self.rollout(model, [self.data.train[i] for i in rows], rows, step, inputs)
-            return ro, None, self._reference(model, ro), None
-        first, micro, iteration = self.buffer.position(step)
+        buffer = self.buffer
+        first, micro, iteration = buffer.position(step) if buffer else (step, 0, 0)
         if iteration:
-            g = self.buffer.reuse(micro, rows)
+            g = buffer.reuse(micro, rows)
             return g.rollout, g.old, g.ref, None
         ro = self.rollout(model, [self.data.train[i] for i in rows], rows, first, inputs)
         ref = self._reference(model, ro)
-        return ro, None, ref, lambda old: self.buffer.keep(micro, Generated(rows, ro, old, ref))
+        if buffer is None:
+            return ro, None, ref, None
+        return ro, None, ref, lambda old: buffer.keep(micro, Generated(rows, ro, old, ref))
 
     def _reference(self, model, ro: Rollout) -> Tensor | None:
         """The starting model's log-probs when beta > 0: the adapter switched off (LoRA,

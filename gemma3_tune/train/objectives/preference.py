@@ -51,7 +51,8 @@ class Preference(Objective):
         if self.name == "dpo":
             from ...data.collate import Collator
             from ...model.dtypes import resolve_dtype
-            from ..batches import device, pixel_loader
+            from ..batches import pixel_loader
+            from ..distributed import device
 
             # On CUDA, buckets: FlexAttention compiles one graph per length (collate.py)
             bucket = self.recipe.data.max_seq_len if torch.cuda.is_available() else None
