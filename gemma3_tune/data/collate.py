@@ -62,6 +62,15 @@ def row_features(samples: Sequence[Sample]) -> dict[str, list]:
     return r
 
 
+def every_position(features: dict[str, list], skip: frozenset[int]) -> list[int]:
+    """Labels that make every position a target, for distilling a model's whole distribution
+    (QAT's `target: teacher`): each token is a label except a document's first (position 0:
+    nothing in its document predicts it; the previous document's last token must not) and the
+    `skip` ids (padding, image soft tokens: placeholders, not text)."""
+    ids, pos = features["input_ids"], features["position_ids"]
+    return [t if p and t not in skip else IGNORE for t, p in zip(ids, pos, strict=True)]
+
+
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     """labels [B, T] -> `[K]` int64: the flat indices into `[B * T]` of the positions the loss
     scores, those whose next label is not IGNORE (the model shifts labels so that position t

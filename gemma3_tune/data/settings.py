@@ -29,7 +29,11 @@ class Source(BaseModel):
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    train: list[Source] = Field(description="training sources: paths or {path, weight | samples}")
+    train: list[Source] = Field(
+        default_factory=list,
+        description="training sources: paths or {path, weight | samples} (empty only when"
+        " qat.data names the data)",
+    )
     eval: list[Source] | None = Field(
         default=None, description="held-out sources (else eval_split)"
     )

@@ -52,9 +52,26 @@ def _print_errors(e: DataErrors) -> int:
     return 2
 
 
+def _qat_data(recipe: Recipe) -> Recipe | None:
+    """The data a QAT recipe trains on (train/qat_data.py); None, after a line saying so, while
+    the checkpoint's own text is not sampled yet (`train` samples it first)."""
+    from .qat_data import resolve
+
+    resolved = resolve(recipe, sample=False)
+    if resolved is None:
+        g = recipe.qat.generate
+        print(
+            f"self text          {g.samples} texts of qat.data's `self` await sampling:"
+            " `gemma3-tune train` samples them first (then `data check` shows the rows)"
+        )
+    return resolved
+
+
 def prepare_only(recipe_path: str, overrides: list[str]) -> int:
     """`gemma3-tune data prepare`: build the cache ahead of training (as `axolotl preprocess`)."""
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = _qat_data(load_recipe(recipe_path, overrides))
+    if recipe is None:
+        return 0
     try:
         _, _, data = load_data(recipe)
     except DataErrors as e:
@@ -186,6 +203,9 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
     if recipe.objective == "grpo":  # prompts, not samples to train on
         return _rl_check(recipe, as_json)
+    recipe = _qat_data(recipe)
+    if recipe is None:
+        return 0
     try:
         if recipe.distill is None:
             tok, cfg, data = load_data(recipe)

@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -22,12 +20,14 @@ from pydantic import (
 
 from ..data.settings import DataConfig
 from ..errors import UserError
-from ..model.formats import FORMATS
+from .objective_sections import (
+    DistillSection,
+    PreferenceSection,
+    QatSection,
+    RLSection,
+    _Strict,
+)
 from .schema_keys import explain, keys_of
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelSection(_Strict):
@@ -163,134 +163,6 @@ class EvalSection(_Strict):
         return [v] if isinstance(v, str) else v
 
 
-class GenerateSection(_Strict):
-    temperature: float = Field(
-        default=0.0, ge=0, description="the teacher's replies to prompt-only samples; 0: greedy"
-    )
-    max_new_tokens: int = Field(default=256, gt=0, description="longest teacher reply")
-
-
-class DistillSection(_Strict):
-    teacher: str = Field(
-        description="HF folder, run directory, or gguf:gemma3-270m; same tokenizer as the student"
-    )
-    samples: int = Field(default=256, ge=1, description="teacher ids per token (the report: 256)")
-    mode: Literal["sampled", "topk"] = Field(
-        default="sampled",
-        description="sampled: draws with replacement, weight count/samples (unbiased);"
-        " topk: the most probable ids, renormalised",
-    )
-    temperature: float = Field(
-        default=1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2)"
-    )
-    alpha: float = Field(
-        default=1.0,
-        ge=0,
-        le=1,
-        description="weight of the distillation term; 1 - alpha: labels' CE",
-    )
-    cache: bool = Field(
-        default=True,
-        description="run the teacher once before training and read its targets from disk;"
-        " false: run it in every step",
-    )
-    generate: GenerateSection = GenerateSection()
-
-
-class QatSection(_Strict):
-    format: Literal[FORMATS] = Field(
-        description="fake-quantize every decoder linear exactly as this ggml GGUF format stores it"
-    )
-    embeddings: Literal["q8_0", "f16", "same"] = Field(
-        default="q8_0", description="the tied embedding (LM head): q8_0, f16, or the format"
-    )
-    target: Literal["labels", "teacher"] = Field(
-        default="labels",
-        description="labels: cross-entropy; teacher: distil from the model itself without fake"
-        " quantization (the report's QAT)",
-    )
-
-
-class PreferenceSection(_Strict):
-    beta: float = Field(
-        default=0.1, gt=0, description="DPO/IPO: how far the policy may move from the reference"
-    )
-    loss: Literal["sigmoid", "ipo"] = Field(
-        default="sigmoid", description="dpo's loss: sigmoid (DPO) or ipo (IPO, per-token means)"
-    )
-    label_smoothing: float = Field(
-        default=0.0, ge=0, lt=0.5, description="sigmoid: the share of pairs assumed flipped"
-    )
-    reference: str = Field(
-        default="base",
-        description="dpo's reference model: base (the starting model; for LoRA, the adapter off)"
-        " or an HF folder",
-    )
-    orpo_lambda: float = Field(
-        default=0.1, gt=0, description="orpo: weight of the odds-ratio term beside the chosen NLL"
-    )
-
-    @model_validator(mode="after")
-    def _smoothing_is_sigmoid(self):
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise ValueError("preference.label_smoothing applies to loss: sigmoid only")
-        return self
-
-
-class RLSection(_Strict):
-    """objective: grpo. The keys are TRL's GRPOConfig names (and defaults), so its settings
-    carry over; train/objectives/grpo.py says where ours differ."""
-
-    rewards: list[str] = Field(
-        default_factory=list,
-        description="reward functions: path/to/file.py:name, module:name, or a built-in"
-        " (json_valid, json_match:COL, json_equal:COL, exact:COL, contains:COL, regex:PATTERN,"
-        " tool_call:COL,"
-        " overlong:MAX:CACHE)",
-    )
-    reward_weights: list[float] | None = Field(
-        default=None, description="one weight per reward function (default: all 1)"
-    )
-    num_generations: int = Field(default=8, ge=2, description="completions per prompt (G)")
-    max_completion_length: int = Field(default=256, ge=1, description="tokens per completion")
-    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling")
-    top_k: int = Field(default=0, ge=0, description="sample from the k most likely (0: all)")
-    beta: float = Field(
-        default=0.0, ge=0, description="KL weight to the starting model (0: no reference)"
-    )
-    epsilon: float = Field(default=0.2, gt=0, lt=1, description="lower clip: 1 - epsilon")
-    epsilon_high: float | None = Field(
-        default=None, gt=0, description="upper clip: 1 + epsilon_high (DAPO; default epsilon)"
-    )
-    delta: float | None = Field(
-        default=None, gt=1, description="cap on the importance weight (two-sided clipping)"
-    )
-    num_iterations: int = Field(
-        default=1, ge=1, description="optimizer steps per generation batch (mu)"
-    )
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
-        default="dapo", description="how per-token losses are averaged"
-    )
-    importance_sampling_level: Literal["token", "sequence"] = Field(
-        default="token", description="sequence: GSPO's per-completion weight"
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        default="group", description="divide advantages by the group's std, the batch's, or not"
-    )
-    mask_truncated_completions: bool = Field(
-        default=False, description="completions cut at max_completion_length get no loss"
-    )
-
-    @model_validator(mode="after")
-    def _weights_match(self):
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(
-                f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards"
-            )
-        return self
-
-
 class Recipe(_Strict):
     model: ModelSection
     method: Literal["lora", "qlora", "full", "none"] = Field(
@@ -334,6 +206,14 @@ class Recipe(_Strict):
     base_dir: Path = Field(
         default=Path("."), exclude=True, description="relative data paths resolve here"
     )
+
+    @model_validator(mode="after")
+    def _has_training_data(self):
+        """data.train may be empty only when qat.data names the data without `train`."""
+        named = [s.path for s in self.qat.data] if self.qat and self.qat.data else ["train"]
+        if "train" in named and not self.data.train:
+            raise ValueError("data.train: name at least one file or folder to train on")
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..model.dtypes import announce_auto, dtype_name, resolve_dtype
-from . import objectives, refusals
+from . import objectives, qat_data, refusals
 from .args import build_args
 from .batches import rows_dataset, training_collator
 from .build_model import build_model
@@ -83,7 +83,7 @@ def build_trainer(recipe: Recipe):
     # `auto` becomes the dtype it means here, once: the run's recipe.yaml records that one
     asked, recipe.model.dtype = recipe.model.dtype, dtype_name(resolve_dtype(recipe.model.dtype))
     refusals.refuse(recipe)
-    objective = objectives.build(recipe)
+    objective = objectives.build(qat_data.resolve(recipe))  # qat.data: the data QAT trains on
     tok, cfg, data = load_objective_data(objective)  # bad data: refused before the model loads
     folder = model_dir(recipe)
     init_distributed(recipe.deepspeed is not None, recipe.training.ddp_timeout)

@@ -51,7 +51,8 @@ class Objective:
         """Called once the trained model is built (adapters on), before the Trainer."""
 
     def row_fields(self, rows, split: str) -> RowFields:
-        """What each row of `split` ("train" or "eval") carries besides its tokens."""
+        """What each row of `split` ("train" or "eval") carries besides its tokens; a field
+        named `labels` replaces the row's labels (QAT's every-position targets)."""
         return {}
 
     def train_sampler(self, rows: int, args):

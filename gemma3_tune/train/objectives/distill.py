@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...data.collate import row_features
+from ...data.collate import every_position, row_features
 from ...data.teacher_cache import TeacherCache, cache_key, fill
 from ...data.tokenizer import Tokenizer
 from ...errors import UserError
@@ -107,9 +107,11 @@ class Distiller:
         return SoftTargets(ids, weights, token, alpha=d.alpha, temperature=d.temperature)
 
 
-def _cache_inputs(recipe: Recipe, spec: TeacherSpec, data) -> dict:
+def _cache_inputs(recipe: Recipe, spec: TeacherSpec, data, every: bool) -> dict:
     d = recipe.distill
+    positions = {"positions": "every"} if every else {}  # labelled ones: the key as before
     return {
+        **positions,
         "teacher": spec.fingerprint,
         "data": data.folder.name,  # the prepared data's own cache key
         "rows": data.digest(),
@@ -120,15 +122,18 @@ def _cache_inputs(recipe: Recipe, spec: TeacherSpec, data) -> dict:
     }
 
 
-def cache_folder(recipe: Recipe, spec: TeacherSpec, data) -> tuple[Path, dict]:
-    inputs = _cache_inputs(recipe, spec, data)
+def cache_folder(recipe: Recipe, spec: TeacherSpec, data, every: bool) -> tuple[Path, dict]:
+    inputs = _cache_inputs(recipe, spec, data, every)
     return data.folder.parent / "teacher" / cache_key(inputs), inputs
 
 
-def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate) -> TeacherCache:
+def fill_cache(
+    recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate, relabel=None
+) -> TeacherCache:
     """The teacher's targets for every training row: from the cache, or computed now by the
-    teacher (loaded only if needed), one row per forward, with a progress bar in tokens/s."""
-    folder, inputs = cache_folder(recipe, spec, data)
+    teacher (loaded only if needed), one row per forward, with a progress bar in tokens/s.
+    `relabel(features) -> labels`: the positions to target, when not the row's labels."""
+    folder, inputs = cache_folder(recipe, spec, data, relabel is not None)
     cache = TeacherCache(folder)
     if cache.complete:
         return cache
@@ -145,7 +150,10 @@ def fill_cache(recipe: Recipe, spec: TeacherSpec, data, teacher_loader, collate)
         teacher, bar = state["teacher"], state["bar"]
         device = next(teacher.parameters()).device
         for i in indices:
-            batch = collate([row_features(rows[i])])
+            features = row_features(rows[i])
+            if relabel is not None:
+                features["labels"] = relabel(features)
+            batch = collate([features])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             seed = recipe.training.seed
             ids, weights, token = teacher_soft_targets(teacher, batch, recipe.distill, seed, [i])
@@ -213,9 +221,19 @@ def _wait_for_answers(store, prompts, seconds: float = 6 * 3600) -> None:
         time.sleep(2.0)
 
 
-def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, load_data, collate):
+def setup(
+    recipe: Recipe,
+    tok: Tokenizer,
+    cfg,
+    dtype: torch.dtype,
+    device: str,
+    load_data,
+    collate,
+    relabel=None,
+):
     """Prompt-only samples answered, data prepared (`load_data(answers, prompts)`), the
-    teacher's targets cached (or the teacher kept for the steps): (data, Distiller)."""
+    teacher's targets cached (or the teacher kept for the steps): (data, Distiller).
+    `relabel`: fill_cache's."""
     from ...data.answers import answer_prompts
 
     d = recipe.distill
@@ -238,15 +256,17 @@ def setup(recipe: Recipe, tok: Tokenizer, cfg, dtype: torch.dtype, device: str, 
     data = load_data(store, prompts if store is not None else None)
     if not d.cache:
         return data, Distiller(recipe, None, teacher.get())
-    cache = fill_cache(recipe, spec, data, teacher.get, collate)
+    cache = fill_cache(recipe, spec, data, teacher.get, collate, relabel)
     teacher.free()
     return data, Distiller(recipe, cache)
 
 
 class Distillation(SFT):
     """SFT with a teacher's distribution as the target: `distill:`, or QAT's `target: teacher`
-    (the checkpoint the run starts from teaches its quantized copy). Evaluation scores the
-    labels, as SFT's."""
+    (the checkpoint the run starts from teaches its quantized copy). `distill:` targets the
+    positions the labels score; QAT's teacher every position of the training rows (prompts,
+    replies, raw text: `every_position`), so the quantized model keeps the checkpoint's whole
+    distribution, not only its replies. Evaluation scores the labels, as SFT's."""
 
     name = "distill"
     log_prefixes = ("kd_loss", "ce_loss")
@@ -255,6 +275,12 @@ class Distillation(SFT):
         super().__init__(recipe)
         self.distiller: Distiller | None = None
         self._kd: list = []  # this process's (kd_loss, ce_loss) sums since the last log
+        self.every = recipe.qat is not None and recipe.qat.target == "teacher"
+        self.skip: frozenset[int] = frozenset()  # ids never targeted (set by prepare)
+
+    def relabel(self, features: dict) -> list[int]:
+        """A training row's targeted positions: its labels, or every position (QAT)."""
+        return every_position(features, self.skip) if self.every else features["labels"]
 
     @staticmethod
     def refuse(recipe: Recipe) -> None:
@@ -278,8 +304,11 @@ class Distillation(SFT):
 
         recipe = teacher_recipe(self.recipe) or self.recipe  # QAT full SFT: its checkpoint
         if recipe.distill is None:
-            return super().prepare()
+            tok, cfg, data = super().prepare()
+            self.skip = frozenset({tok.pad_id, cfg.image_token_id})
+            return tok, cfg, data
         tok, cfg = tokenizer_and_config(recipe)
+        self.skip = frozenset({tok.pad_id, cfg.image_token_id})
         load_image = pixel_loader(recipe, cfg)  # the teacher sees the pixels (its own tower)
         data, self.distiller = setup(
             recipe,
@@ -289,6 +318,7 @@ class Distillation(SFT):
             device(),
             lambda answers, prompts: load_data(recipe, answers=answers, prompts=prompts)[2],
             Collator(tok.pad_id, load_image),
+            self.relabel if self.every else None,
         )
         return tok, cfg, data
 
@@ -303,8 +333,17 @@ class Distillation(SFT):
             self.distiller = Distiller(self.recipe, None, SelfTeacher(model), settings)
 
     def row_fields(self, rows, split: str) -> dict:
+        """Training rows: the cached targets, and under QAT's teacher the every-position
+        labels (a field named labels replaces the row's)."""
+        if split != "train":
+            return {}
+        fields = {}
+        if self.every:
+            fields["labels"] = lambda i: self.relabel(row_features(rows[i]))
         cache = self.distiller.cache if self.distiller is not None else None
-        return {"teacher": cache.targets} if split == "train" and cache is not None else {}
+        if cache is not None:
+            fields["teacher"] = cache.targets
+        return fields
 
     def loss(self, trainer, model, inputs: dict, rows, num_items) -> tuple:
         if not model.training:
