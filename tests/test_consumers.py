@@ -347,6 +347,28 @@ def test_eval_llama_cpp_backend_equals_the_dequantized_one(tuned, tmp_path, caps
     assert got["llama.cpp"] == got["ours"]
 
 
+def test_eval_llama_cpp_loss_equals_the_dequantized_one(tuned, tmp_path, capsys):
+    """`eval --metric loss --backend llama.cpp`: llama.cpp's log-probabilities of the same
+    token ids (chats: their replies; raw text: every token) give the loss our fp32 model gives
+    the f16 file's weights, to llama.cpp's f16 KV cache and its own kernels' rounding."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python in this process")
+    from gemma3_tune.cli import main
+
+    rows = (ROOT / "data/quickstart/eval.jsonl").read_text().splitlines()[:N_PROMPTS]
+    text = {"text": (ROOT / "docs/qat-and-gguf.md").read_text()[:3000]}
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(r + "\n" for r in rows) + json.dumps(text) + "\n")
+    gguf = str(tuned["dir"] / "model-f16.gguf")
+    got = {}
+    for backend in ("ours", "llama.cpp"):
+        argv = ["eval", gguf, "--data", str(data), "--metric", "loss", "--backend", backend,
+                "--dtype", "float32", "--json"]  # fmt: skip
+        assert main(argv) == 0
+        got[backend] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scores"][gguf]
+    assert 0.1 < got["ours"] < 5.0
+    assert abs(got["llama.cpp"] - got["ours"]) <= 0.01 * got["ours"], got
+
+
 def test_eval_q8_0_gguf_replies_as_the_merged_model(tuned, tmp_path, capsys):
     """The quickstart model's q8_0 GGUF export, scored by the de-quantizing backend, gives the
     merged model's replies on all 60 held-out chats (and its json score)."""

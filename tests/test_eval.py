@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tuned, tiny_dir, tmp_path, cap
     llama = ["--data", str(held), "--backend", "llama.cpp"]
     refused(["eval", str(tiny_dir), *llama], "scores .gguf files")
     gguf = str(tuned / "run-q8_0.gguf")
-    refused(["eval", gguf, *llama, "--metric", "loss"], "drop --backend llama.cpp")
+    refused(["eval", gguf, *llama, "--metric", "preference"], "drop --backend llama.cpp")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:  # (the consumer tests run the backend where it is installed)

@@ -93,7 +93,9 @@ def _self_recipe(tmp_path, tiny_dir, name: str, seed: int = 0, data=("self",)):
         "training__max_steps": 2,
         "training__save_steps": 100,
     }
-    return write_recipe(tmp_path / f"{name}.yaml", tiny_dir, chats, tmp_path / f"run-{name}", **over)
+    return write_recipe(
+        tmp_path / f"{name}.yaml", tiny_dir, chats, tmp_path / f"run-{name}", **over
+    )
 
 
 def test_self_text_is_sampled_once_cached_and_reproducible(tmp_path, tiny_dir, capsys):

@@ -1,7 +1,8 @@
 """`gemma3-tune eval --backend llama.cpp`: a GGUF's replies from real llama.cpp
 (llama-cpp-python), to the very prompt ids our renderer gives, decoded greedily to the same
 stops: what llama.cpp, Ollama and LM Studio users get, side by side with the de-quantized
-backend's score."""
+backend's score; and `--metric loss`, llama.cpp's own log-probabilities of the very token ids
+our model is scored on (a quantized file's perplexity as its users' runtime computes it)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,42 @@ def replies(
         out.append(got)
         bar.update(1)
     return out
+
+
+def token_loss(path: Path, documents: list[list], bar) -> tuple[list[float], list[int]]:
+    """Per sample (its token documents, eval/loss.py's): the summed negative log-likelihood of
+    its scored tokens (a label after the first position) under llama.cpp's logits, each
+    document evaluated from an empty context, and their number."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    longest = max((len(d.input_ids) for docs in documents for d in docs), default=1)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=longest,
+        n_batch=min(longest, 512),
+        logits_all=True,
+        n_threads=os.cpu_count() or 1,
+        verbose=False,
+    )
+    sums, counts = [], []
+    for docs in documents:
+        total, n = 0.0, 0
+        for d in docs:
+            ids, labels = np.asarray(d.input_ids), np.asarray(d.labels)
+            at = np.nonzero(labels[1:] != -100)[0]  # positions t scoring ids[t + 1]
+            if not len(at):
+                continue
+            llm.reset()
+            llm.eval(d.input_ids)
+            logits = torch.from_numpy(np.ascontiguousarray(llm.scores[at]))  # [k, V] fp32
+            nll = torch.nn.functional.cross_entropy(
+                logits, torch.from_numpy(ids[at + 1]), reduction="sum"
+            )
+            total += float(nll)
+            n += len(at)
+        sums.append(total)
+        counts.append(n)
+        bar.update(1)
+    return sums, counts

@@ -20,7 +20,7 @@ GENERATION = ("exact", "json", "contains")
 PREFERENCE = "preference"
 REWARD = "reward"
 METRICS = (*GENERATION, "loss", PREFERENCE, REWARD)
-OURS_ONLY = ("loss", PREFERENCE, REWARD)  # our model's log-probs, or our seeded sampler
+OURS_ONLY = (PREFERENCE, REWARD)  # our batched log-probs, or our seeded sampler
 OWN_DATA = {PREFERENCE: "preference pairs", REWARD: "prompt-only rows"}  # not chats
 
 

@@ -38,7 +38,8 @@ from ..data.template import (
     stop_at_call,
 )
 from ..errors import UserError
-from .loss import WINDOW, token_loss
+from . import llama_cpp
+from .loss import WINDOW, documents, token_loss
 from .metrics import GENERATION, OURS_ONLY, PREFERENCE, REWARD, SCORERS
 from .model_inputs import pixels, vision_of
 from .targets import Target, eval_dtype, load_target, target_config
@@ -339,20 +340,18 @@ def evaluate(
         for target in targets:
             bar.set_postfix_str(target.label)
             res = TargetResult(target.label)
-            model = None
-            if backend == "llama.cpp":  # generation metrics only (check_llama_cpp)
-                res.replies = _llama_cpp_replies(target, samples, max_new_tokens, bar)
+            res.replies = [None] * len(samples)
+            if backend == "llama.cpp":  # generation metrics and loss (check_llama_cpp)
+                model, tok = None, llama_cpp.gguf_tokenizer(target.path)
+                if generating:
+                    res.replies = _llama_cpp_replies(target, tok, samples, max_new_tokens, bar)
             else:
                 model, tok = load_target(target, device, weights)
-                res.replies = [None] * len(samples)
                 if generating:
                     res.replies = replies(model, tok, samples, max_new_tokens, batch_size, bar)
             for m in metrics:
                 if m == "loss":
-                    sums, counts = token_loss(model, tok, samples, bar, vision_of(model))
-                    res.per_sample[m] = [x / max(c, 1) for x, c in zip(sums, counts, strict=True)]
-                    res.scores[m] = sum(sums) / max(sum(counts), 1)
-                    res.perplexity = math.exp(min(res.scores[m], 50.0))
+                    _score_loss(res, target, model, tok, samples, bar)
                 elif m == PREFERENCE:
                     _score_pairs(res, pair_logps(model, tok, samples, batch_size, bar))
                 elif m == REWARD:
@@ -367,6 +366,18 @@ def evaluate(
             results.append(res)
             del model
     return results
+
+
+def _score_loss(res: TargetResult, target: Target, model, tok, samples: list, bar) -> None:
+    """Mean token cross-entropy and perplexity: our model's, or llama.cpp's (model None)."""
+    if model is None:
+        docs = [documents(s, tok, None) for s in samples]  # text-only: GGUF import refuses vision
+        sums, counts = llama_cpp.token_loss(target.path, docs, bar)
+    else:
+        sums, counts = token_loss(model, tok, samples, bar, vision_of(model))
+    res.per_sample["loss"] = [x / max(c, 1) for x, c in zip(sums, counts, strict=True)]
+    res.scores["loss"] = sum(sums) / max(sum(counts), 1)
+    res.perplexity = math.exp(min(res.scores["loss"], 50.0))
 
 
 def _check_documents(samples: list, metrics: list[str]) -> None:
@@ -390,8 +401,8 @@ def _score_pairs(res: TargetResult, logps: list[tuple[float, float]]) -> None:
 
 
 def check_llama_cpp(targets: list[Target], metrics: list[str]) -> None:
-    """--backend llama.cpp: generation metrics only, GGUF files only, llama-cpp-python present."""
-    from . import llama_cpp
+    """--backend llama.cpp: generation metrics and loss, GGUF files only, llama-cpp-python
+    present."""
 
     ours = [m for m in metrics if m in OURS_ONLY]
     if ours:
@@ -402,10 +413,9 @@ def check_llama_cpp(targets: list[Target], metrics: list[str]) -> None:
     llama_cpp.require()
 
 
-def _llama_cpp_replies(target: Target, samples: list[EvalSample], max_new_tokens: int | None, bar):
-    from . import llama_cpp
-
-    tok = llama_cpp.gguf_tokenizer(target.path)
+def _llama_cpp_replies(
+    target: Target, tok, samples: list[EvalSample], max_new_tokens: int | None, bar
+):
     max_new_tokens = reply_budget(tok, samples, max_new_tokens)
     prompts = [
         prompt_ids(tok, s, None)[0] for s in samples
