@@ -48,40 +48,57 @@ def quant_kl_worker(reference: str, gguf: str, data: str) -> dict:
     return {"kl": total / n, "tokens": n, "kl_reply": reply / n_reply, "reply_tokens": n_reply}
 
 
+HELD_OUT = ROOT / "data/quickstart/eval.jsonl"  # the quickstart's 60 held-out chats
+REPHRASED = ROOT / "data/grpo/heldout.jsonl"  # 40 chats in templates it never trained on
+PROSE = ROOT / "data/prose/heldout.jsonl"  # scripts/make_prose_corpus.py: nobody trained on it
+
+
+def _llama_cpp_score(path: str, data: Path, metric: str) -> str:
+    """`gemma3-tune eval FILE --backend llama.cpp --metric METRIC` on `data`, as a cell."""
+    if not data.is_file():
+        return "n/a"
+    cmd = [sys.executable, "-m", "gemma3_tune", "eval", path, "--data", str(data), "--metric",
+           metric, "--backend", "llama.cpp", "--json"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
+    try:
+        score = json.loads(proc.stdout.strip().splitlines()[-1])["scores"][path]
+    except (IndexError, KeyError, json.JSONDecodeError):
+        return f"failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+    return f"{100 * score:.1f}%" if metric == "json" else f"{score:.4f}"
+
+
 def section_quant(args) -> str:
     """`--quant-targets LABEL=FILE.gguf,...` (and `--eval-model` as the f32 reference): size,
-    held-out JSON exact match in real llama.cpp (`gemma3-tune eval --backend llama.cpp`) and
-    KL(f32 || file) per token."""
-    data = str(ROOT / "data/quickstart/eval.jsonl")
+    JSON exact match in real llama.cpp on the held-out and the rephrased chats, llama.cpp's NLL
+    per token on the held-out prose, and KL(f32 || file) per token."""
     reference = args.eval_model
     rows = [
-        "| file | format | size | json exact (llama.cpp, 60 held out)"
-        " | KL(f32 \\|\\| file) per token, whole chats | KL per reply token |",
-        "|---|---|---|---|---|---|",
+        "| file | format | size | json exact, 60 held out | json exact, 40 rephrased"
+        " | prose NLL/token (llama.cpp) | KL(f32 \\|\\| file) per token, whole chats"
+        " | KL per reply token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for item in args.quant_targets:
         label, path = item.split("=", 1)
-        cmd = [sys.executable, "-m", "gemma3_tune", "eval", path, "--data", data, "--metric",
-               "json", "--backend", "llama.cpp", "--json"]  # fmt: skip
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        try:
-            score = json.loads(proc.stdout.strip().splitlines()[-1])["scores"][path]
-            score_txt = f"{100 * score:.1f}%"
-        except (IndexError, KeyError, json.JSONDecodeError):
-            score_txt = f"failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
-        kl = run_worker(["quant-kl", reference, path, data])
+        held, rephrased = (_llama_cpp_score(path, d, "json") for d in (HELD_OUT, REPHRASED))
+        prose = _llama_cpp_score(path, PROSE, "loss")
+        kl = run_worker(["quant-kl", reference, path, str(HELD_OUT)])
         kl_txt = kl["error"] if "error" in kl else f"{kl['kl']:.4f} | {kl['kl_reply']:.4f}"
         size = Path(path).stat().st_size / 2**20
-        print(f"quant {label}: {score_txt}, KL {kl_txt}, {size:.1f} MiB", flush=True)
-        rows.append(f"| `{Path(path).name}` | {label} | {size:.1f} MiB | {score_txt} | {kl_txt} |")
+        cells = f"{held} | {rephrased} | {prose} | {kl_txt}"
+        print(f"quant {label}: {cells}, {size:.1f} MiB", flush=True)
+        rows.append(f"| `{Path(path).name}` | {label} | {size:.1f} MiB | {cells} |")
     head = (
-        "The quickstart's fine-tuned Gemma 3 270M as GGUF files, each scored by"
-        " `gemma3-tune eval FILE --backend llama.cpp --metric json` (real llama.cpp through"
-        " llama-cpp-python 0.3.36, greedy, our rendered prompts) on the 60 held-out chats of"
-        " data/quickstart/eval.jsonl; KL: mean over the held-out chats' tokens of"
-        " KL(p_f32 || p_file) over the full vocabulary (whole chats, prompts included; and over"
-        " the positions that predict the assistant's reply tokens, the ones SFT and QAT train),"
-        f" the reference `{reference}` in fp32 and the file's weights de-quantized exactly into our model."
+        "GGUF files, each scored in real llama.cpp (llama-cpp-python 0.3.36, `gemma3-tune eval"
+        " FILE --backend llama.cpp`): JSON exact match, greedy, on the quickstart's 60 held-out"
+        " chats (data/quickstart/eval.jsonl) and on 40 chats phrased in templates it never"
+        " trained on (data/grpo/heldout.jsonl); `--metric loss` on 40 pages of vLLM 0.34.0's"
+        " docs (scripts/make_prose_corpus.py; 2026 text nothing here trained on). KL: mean over"
+        " the held-out chats' tokens of KL(p_f32 || p_file) over the full vocabulary (whole"
+        " chats, prompts included; and over the positions that predict the reply tokens), the"
+        f" reference `{reference}` in fp32 and the file's weights de-quantized exactly into our"
+        " model."
     )
     return "\n".join([head, "", *rows])

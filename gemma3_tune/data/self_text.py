@@ -58,13 +58,15 @@ def sample_texts(
     max_new_tokens: int,
     temperature: float,
     seed: int,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> Path:
     """Sample every text not yet in `folder`'s progress file, then write the training file;
-    returns its path. The model decodes in batches through our KV-cache decoder."""
+    returns its path. The model decodes 64 rows at a time through GRPO's sampler (one draw per
+    row from its own generator by inverting the CDF: a multinomial per row took 41% of the
+    time on a 2-core CPU)."""
     import torch
 
-    from ..model.generate import generate_batch
+    from ..model.generate import generate_groups
     from ..progress import bar as progress_bar
 
     folder = Path(folder)
@@ -81,15 +83,17 @@ def sample_texts(
                 gens = [
                     torch.Generator(device=device).manual_seed(text_seed(seed, i)) for i in batch
                 ]
-                ids = generate_batch(
+                ids, _ = generate_groups(  # one <bos> prompt, a row per text
                     model,
-                    [[tok.bos_id]] * len(batch),
+                    [[tok.bos_id]],
+                    len(batch),
+                    gens,
                     max_new_tokens=max_new_tokens,
                     stop_ids={tok.eos_id},
                     pad_id=tok.pad_id,
                     temperature=temperature,
-                    generator=gens,
                 )
+                ids = [t[:-1] if t and t[-1] == tok.eos_id else t for t in ids]
                 _append(folder, batch, ids, tok, max_new_tokens)
                 tokens += sum(map(len, ids))
                 bar.update(len(batch))
