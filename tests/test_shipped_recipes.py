@@ -23,6 +23,7 @@ AFTER_QUICKSTART = {  # what their comments say to run first: an HF folder of th
     "grpo-contacts": "runs/quickstart-12/merged",
 }
 AFTER_SCRIPT = {"cpt-transformers": "make_cpt_corpus"}  # its corpus, made from transformers
+SELF_DATA = ["qat-base-270m"]  # its data: text the model samples itself when it trains
 TEMPLATES = {  # the user's own model and data
     "chat-lora-1b": "tiny",
     "chat-lora-4b": "tiny-vision",
@@ -35,7 +36,7 @@ TEMPLATES = {  # the user's own model and data
 
 def test_every_recipe_is_covered():
     shipped = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
-    assert shipped == {*TINY, *EMBEDDED, *AFTER_QUICKSTART, *AFTER_SCRIPT, *TEMPLATES}
+    assert shipped == {*TINY, *EMBEDDED, *AFTER_QUICKSTART, *AFTER_SCRIPT, *TEMPLATES, *SELF_DATA}
 
 
 @pytest.fixture
@@ -122,3 +123,12 @@ def test_recipes_after_their_script_run_as_shipped(name, embedded, checkout, cap
     script.main()
     report = _check(name, capsys)
     assert report["text_documents"] > 100 and report["text_windows"] > report["text_documents"]
+
+
+@pytest.mark.parametrize("name", SELF_DATA)
+def test_self_data_recipes_check_as_shipped(name, embedded, checkout, capsys):
+    """qat.data: [self]: `data check` says the texts await sampling (`train` samples them);
+    it loads no model."""
+    argv = ["data", "check", f"recipes/{name}.yaml", f"data.cache_dir={checkout / 'cache'}"]
+    assert main(argv) == 0
+    assert "await sampling" in capsys.readouterr().out
