@@ -202,3 +202,15 @@ def gather_tied_embedding(model: Gemma3) -> None:
     import deepspeed
 
     deepspeed.zero.register_external_parameter(model, model.text_model.embed_tokens.weight)
+
+
+def wait_for_local_main(done: Callable[[], bool], what: str, seconds: float = 6 * 3600) -> None:
+    """On a rank other than local rank 0: poll until `done()` (local rank 0 writes what this
+    rank reads: a teacher's answers, the self text), or fail after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f} s for local rank 0 to {what}")
+        time.sleep(2.0)

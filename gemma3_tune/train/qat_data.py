@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from ..data.settings import Source, data_root
@@ -49,7 +48,7 @@ def self_text(recipe: Recipe, sample: bool = True) -> Path | None:
     from ..data import self_text as st
     from ..data.teacher_cache import cache_key
     from ..model.dtypes import resolve_dtype
-    from .distributed import device
+    from .distributed import device, wait_for_local_main
     from .objectives.teacher import LazyTeacher, resolve_teacher
     from .run_data import tokenizer_and_config
 
@@ -63,7 +62,8 @@ def self_text(recipe: Recipe, sample: bool = True) -> Path | None:
     if not sample:
         return None
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return _wait(folder / st.FILE)
+        wait_for_local_main(lambda: st.complete(folder), "sample the self text")
+        return folder / st.FILE
     tok, _ = tokenizer_and_config(recipe)
     print(f"qat.data self: sampling {g.samples} texts from {recipe.model.path}", file=sys.stderr)
     model = LazyTeacher(spec, resolve_dtype(recipe.model.dtype), device()).get()
@@ -76,13 +76,3 @@ def self_text(recipe: Recipe, sample: bool = True) -> Path | None:
         temperature=g.temperature,
         seed=recipe.training.seed,
     )
-
-
-def _wait(path: Path, seconds: float = 6 * 3600) -> Path:
-    deadline = time.monotonic() + seconds
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {seconds:.0f} s for local rank 0 to write {path}")
-        time.sleep(2.0)
-    print(f"qat.data self: {path}", file=sys.stderr)
-    return path

@@ -41,6 +41,7 @@ from ...data.teacher_cache import TeacherCache, cache_key, fill
 from ...data.tokenizer import Tokenizer
 from ...errors import UserError
 from ...model.loss import IGNORE_INDEX, SoftTargets, teacher_targets
+from ..distributed import wait_for_local_main
 from ..recipe import Recipe
 from .sft import SFT
 from .teacher import LazyTeacher, TeacherSpec, check_compatible, resolve_teacher
@@ -213,14 +214,6 @@ def prompts_and_store(recipe: Recipe, spec: TeacherSpec, tok: Tokenizer, cfg):
     return prompts, store, sum(p.key not in answered for p in prompts)
 
 
-def _wait_for_answers(store, prompts, seconds: float = 6 * 3600) -> None:
-    deadline = time.monotonic() + seconds
-    while any(p.key not in store.load() for p in prompts):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {seconds:.0f} s for local rank 0 to answer the prompts")
-        time.sleep(2.0)
-
-
 def setup(
     recipe: Recipe,
     tok: Tokenizer,
@@ -242,7 +235,8 @@ def setup(
     teacher = LazyTeacher(spec, dtype, device)
     prompts, store, missing = prompts_and_store(recipe, spec, tok, cfg)
     if missing and int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        _wait_for_answers(store, prompts)  # local rank 0 answers them
+        answered = lambda: all(p.key in store.load() for p in prompts)  # noqa: E731
+        wait_for_local_main(answered, "answer the prompts")
     elif missing:
         answer_prompts(
             teacher.get(),
@@ -279,8 +273,8 @@ class Distillation(SFT):
         self.skip: frozenset[int] = frozenset()  # ids never targeted (set by prepare)
 
     def relabel(self, features: dict) -> list[int]:
-        """A training row's targeted positions: its labels, or every position (QAT)."""
-        return every_position(features, self.skip) if self.every else features["labels"]
+        """QAT's teacher: a training row's labels on every position (`every_position`)."""
+        return every_position(features, self.skip)
 
     @staticmethod
     def refuse(recipe: Recipe) -> None:
