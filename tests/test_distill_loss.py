@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from gemma3_tune.model import loss as loss_mod
-from gemma3_tune.model.loss import SoftTargets, chunked_distillation, teacher_targets
+from gemma3_tune.model.loss import (
+    SoftTargets,
+    TeacherDistribution,
+    chunked_distillation,
+    teacher_targets,
+)
 
 
 def dense_reference(h, w, labels, soft: SoftTargets):
@@ -54,6 +59,29 @@ def test_loss_and_gradients_equal_dense_reference(monkeypatch, mode, alpha, temp
     gh_want, gw_want = torch.autograd.grad(want[0], (h, w))
     assert (gh - gh_want).abs().max().item() <= 1e-5
     assert (gw - gw_want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("alpha,temperature", [(1.0, 1.0), (0.5, 1.0), (0.7, 2.0)])
+def test_full_distribution_equals_torch_soft_cross_entropy(monkeypatch, alpha, temperature):
+    """TeacherDistribution (the teacher's whole softmax, made chunk by chunk in the loss)
+    against torch's own cross-entropy with probability targets on dense logits: loss, kd, ce
+    and both gradients, several chunks per call, fp32, <= 1e-5."""
+    monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 16 * 1000)
+    monkeypatch.setattr(loss_mod, "_CHUNK_MULTIPLE", 1)
+    h, w, labels, th, tw = _problem(6)
+    keep = labels != -100
+    soft = TeacherDistribution(th[keep], tw, alpha=alpha, temperature=temperature)
+    got = chunked_distillation(h, w, labels, soft)
+    logits = h[keep] @ w.T
+    p = (th[keep] @ tw.T / temperature).softmax(-1)
+    kd = F.cross_entropy(logits / temperature, p) * temperature**2
+    ce = F.cross_entropy(logits, labels[keep])
+    want = (alpha * kd + (1 - alpha) * ce, kd, ce)
+    for a, b in zip(got, want, strict=True):
+        assert abs(a.item() - b.item()) <= 1e-5
+    grads = torch.autograd.grad(got[0], (h, w)), torch.autograd.grad(want[0], (h, w))
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_teacher_targets_against_dense_teacher():

@@ -191,11 +191,13 @@ def test_qat_lora_run_exports_its_fake_quantized_weights(tmp_path, tiny_dir):
     assert len(linears) == len(LINEARS)  # every decoder linear is Q4_0
 
 
-def test_target_teacher_is_the_starting_checkpoint(tmp_path, tiny_dir):
+@pytest.mark.parametrize("distribution", ["full", "sampled"])
+def test_target_teacher_is_the_starting_checkpoint(tmp_path, tiny_dir, distribution):
     """target: teacher is the checkpoint the run starts from, unquantized: under LoRA the model
     with its adapter and fake quantization off (in the step), under full SFT the checkpoint's
-    cached targets. At step 1 both students are fq(W) (LoRA's B starts at 0) and both teachers
-    W, with the same per-row draws: the first kd_loss agrees."""
+    second copy in the step (full distribution) or cached targets (sampled). At step 1 both
+    students are fq(W) (LoRA's B starts at 0) and both teachers W, with the same per-row draws:
+    the first kd_loss agrees."""
     import json
 
     data = chat_set(tmp_path / "chat.jsonl")
@@ -203,7 +205,7 @@ def test_target_teacher_is_the_starting_checkpoint(tmp_path, tiny_dir):
     for method in ("lora", "full"):
         over = {
             "method": method,
-            "qat": {"format": "q4_0", "target": "teacher"},
+            "qat": {"format": "q4_0", "target": "teacher", "distribution": distribution},
             "data__cache_dir": str(tmp_path / "cache"),
             "training__max_steps": 3,
             "training__save_steps": 100,
@@ -219,7 +221,8 @@ def test_target_teacher_is_the_starting_checkpoint(tmp_path, tiny_dir):
         assert "quantization-aware training for q4_0 GGUF" in card
         assert "distilled from the unquantized checkpoint" in card
     assert abs(first["lora"] - first["full"]) <= 1e-5 * first["full"], first
-    assert (tmp_path / "cache" / "teacher").is_dir()  # full SFT: the checkpoint's targets cached
+    cached = (tmp_path / "cache" / "teacher").is_dir()  # full SFT, sampled: targets cached
+    assert cached == (distribution == "sampled")
 
 
 @pytest.mark.parametrize(

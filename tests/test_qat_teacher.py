@@ -50,12 +50,16 @@ def _targets(row: dict) -> int:
     return len(row["input_ids"]) - row["position_ids"].count(0)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_default_teacher_targets_every_position(tmp_path, tiny_dir, method):
-    """LoRA (the teacher runs in the step) and full (its targets cached before the student
-    loads): every training position gets the teacher's targets, prompts included; the
-    evaluation rows keep their labels (the task's score)."""
-    trainer = _trainer(tmp_path, tiny_dir, method)
+@pytest.mark.parametrize(
+    "method,distribution",
+    [("lora", "full"), ("full", "full"), ("lora", "sampled"), ("full", "sampled")],
+)
+def test_default_teacher_targets_every_position(tmp_path, tiny_dir, method, distribution):
+    """LoRA (the teacher runs in the step) and full (a second model in the step, or its sampled
+    targets cached before the student loads): every training position gets the teacher's
+    targets, prompts included; the evaluation rows keep their labels (the task's score)."""
+    qat = {"format": "q4_0", "distribution": distribution}
+    trainer = _trainer(tmp_path, tiny_dir, method, qat=qat)
     objective = trainer.objective
     assert objective.every
     batch = next(iter(trainer.get_train_dataloader()))
@@ -67,10 +71,38 @@ def test_default_teacher_targets_every_position(tmp_path, tiny_dir, method):
     assert prompt_scored == sum(want)  # the rows' own labels, rewritten: every position
     inputs = {k: v for k, v in batch.items()}
     targets = objective.distiller.soft_targets(inputs, batch["row_ids"])
-    assert int(targets.token.max()) + 1 == sum(want)
+    if distribution == "full":
+        assert targets.hidden.shape[0] == sum(want)  # the teacher's state at each position
+    else:
+        assert int(targets.token.max()) + 1 == sum(want)
     assert targets.alpha == 1.0  # pure distillation
     ev = trainer.eval_dataset[0]
     assert sum(x != IGNORE for x in ev["labels"]) < _targets(ev)  # replies only
+
+
+def test_full_distribution_loss_is_the_checkpoints_softmax_on_every_position(tmp_path, tiny_dir):
+    """The default (LoRA, distribution full) at step 1, where the student is fq(W): the step's
+    loss equals torch's cross-entropy from the unquantized model's softmax to the quantized
+    model's, on dense logits of every position of the batch (fp32, <= 1e-5)."""
+    import torch
+    import torch.nn.functional as F
+
+    from gemma3_tune.train.qat import disabled
+
+    trainer = _trainer(tmp_path, tiny_dir, "lora")
+    model, objective = trainer.model, trainer.objective
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        student = model(**inputs).logits[:, :-1]  # [B, T-1, V]: fq(W), B = 0
+        with model.disable_adapter(), disabled(model):
+            teacher = model(**inputs).logits[:, :-1]
+    keep = batch["labels"][:, 1:] != IGNORE
+    want = F.cross_entropy(student[keep], teacher[keep].softmax(-1))
+    soft = objective.distiller.soft_targets(dict(batch), batch["row_ids"])
+    got = model(**inputs, labels=batch["labels"], soft_targets=soft).loss
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+    assert want.item() > 1e-4  # q4_0 moved the distribution: a loss that could come out wrong
 
 
 def test_labels_target_keeps_the_replies(tmp_path, tiny_dir):

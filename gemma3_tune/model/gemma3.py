@@ -25,7 +25,7 @@ from .config import GLOBAL, Gemma3Config
 from .kv_cache import KVCache
 from .layers import GeGLU, RMSNorm, activation_dtype, residual_dtype, rope_cos_sin, rope_inv_freq
 from .logprobs import chunked_logprobs, sequence_logprobs
-from .loss import IGNORE_INDEX, SoftTargets, batch_loss
+from .loss import IGNORE_INDEX, SoftTargets, TeacherDistribution, batch_loss
 from .masks import TokenInfo, flex_block_mask, token_info, visible
 from .siglip import MultiModalProjector, VisionTower, pool_patches
 
@@ -381,7 +381,7 @@ class Gemma3(nn.Module):
         cache: KVCache | None = None,
         num_items_in_batch: int | Tensor | None = None,  # HF Trainer: labelled tokens in the step
         last_logits_only: bool = False,  # generation: project only the final position
-        soft_targets: SoftTargets | None = None,  # distillation: a teacher's targets (loss.py)
+        soft_targets: SoftTargets | TeacherDistribution | None = None,  # a teacher's (loss.py)
         hidden_only: bool = False,  # the final hidden states [B, T, D], unprojected (a teacher)
         sequence_logps: bool = False,  # preference tuning: per-document log p(labels), no loss
         token_logps: bool = False,  # RL: log p(label) per labelled target `[K]`, row-major

@@ -101,6 +101,59 @@ class SoftTargets:
     temperature: float = 1.0  # the student's softmax for the distillation term is of z / T
 
 
+@dataclass
+class TeacherDistribution:
+    """A teacher's whole distribution for each scored token, given as what makes it: the
+    teacher's final hidden state at each scored token and its head. The probabilities are made a
+    chunk of tokens at a time inside the loss, never stored (262,144 per token). The exact
+    gradient `softmax(z) - p` instead of the sampled estimate `softmax(z) - w`: when the student
+    is close to the teacher (QAT), the difference is smaller than 256 draws resolve."""
+
+    hidden: Tensor  # [K, D]: the teacher's hidden state at each scored token, in order
+    weight: Tensor  # [V, D]: the teacher's head (its tied embedding)
+    alpha: float = 1.0
+    temperature: float = 1.0
+
+
+class _SparseChunk:
+    """A chunk's SoftTargets entries: rows `stok` of the chunk, ids `sid`, weights `sw`."""
+
+    def __init__(self, soft: SoftTargets, e0: int, e1: int, s: int, acc: torch.dtype):
+        self.sid, self.sw = soft.ids[e0:e1], soft.weights[e0:e1].to(acc)  # [e], [e]
+        self.stok = soft.token[e0:e1] - s  # [e]: row of the chunk
+
+    def dot(self, z: Tensor) -> Tensor:
+        """[c]: sum over a token's targets of w * z (z: the raw logits [c, V])."""
+        out = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        return out.index_add_(0, self.stok, self.sw * z[self.stok, self.sid])
+
+    def subtract(self, g: Tensor, scale: float) -> None:
+        g.index_put_((self.stok, self.sid), self.sw * -scale, accumulate=True)
+
+
+class _DenseChunk:
+    """A chunk's rows of a TeacherDistribution: p = softmax(teacher logits / T), [c, V]."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, temperature: float, acc: torch.dtype):
+        p = _mm(hidden, weight.T, acc)  # [c, V]
+        if temperature != 1.0:
+            p /= temperature
+        p.sub_(p.amax(dim=-1, keepdim=True)).exp_()
+        self.p = p.div_(p.sum(dim=-1, keepdim=True))
+
+    def dot(self, z: Tensor) -> Tensor:
+        return (self.p[:, None, :] @ z[:, :, None])[:, 0, 0]  # [c], no [c, V] temporary
+
+    def subtract(self, g: Tensor, scale: float) -> None:
+        g.sub_(self.p, alpha=scale)
+
+
+def _chunk_target(soft, bounds, k: int, s: int, c: int, acc: torch.dtype, teacher_head):
+    if isinstance(soft, TeacherDistribution):
+        return _DenseChunk(soft.hidden[s : s + c], teacher_head, soft.temperature, acc)
+    return _SparseChunk(soft, bounds[k], bounds[k + 1], s, acc)
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -110,7 +163,7 @@ class _ChunkedCE(torch.autograd.Function):
         targets: Tensor,
         need_h: bool,
         need_w: bool,
-        soft: SoftTargets | None,
+        soft: SoftTargets | TeacherDistribution | None,
         bounds: list[int] | None,
     ):
         with _autocast_off(hidden):
@@ -141,7 +194,7 @@ def _ce_chunks(
     targets: Tensor,
     need_h: bool,
     need_w: bool,
-    soft: SoftTargets | None,
+    soft: SoftTargets | TeacherDistribution | None,
     bounds: list[int] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """_ChunkedCE's forward pass: (loss, kd_loss, ce_loss, d loss / d hidden, d loss / d weight
@@ -159,18 +212,16 @@ def _ce_chunks(
     grad_h = torch.zeros_like(hidden) if need_h else None
     grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
     step = _chunk_rows(weight.shape[0])
+    dense = isinstance(soft, TeacherDistribution)
+    teacher_head = _head(soft.weight, soft.hidden) if dense else None
     for k, s in enumerate(range(0, n, step)):
         h, tgt = hidden[s : s + step], targets[s : s + step]  # [c, D], [c]
         c = len(tgt)
         logits = _mm(h, weight.T, acc)  # [c, V]
         picked = logits.gather(1, tgt[:, None])[:, 0]  # [c]
         if soft is not None:
-            e0, e1 = bounds[k], bounds[k + 1]
-            sid, sw = soft.ids[e0:e1], soft.weights[e0:e1].to(acc)  # [e], [e]
-            stok = soft.token[e0:e1] - s  # [e]: row of the chunk
-            soft_z = logits[stok, sid]  # [e]: raw logits at the teacher's ids
-            dot = torch.zeros(c, dtype=acc, device=h.device).index_add_(0, stok, sw * soft_z)
-            # dot: [c], sum over a token's entries of w_e * z_e
+            target = _chunk_target(soft, bounds, k, s, c, acc, teacher_head)
+            dot = target.dot(logits)  # [c]: sum over a token's targets of w * z
         if soft is not None and temp != 1.0:
             # the distillation term's own softmax, of z / T (a second [c, V] buffer)
             pt = logits / temp  # [c, V]
@@ -200,7 +251,7 @@ def _ce_chunks(
                 probs.mul_((1.0 / n / z)[:, None])
             probs[torch.arange(c, device=h.device), tgt] -= (1.0 - alpha) / n
             if soft is not None and alpha != 0.0:
-                probs.index_put_((stok, sid), sw * (-alpha * temp / n), accumulate=True)
+                target.subtract(probs, alpha * temp / n)
             g = probs.to(weight.dtype)  # [c, V]: the matmuls' operands in the compute dtype
             if need_h:
                 grad_h[s : s + step] = g @ weight  # [c, D]
@@ -208,6 +259,7 @@ def _ce_chunks(
                 _add_mm(grad_w, g.T, h)  # [V, D], summed in fp32
             del g
         del logits, probs
+        target = None  # a dense chunk's [c, V] goes before the next is made
     total = ce_sum if soft is None else (1.0 - alpha) * ce_sum + alpha * kd_sum
     return total / n, kd_sum / n, ce_sum / n, grad_h, grad_w
 
@@ -249,7 +301,7 @@ def chunked_distillation(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    soft: SoftTargets,
+    soft: SoftTargets | TeacherDistribution,
     scored: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kd_loss, ce_loss) over the non-ignored targets, in chunks as chunked_cross_entropy:
@@ -263,8 +315,10 @@ def chunked_distillation(
     in the logits is `T (softmax(z / T) - w)`, scattered into the chunk's gradient in the same
     pass as the labels' `softmax(z) - one_hot`, so one chunk of `[tokens, vocab]` exists at a
     time (two at T != 1: the distillation term needs its own softmax). At alpha = 0 the result
-    is chunked_cross_entropy's, bit for bit (the same operations). Only loss has a gradient;
-    kd_loss and ce_loss are for the logs. `scored`: as chunked_cross_entropy's.
+    is chunked_cross_entropy's, bit for bit (the same operations). A TeacherDistribution puts
+    the teacher's whole softmax in place of `w` (its rows: the scored tokens, in order; a third
+    `[tokens, vocab]` buffer). Only loss has a gradient; kd_loss and ce_loss are for the logs.
+    `scored`: as chunked_cross_entropy's.
     """
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
@@ -272,9 +326,11 @@ def chunked_distillation(
     if keep.numel() == 0:
         zero = (hidden.sum() * 0.0).float()
         return zero, zero.detach(), zero.detach()
-    n, step = keep.numel(), _chunk_rows(weight.shape[0])
-    starts = torch.arange(0, n + step, step, device=soft.token.device).clamp(max=n)
-    bounds = torch.searchsorted(soft.token, starts).tolist()  # entries per chunk: one host read
+    bounds = None
+    if isinstance(soft, SoftTargets):
+        n, step = keep.numel(), _chunk_rows(weight.shape[0])
+        starts = torch.arange(0, n + step, step, device=soft.token.device).clamp(max=n)
+        bounds = torch.searchsorted(soft.token, starts).tolist()  # entries per chunk: one read
     h = hidden.index_select(0, keep)
     return _ChunkedCE.apply(h, weight, targets[keep], need_h, need_w, soft, bounds)
 
@@ -283,7 +339,7 @@ def batch_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    soft_targets: SoftTargets | None,
+    soft_targets: SoftTargets | TeacherDistribution | None,
     num_items_in_batch: int | Tensor | None,
     scored: Tensor | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -27,10 +27,10 @@ class DistillSection(_Strict):
         description="HF folder, run directory, or gguf:gemma3-270m; same tokenizer as the student"
     )
     samples: int = Field(default=256, ge=1, description="teacher ids per token (the report: 256)")
-    mode: Literal["sampled", "topk"] = Field(
+    mode: Literal["sampled", "topk", "full"] = Field(
         default="sampled",
         description="sampled: draws with replacement, weight count/samples (unbiased);"
-        " topk: the most probable ids, renormalised",
+        " topk: the most probable ids, renormalised; full: the whole distribution (cache: false)",
     )
     temperature: float = Field(
         default=1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2)"
@@ -47,6 +47,15 @@ class DistillSection(_Strict):
         " false: run it in every step",
     )
     generate: GenerateSection = GenerateSection()
+
+    @model_validator(mode="after")
+    def _full_is_not_cached(self):
+        if self.mode == "full" and self.cache:
+            raise ValueError(
+                "distill.mode: full needs the teacher in each step (262,144 probabilities per"
+                " token are not cached); set distill.cache=false, or mode=sampled"
+            )
+        return self
 
 
 class SelfTextSection(_Strict):
@@ -68,6 +77,11 @@ class QatSection(_Strict):
         default="teacher",
         description="teacher: distil the starting checkpoint, unquantized, on every position"
         " (the report's QAT; keeps the whole model); labels: cross-entropy on the labels",
+    )
+    distribution: Literal["full", "sampled"] = Field(
+        default="full",
+        description="target teacher: its whole softmax on every position (measured better),"
+        " or the report's 256 sampled ids",
     )
     data: list[Source] | None = Field(
         default=None,

@@ -18,10 +18,14 @@ blocks (tested: every tensor of the exported file dequantizes to the last step's
   most sensitive matrix, and Q8_0 keeps the quickstart at 100%), `f16`, or `same` (the linears'
   format). Frozen under LoRA, it is quantized once; under full SFT, straight-through each step.
 - `target: teacher` is the report's recipe (section 2.3): the checkpoint the run starts from,
-  without fake quantization, is the teacher (objectives/distill.py's loss, 256 sampled ids):
-  under LoRA the same modules with the adapter and fake quantization off, in the step (no
-  second copy); under full SFT the checkpoint's targets cached before the student loads (the
-  trained weights' own unquantized copy would drift with them: `teacher_recipe`).
+  without fake quantization, is the teacher (objectives/distill.py's loss), on every position.
+  `distribution: full` (the default) targets its whole softmax, `sampled` the report's 256
+  sampled ids: the student starts next to the teacher, and the exact gradient `q - p` is
+  smaller there than 256 draws resolve (BENCHMARKS.md measures both). Under LoRA the teacher
+  is the same modules with the adapter and fake quantization off, in the step (no second
+  copy); under full SFT a second copy of the checkpoint (full) or its targets cached before
+  the student loads (sampled): the trained weights' own unquantized copy would drift with
+  them (`teacher_recipe`).
 - In bf16 (GPU) the quantized weight is cast to bf16 for the matmul: Q4_0 values need up to 15
   significant bits, so only fp32 training forwards exactly the shipped weight.
 """
@@ -206,7 +210,8 @@ def disabled(model) -> Iterator[None]:
 
 def teacher_recipe(recipe):
     """`target: teacher` under full SFT: the teacher is the checkpoint the run starts from
-    (`model.path`), fixed, run once before the student loads (distill.cache); the weights being
+    (`model.path`), fixed: a second model in the step (full distribution), or run once before
+    the student loads (sampled, distill.cache); the weights being
     trained are no teacher, since their unquantized copy drifts with them (measured: the labels'
     CE rose from 1.0 to 2.0 while the loss to such a teacher fell). Under LoRA the teacher is
     the model with its adapter and fake quantization off (SelfTeacher): the same checkpoint,
@@ -216,7 +221,11 @@ def teacher_recipe(recipe):
     q = recipe.qat
     if q is None or q.target != "teacher" or recipe.method != "full":
         return None
-    return recipe.model_copy(update={"distill": DistillSection(teacher=recipe.model.path)})
+    full = q.distribution == "full"  # not cacheable: the checkpoint is a second model in the step
+    d = DistillSection(
+        teacher=recipe.model.path, mode="full" if full else "sampled", cache=not full
+    )
+    return recipe.model_copy(update={"distill": d})
 
 
 class SelfTeacher:

@@ -14,6 +14,9 @@ positions the SFT loss scores: same labels, same mask) gets targets from the tea
 - `mode: topk`: the `samples` most probable ids, their probabilities renormalised over them:
   what Axolotl, ms-swift and TRL cache today; biased towards the head (the tail is dropped),
   kept for comparison.
+- `mode: full`: the teacher's whole softmax (the exact gradient; TRL's GKD loss does this on
+  full logits). Only with the teacher in the step (`cache: false`): 262,144 probabilities per
+  token are not stored; the loss makes them a chunk at a time from the teacher's hidden states.
 
 The loss is model/loss.py's chunked_distillation: `alpha` x distillation cross-entropy
 (times T^2) + (1 - alpha) x the labels' cross-entropy, over the full vocabulary, one chunk of
@@ -40,7 +43,7 @@ from ...data.collate import every_position, row_features
 from ...data.teacher_cache import TeacherCache, cache_key, fill
 from ...data.tokenizer import Tokenizer
 from ...errors import UserError
-from ...model.loss import IGNORE_INDEX, SoftTargets, teacher_targets
+from ...model.loss import IGNORE_INDEX, SoftTargets, TeacherDistribution, teacher_targets
 from ..distributed import wait_for_local_main
 from ..recipe import Recipe
 from .sft import SFT
@@ -85,6 +88,20 @@ def teacher_soft_targets(teacher, batch: dict, d, seed: int, rows: list[int]) ->
     return torch.cat(ids), torch.cat(weights), torch.cat(token)
 
 
+@torch.no_grad()
+def teacher_distribution(teacher, batch: dict, d) -> TeacherDistribution:
+    """`mode: full`: the teacher's hidden state at every scored token of the batch (in the
+    order the loss scores them) and its head; the loss makes the softmax chunk by chunk."""
+    weight = teacher.get_output_embeddings().weight  # [V, D]
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(weight.dtype)
+    h = teacher(**inputs, hidden_only=True).hidden  # [B, T, D]
+    keep = scored(batch["labels"]).to(h.device)  # [K]
+    hidden = h.reshape(-1, h.shape[-1]).index_select(0, keep)  # [K, D]
+    return TeacherDistribution(hidden, weight, alpha=d.alpha, temperature=d.temperature)
+
+
 class Distiller:
     """What the trainer needs in a step: the soft targets of a batch, from the cache (the
     collator put them in the batch) or from the teacher, run now."""
@@ -95,10 +112,12 @@ class Distiller:
         self.cache = cache
         self.teacher = teacher
 
-    def soft_targets(self, inputs: dict, rows: torch.Tensor) -> SoftTargets:
+    def soft_targets(self, inputs: dict, rows: torch.Tensor) -> SoftTargets | TeacherDistribution:
         """`rows`: the prepared row of each batch row (padding rows, which score nothing, past
         the end)."""
         d = self.d
+        if d.mode == "full":
+            return teacher_distribution(self.teacher, inputs, d)
         if "teacher_ids" in inputs:
             ids, weights = inputs.pop("teacher_ids"), inputs.pop("teacher_weights")
             token = inputs.pop("teacher_token")
@@ -323,7 +342,8 @@ class Distillation(SFT):
             from ..qat import SelfTeacher
             from ..recipe import DistillSection
 
-            settings = DistillSection(teacher="(the model itself)")
+            mode = "full" if self.recipe.qat.distribution == "full" else "sampled"
+            settings = DistillSection(teacher="(the model itself)", mode=mode, cache=False)
             self.distiller = Distiller(self.recipe, None, SelfTeacher(model), settings)
 
     def row_fields(self, rows, split: str) -> dict:
