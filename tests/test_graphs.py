@@ -90,7 +90,7 @@ def test_a_shape_past_the_budget_is_an_error():
 def test_collator_checks_image_blocks_on_the_cpu_batch():
     """GPU training steps skip the model's image-block check (a host sync each); the trainer's
     collator runs it on the CPU batch instead, with the model's message."""
-    from gemma3_tune.model.gemma3 import ImageTokenError
+    from gemma3_tune.model.image_blocks import ImageTokenError
     from gemma3_tune.train.batches import image_check
 
     cfg = preset("tiny-vision").replace(image_token_id=500)

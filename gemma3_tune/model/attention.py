@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GLOBAL, Gemma3Config
+from .context_parallel import ContextMask
 from .kv_cache import KVCache
 from .layers import RMSNorm, activation_dtype, apply_rope
 
@@ -57,6 +58,9 @@ class Attention(nn.Module):
                 v = torch.cat([cache.values[i], v], dim=2)
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
             cache.keys[i], cache.values[i] = k[:, :, -keep:], v[:, :, -keep:]
+        if isinstance(mask, ContextMask):  # context parallelism: the halo, or the whole row
+            k, v = mask.keys_values(k, v)
+            mask = mask.dense
         if isinstance(mask, Tensor):  # SDPA with a dense boolean mask [B, 1, T, S]
             out = sdpa_dense(q, k, v, mask, self.scale)
         else:  # FlexAttention with a BlockMask, tiles chosen for the device (flex_kernels.py)

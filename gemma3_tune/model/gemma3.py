@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
 from .attention import Attention, FlexMask, flex_options
 from .config import GLOBAL, Gemma3Config
+from .context_parallel import ContextGroup, RowShard, shard_rows
+from .image_blocks import check_image_batch
 from .kv_cache import KVCache
 from .layers import GeGLU, RMSNorm, activation_dtype, residual_dtype, rope_cos_sin, rope_inv_freq
 from .logprobs import chunked_logprobs, sequence_logprobs
@@ -41,45 +42,6 @@ class Output(dict):
             return self[name]
         except KeyError as e:
             raise AttributeError(name) from e
-
-
-# ---------------------------------------------------------------------------------------------
-# Image blocks: checked in Gemma3.embed, and on the CPU before a training batch moves (train/)
-
-
-class ImageTokenError(UserError, ValueError):
-    """Image tokens that do not form whole images."""
-
-
-def check_image_blocks(is_img: Tensor, per_image: int) -> None:
-    """Every run of image tokens must be whole images (`per_image` soft tokens each; our
-    template separates images with <end_of_image><start_of_image>, so a run is one image): a
-    block cut short, say by truncation, would silently pair positions with the wrong features.
-    is_img: [B, T] bool."""
-    edges = F.pad(is_img.int(), (1, 1)).diff(dim=1)  # [B, T+1]: +1 at a block start, -1 after
-    lengths = (edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]  # row-major pairs
-    bad = lengths[lengths % per_image != 0]
-    if bad.numel():
-        raise ImageTokenError(
-            f"an image block has {int(bad[0])} image tokens, but every image needs exactly"
-            f" {per_image}; was an image cut by truncation? (data.max_seq_len)"
-        )
-
-
-def check_image_batch(is_img: Tensor, n_features: int, per_image: int) -> None:
-    """Image tokens must be whole images and match the soft tokens the images give.
-    is_img: [B, T] bool; n_features: images x soft tokens per image (0 without images)."""
-    n_slots = int(is_img.sum())
-    if n_slots:
-        check_image_blocks(is_img, per_image)
-    if n_features == n_slots:
-        return
-    if not n_features:
-        raise ValueError(f"input has {n_slots} image tokens but no pixel_values were given")
-    raise ValueError(
-        f"{n_features // per_image} images give {n_features} soft tokens, but the input has"
-        f" {n_slots} image tokens (each image needs exactly {per_image})"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +141,16 @@ class TextModel(nn.Module):
         info: TokenInfo,  # positions, documents and image blocks of the new tokens
         backend: str,
         cache: KVCache | None = None,
+        shard: RowShard | None = None,  # context parallelism: the whole rows, this rank's part
     ) -> Tensor:
         freqs = self.inv_freq_on(x.device)
         compute = activation_dtype(self.embed_tokens.weight)
         rope = {t: rope_cos_sin(f, info.pos, compute) for t, f in freqs.items()}
-        masks = {t: self._mask(t, info, backend, cache) for t in set(self.config.layer_types)}
+        types = set(self.config.layer_types)
+        if shard is not None:
+            masks = {t: shard.mask(t) for t in types}
+        else:
+            masks = {t: self._mask(t, info, backend, cache) for t in types}
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
             mask = masks[layer.layer_type]
@@ -245,6 +212,9 @@ class Gemma3(nn.Module):
         # every rank must run of the vision path this step, given what this rank's batch runs
         # (2 tower and projector, 1 projector on cached features, 0 neither). None: one process.
         self.images_needed: Callable[[int, torch.device], int] | None = None
+        # Set by train/ under context parallelism (context_parallel.py): each rank holds a shard
+        # of every row; the masks and keys are the whole row's. None: whole rows.
+        self.context: ContextGroup | None = None
         self.model: TextModel | MultimodalModel = (
             MultimodalModel(config) if config.is_multimodal else TextModel(config)
         )
@@ -394,13 +364,20 @@ class Gemma3(nn.Module):
             start = cache.length(GLOBAL) if cache is not None else 0
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         image_id = self.config.image_token_id if self.config.is_multimodal else None
-        info = token_info(input_ids, position_ids, image_id)
+        shard = None
+        if self.context is not None and cache is None:
+            window = self.config.sliding_window
+            shard = shard_rows(self.context, input_ids, position_ids, image_id, window)
+            info = shard.local
+        else:
+            info = token_info(input_ids, position_ids, image_id)
         if cache is not None and cache.length(GLOBAL):
             # Generation: new tokens continue each row's last cached document.
             info.doc.copy_(cache.info[GLOBAL].doc[:, -1:].expand_as(info.doc))
         weight = self.text_model.embedding_weight()  # tied: input embedding and LM head [V, D]
         x = self.embed(input_ids, pixel_values, vision_features, weight)
-        h = self.text_model(x, info, self._backend(input_ids.device), cache)  # [B, T, D]
+        backend = "sdpa" if shard is not None else self._backend(input_ids.device)
+        h = self.text_model(x, info, backend, cache, shard)  # [B, T, D]
         if hidden_only:
             return Output(hidden=h)
         if labels is None:
@@ -412,8 +389,11 @@ class Gemma3(nn.Module):
             # needs no grad, a 3-D matmul falls back to a bmm over B copies of the [V, D] head
             # (5 GB copied per prefill at batch 16: measured 13 s of a 14 s eval batch)
             return Output(logits=(h.reshape(-1, h.shape[-1]) @ weight.T).view(*h.shape[:2], -1))
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
+        if shard is not None:  # shifted on the whole row (the last token predicts the next shard's)
+            targets = labels
+        else:
+            targets = torch.full_like(labels, IGNORE_INDEX)
+            targets[:, :-1] = labels[:, 1:]  # position t predicts label t+1
         if token_logps:  # inside forward, so ZeRO-3 has the tied head gathered
             keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
             flat = h.reshape(-1, h.shape[-1])[keep] / temperature

@@ -15,7 +15,8 @@ from ..data.feature_cache import FeatureCache, weights_fingerprint
 from ..data.images import preprocess
 from ..data.settings import pan_and_scan_args
 from ..data.template import ImageRef
-from ..model.gemma3 import bound_recompiles, check_image_batch, flex_graph_budget
+from ..model.gemma3 import bound_recompiles, flex_graph_budget
+from ..model.image_blocks import check_image_batch
 from .adapters import unwrap
 from .distributed import device
 from .recipe import Recipe

@@ -1,0 +1,233 @@
+"""Context parallelism the Gemma 3 way: a packed row cut into N consecutive shards, one per rank
+of a group, and each layer type sent only the keys it needs.
+
+- Sliding layers (5 of every 6) look back `W - 1` positions, so a shard's queries need only the
+  last `W - 1` keys and values of the previous shard: each rank sends those (the halo) to the
+  next rank and prepends what the previous one sent; in backward the halo's gradients go back
+  the same way. Nothing else moves for them.
+- Global layers: keys and values all-gathered along the sequence (GQA keeps them small: one KV
+  head at 270M/1B), their gradients summed back to the rank that owns each key
+  (reduce-scatter; all-reduce and a slice where the backend has no reduce-scatter, as gloo).
+- Masks: positions, documents and image blocks are the whole row's. Each rank all-gathers the
+  row's `input_ids` and `position_ids` once per forward (integers, T per row) and derives the
+  row's TokenInfo, so a document or a window that crosses a shard boundary is masked as in
+  one process.
+
+Shards may differ in length (a boundary moves so that no image block is cut; train/ chooses
+them); the collectives pad to the longest shard and trim. Every rank of the group must hold a
+shard at least `W - 1` long, so that a halo comes from one neighbour only.
+
+`ContextGroup.sent` counts the bytes this rank sends, per layer type: the halo's tail and, in
+backward, its gradient; for an all-gather and a reduce-scatter, (N - 1) shards each (what a
+ring sends; the lower bound for any algorithm that leaves the whole result on every rank).
+
+Shapes: B batch, Ts this shard's tokens, T the row's, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .masks import TokenInfo, token_info, visible
+
+SLIDING, GLOBAL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class ContextGroup:
+    """This process's place in a context-parallel group of `size` ranks."""
+
+    group: object  # a torch.distributed ProcessGroup (None: the default group)
+    rank: int  # index in the group: which shard of the row this process holds
+    size: int
+    sent: dict[str, int] = field(default_factory=dict)  # bytes sent, per kind, since reset
+
+    def peer(self, index: int) -> int:
+        """The global rank of the group's `index`-th member (P2P takes global ranks)."""
+        return dist.get_global_rank(self.group, index) if self.group is not None else index
+
+    def count(self, kind: str, nbytes: int) -> None:
+        self.sent[kind] = self.sent.get(kind, 0) + int(nbytes)
+
+    @classmethod
+    def of(cls, group=None) -> ContextGroup:
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def _bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _gather_seq(x: Tensor, cg: ContextGroup, lengths: list[int], dim: int) -> Tensor:
+    """All shards of `x` along `dim`, in group order (each padded to the longest, then trimmed)."""
+    longest = max(lengths)
+    pad = longest - x.shape[dim]
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim)
+    parts = [torch.empty_like(x) for _ in range(cg.size)]
+    dist.all_gather(parts, x.contiguous(), group=cg.group)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths, strict=True)], dim)
+
+
+class _AllGatherSeq(torch.autograd.Function):
+    """kv [2, B, K, Ts, Dh] -> [2, B, K, T, Dh]; backward: each key's gradient summed over the
+    ranks whose queries saw it, returned to its owner."""
+
+    @staticmethod
+    def forward(ctx, kv: Tensor, cg: ContextGroup, lengths: list[int], kind: str) -> Tensor:
+        ctx.cg, ctx.lengths, ctx.kind = cg, lengths, kind
+        cg.count(kind, _bytes(kv) * (cg.size - 1))
+        return _gather_seq(kv, cg, lengths, dim=3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cg, lengths = ctx.cg, ctx.lengths
+        start = sum(lengths[: cg.rank])
+        mine = lengths[cg.rank]
+        if dist.get_backend(cg.group) == "gloo":  # no reduce-scatter: all-reduce, keep ours
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=cg.group)
+            out = grad.narrow(3, start, mine).contiguous()
+        else:
+            longest = max(lengths)
+            parts = [p for p in grad.split(lengths, dim=3)]
+            parts = [_pad_to(p, longest, 3).contiguous() for p in parts]
+            out = torch.empty_like(parts[0])
+            dist.reduce_scatter(out, parts, group=cg.group)
+            out = out.narrow(3, 0, mine)
+        cg.count(ctx.kind, _bytes(out) * (cg.size - 1))
+        return out, None, None, None
+
+
+def _pad_to(x: Tensor, n: int, dim: int) -> Tensor:
+    pad = n - x.shape[dim]
+    return (
+        x if not pad else torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim)
+    )
+
+
+def _p2p(send: Tensor | None, to: int | None, recv: Tensor | None, frm: int | None, group):
+    ops = []
+    if send is not None and to is not None:
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), to, group))
+    if recv is not None and frm is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, frm, group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+class _Halo(torch.autograd.Function):
+    """tail [2, B, K, h, Dh] (the last h keys and values of this shard) -> the previous
+    shard's tail (h = 0 on the first rank), sent on to the next rank. Backward: the gradient of
+    what was received goes back to the previous rank, and the next rank's gradient of our tail
+    comes back (zero on the last rank, whose tail no one saw)."""
+
+    @staticmethod
+    def forward(ctx, tail: Tensor, cg: ContextGroup) -> Tensor:
+        ctx.cg, ctx.tail_shape = cg, tail.shape
+        first, last = cg.rank == 0, cg.rank == cg.size - 1
+        halo = tail.new_empty((*tail.shape[:3], 0 if first else tail.shape[3], tail.shape[4]))
+        _p2p(
+            None if last else tail, None if last else cg.peer(cg.rank + 1),
+            None if first else halo, None if first else cg.peer(cg.rank - 1),
+            cg.group,
+        )  # fmt: skip
+        if not last:
+            cg.count(SLIDING, _bytes(tail))
+        return halo
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cg = ctx.cg
+        first, last = cg.rank == 0, cg.rank == cg.size - 1
+        back = grad.new_zeros(ctx.tail_shape)
+        _p2p(
+            None if first else grad, None if first else cg.peer(cg.rank - 1),
+            None if last else back, None if last else cg.peer(cg.rank + 1),
+            cg.group,
+        )  # fmt: skip
+        if not first:
+            cg.count(SLIDING, _bytes(grad))
+        return back, None
+
+
+@dataclass
+class ContextMask:
+    """What an attention layer of one type needs under context parallelism: the keys and values
+    it attends to (this shard's, extended by the exchange), and the dense mask over them."""
+
+    dense: Tensor  # [B, 1, Ts, S] bool
+    shard: RowShard
+    layer_type: str
+    halo: int  # sliding layers: keys received from the previous shard
+
+    def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [B, K, Ts, Dh] -> [B, K, S, Dh]: with the halo prepended, or the whole row's."""
+        cg = self.shard.group
+        if self.layer_type == GLOBAL:
+            kv = _AllGatherSeq.apply(torch.stack([k, v]), cg, self.shard.lengths, GLOBAL)
+            return kv[0], kv[1]
+        h = self.shard.window - 1
+        halo = _Halo.apply(torch.stack([k[:, :, -h:], v[:, :, -h:]]), cg)  # [2, B, K, h', Dh]
+        return torch.cat([halo[0], k], 2), torch.cat([halo[1], v], 2)
+
+
+@dataclass
+class RowShard:
+    """This rank's shard of the batch's rows, and the whole rows' token information."""
+
+    group: ContextGroup
+    row: TokenInfo  # [B, T]: the whole rows
+    lengths: list[int]  # every shard's length, in group order
+    window: int  # the sliding window W
+
+    @property
+    def start(self) -> int:
+        return sum(self.lengths[: self.group.rank])
+
+    @property
+    def local(self) -> TokenInfo:
+        a, n = self.start, self.lengths[self.group.rank]
+        r = self.row
+        return TokenInfo(r.pos[:, a : a + n], r.doc[:, a : a + n], r.block[:, a : a + n])
+
+    def mask(self, layer_type: str) -> ContextMask:
+        """The dense mask of this shard's queries over the keys its layers of `layer_type` get."""
+        q = self.local
+        if layer_type == GLOBAL:
+            return ContextMask(visible(q, self.row, None)[:, None], self, layer_type, 0)
+        a = self.start
+        halo = min(self.window - 1, a)  # the first shard receives none
+        r = self.row
+        n = self.lengths[self.group.rank]
+        keys = TokenInfo(
+            r.pos[:, a - halo : a + n], r.doc[:, a - halo : a + n], r.block[:, a - halo : a + n]
+        )
+        return ContextMask(visible(q, keys, self.window)[:, None], self, layer_type, halo)
+
+
+def shard_rows(
+    cg: ContextGroup, input_ids: Tensor, position_ids: Tensor, image_token_id: int | None,
+    window: int,
+) -> RowShard:  # fmt: skip
+    """The whole rows' TokenInfo from every rank's shard of `input_ids` and `position_ids`
+    ([B, Ts] each): two all-gathers of integers (and one of the shard lengths)."""
+    mine = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    sizes = [torch.empty_like(mine) for _ in range(cg.size)]
+    dist.all_gather(sizes, mine, group=cg.group)
+    lengths = [int(x) for x in sizes]
+    if min(lengths) < window - 1:
+        raise ValueError(
+            f"context parallelism: shards of {lengths} tokens, but a sliding layer needs the"
+            f" previous {window - 1} tokens from one neighbour; use rows of at least"
+            f" {cg.size} x {window - 1} tokens, or fewer ranks (training.context_parallel)"
+        )
+    ids = _gather_seq(input_ids, cg, lengths, dim=1)  # [B, T]
+    pos = _gather_seq(position_ids, cg, lengths, dim=1)
+    cg.count("row ids", (_bytes(input_ids) + _bytes(position_ids)) * (cg.size - 1))
+    return RowShard(cg, token_info(ids, pos, image_token_id), lengths, window)
