@@ -5,14 +5,17 @@ sends are the halo's and the all-gather's, counted."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from trainutil import free_port
+from safetensors.torch import load_file
+from trainutil import chat_set, free_port, losses, write_recipe
 
 WINDOW = 16  # the tiny preset's sliding window: halos of 15 tokens
 
@@ -22,7 +25,7 @@ def _row(t: int, vocab: int, seed: int = 0):
     shards and across them), labels on ~2/3 of the tokens, shifted on the whole row."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (1, t), generator=g)
-    lengths = [23, 12, 20, t - 55]
+    lengths = [23, 12, 20, t - 55] if t >= 64 else [13, 9, t - 22]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     labels = torch.where(torch.rand(1, t, generator=g) < 0.66, ids, -100)
     labels[0, pos[0] == 0] = -100  # a document's first token is no target
@@ -42,7 +45,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, size: int, port: int, path: str, out: str) -> None:
+def _worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> None:
     from gemma3_tune.model.context_parallel import ContextGroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -50,7 +53,7 @@ def _worker(rank: int, size: int, port: int, path: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=size)
     model = _model(path)
     model.context = ContextGroup.of()
-    ids, pos, _, targets = _row(64, model.config.vocab_size)
+    ids, pos, _, targets = _row(t, model.config.vocab_size)
     n = ids.shape[1] // size
     part = slice(rank * n, (rank + 1) * n)
     count = int((targets != -100).sum())  # the whole row's: every rank knows it
@@ -71,15 +74,17 @@ def _worker(rank: int, size: int, port: int, path: str, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [2, 4])
-def test_shards_equal_one_process(tmp_path, tiny_dir, size):
+@pytest.mark.parametrize("size,t", [(2, 64), (4, 64), (4, 40)])
+def test_shards_equal_one_process(tmp_path, tiny_dir, size, t):
+    """CP 2 and 4 on rows of 64 (halos of 15 from the neighbour), and CP 4 on a row of 40
+    (shards of 10: sliding layers all-gather their window instead)."""
     model = _model(str(tiny_dir))
-    ids, pos, labels, _ = _row(64, model.config.vocab_size)
+    ids, pos, labels, _ = _row(t, model.config.vocab_size)
     want = model(ids, position_ids=pos, labels=labels).loss
     want.backward()
     want_grads = _grads(model)
     out = tmp_path / "cp.pt"
-    mp.spawn(_worker, (size, free_port(), str(tiny_dir), str(out)), nprocs=size)
+    mp.spawn(_worker, (size, t, free_port(), str(tiny_dir), str(out)), nprocs=size)
     got = torch.load(out)
     assert abs(got["loss"].item() - want.item()) <= 1e-5
     assert got["grads"].keys() == want_grads.keys()
@@ -89,10 +94,100 @@ def test_shards_equal_one_process(tmp_path, tiny_dir, size):
     kv = 2 * c.num_key_value_heads * c.head_dim * 4  # bytes of one token's key and value, fp32
     n = got["n"]
     sliding_layers = sum(t != "full_attention" for t in c.layer_types)
+    if n < WINDOW - 1:  # sliding layers gather like global ones
+        assert got["sent"][0].item() == sliding_layers * 2 * (size - 1) * n * kv
+        return
     # rank 0 sends its tail forward in each sliding layer and receives gradients (sends none)
     assert got["sent"][0].item() == sliding_layers * (WINDOW - 1) * kv
     # and its shard to the (size - 1) others in each global layer, forward and backward
     assert got["sent"][1].item() == (c.num_hidden_layers - sliding_layers) * 2 * (size - 1) * n * kv
+
+
+def _torchrun(procs: int, recipe, *overrides: str) -> str:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+        "--master_port", str(free_port()), "-m", "gemma3_tune", "train", str(recipe), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def _eval_losses(run) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    if (run / "adapter").is_dir():
+        return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_dir):
+    """One process per method on rows of 64 tokens packed from short chats (several documents
+    a row), 3 steps of 2 rows (micro-batch 1 x grad_accum 2), an evaluation at the end."""
+    d = tmp_path_factory.mktemp("cp")
+    data = chat_set(d / "chat.jsonl", n=40)
+    recipes = {}
+    for method in ("lora", "full"):
+        r = write_recipe(
+            d / f"{method}.yaml", tiny_dir, data, d / f"single-{method}", method=method,
+            data__max_seq_len=64, data__eval_split=0.1, training__max_steps=3,
+            training__micro_batch_size=1, training__grad_accum=2, training__save_steps=3,
+            training__lr=1e-3,
+        )  # fmt: skip
+        from gemma3_tune.cli import main
+
+        assert main(["train", str(r)]) == 0
+        recipes[method] = r
+    return d, recipes
+
+
+def _same_run(want, got) -> None:
+    a, b = losses(want), losses(got)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    ea, eb = _eval_losses(want), _eval_losses(got)
+    assert len(ea) == len(eb) >= 1
+    assert abs(ea[-1] - eb[-1]) <= 1e-5 * abs(ea[-1]), (ea, eb)
+    # Adam moves each entry by about lr whatever its gradient's size: an entry whose gradient
+    # is ~1e-9 (rounding) moves by a sign. The weights compare at a tenth of one step (lr 1e-3);
+    # the losses above (steps 2 and 3 run on the updated weights) and the final evaluation at 1e-5.
+    wa, wb = _weights(want), _weights(got)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= 1e-4, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method,procs,extra",
+    [
+        ("lora", 2, ()),  # CP 2
+        ("full", 2, ()),
+        ("lora", 4, ()),  # CP 4: shards of 16 tokens, halos of 15
+        ("lora", 4, ("deepspeed=zero2",)),  # DP 2 x CP 2
+        ("lora", 4, ("deepspeed=zero3",)),
+    ],
+)
+def test_training_equals_one_process(runs, method, procs, extra):
+    """Losses of 3 steps and the final evaluation equal one process's (1e-5), and so do the
+    trained weights (see _same_run): the data-parallel side halves grad_accum to keep the
+    global batch."""
+    d, recipes = runs
+    cp = 2 if extra else procs
+    dp = procs // cp
+    out = d / f"cp{cp}-dp{dp}-{method}-{'-'.join(extra) or 'ddp'}"
+    log = _torchrun(
+        procs, recipes[method], f"training.context_parallel={cp}", f"training.output_dir={out}",
+        f"training.grad_accum={2 // dp}", *extra,
+    )  # fmt: skip
+    assert f"context parallel: {cp} shards of {64 // cp} tokens per row; halo 15 tokens" in log
+    _same_run(d / f"single-{method}", out)
 
 
 if __name__ == "__main__":

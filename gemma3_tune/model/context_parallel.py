@@ -14,8 +14,9 @@ of a group, and each layer type sent only the keys it needs.
   one process.
 
 Shards may differ in length (a boundary moves so that no image block is cut; train/ chooses
-them); the collectives pad to the longest shard and trim. Every rank of the group must hold a
-shard at least `W - 1` long, so that a halo comes from one neighbour only.
+them); the collectives pad to the longest shard and trim. A halo comes from one neighbour, so
+it needs shards of at least `W - 1` tokens; in a shorter row (train/ refuses rows that are
+short by design; a batch at the end of the data may be) sliding layers all-gather instead.
 
 `ContextGroup.sent` counts the bytes this rank sends, per layer type: the halo's tail and, in
 backward, its gradient; for an all-gather and a reduce-scatter, (N - 1) shards each (what a
@@ -169,8 +170,11 @@ class ContextMask:
     def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v [B, K, Ts, Dh] -> [B, K, S, Dh]: with the halo prepended, or the whole row's."""
         cg = self.shard.group
-        if self.layer_type == GLOBAL:
-            kv = _AllGatherSeq.apply(torch.stack([k, v]), cg, self.shard.lengths, GLOBAL)
+        if self.layer_type == GLOBAL or not self.shard.halos:
+            kind = self.layer_type  # a sliding layer of a short row gathers (and counts) too
+            kv = _AllGatherSeq.apply(torch.stack([k, v]), cg, self.shard.lengths, kind)
+            if self.layer_type != GLOBAL:  # the keys its window reaches: [start - halo, end)
+                kv = kv.narrow(3, self.shard.start - self.halo, self.halo + k.shape[2])
             return kv[0], kv[1]
         h = self.shard.window - 1
         halo = _Halo.apply(torch.stack([k[:, :, -h:], v[:, :, -h:]]), cg)  # [2, B, K, h', Dh]
@@ -185,6 +189,12 @@ class RowShard:
     row: TokenInfo  # [B, T]: the whole rows
     lengths: list[int]  # every shard's length, in group order
     window: int  # the sliding window W
+
+    @property
+    def halos(self) -> bool:
+        """Whether every shard holds a whole halo (W - 1 tokens): else, in a row shorter than
+        the group's n x (W - 1) tokens (a short last batch), sliding layers all-gather too."""
+        return min(self.lengths) >= self.window - 1
 
     @property
     def start(self) -> int:
@@ -221,13 +231,36 @@ def shard_rows(
     sizes = [torch.empty_like(mine) for _ in range(cg.size)]
     dist.all_gather(sizes, mine, group=cg.group)
     lengths = [int(x) for x in sizes]
-    if min(lengths) < window - 1:
-        raise ValueError(
-            f"context parallelism: shards of {lengths} tokens, but a sliding layer needs the"
-            f" previous {window - 1} tokens from one neighbour; use rows of at least"
-            f" {cg.size} x {window - 1} tokens, or fewer ranks (training.context_parallel)"
-        )
     ids = _gather_seq(input_ids, cg, lengths, dim=1)  # [B, T]
     pos = _gather_seq(position_ids, cg, lengths, dim=1)
     cg.count("row ids", (_bytes(input_ids) + _bytes(position_ids)) * (cg.size - 1))
     return RowShard(cg, token_info(ids, pos, image_token_id), lengths, window)
+
+
+def traffic(c, row: int, n: int, dtype_bytes: int = 2, rows: int = 1) -> dict[str, dict[str, int]]:
+    """Bytes one rank sends in a training step (forward and backward) on `rows` rows of `row`
+    tokens over `n` ranks, per layer type (all layers of that type together): this scheme
+    (a middle rank, as `ContextGroup.sent` counts them), ring attention and Ulysses, computed.
+
+    - ours: sliding layers send the halo forward and its gradient back, 2 (W - 1) tokens of K
+      and V; global layers all-gather K and V and reduce-scatter their gradients, 2 (n - 1)
+      shards;
+    - ring attention, every layer: K and V go round the ring in forward ((n - 1) shards), and
+      again in backward with their gradients (2 (n - 1) shards);
+    - Ulysses, every layer: all-to-alls of Q, K, V in and of the output back, forward and
+      backward: 2 (n - 1) / n shards of (2 H + 2 K) Dh values per token.
+    """
+    kv = 2 * c.num_key_value_heads * c.head_dim * dtype_bytes * rows  # one token's K and V
+    qo = 2 * c.num_attention_heads * c.head_dim * dtype_bytes * rows  # its Q and attention output
+    shard = row // n
+    layers = {
+        SLIDING: sum(t != GLOBAL for t in c.layer_types),
+        GLOBAL: sum(t == GLOBAL for t in c.layer_types),
+    }
+    ours = {
+        SLIDING: layers[SLIDING] * 2 * (c.sliding_window - 1) * kv,
+        GLOBAL: layers[GLOBAL] * 2 * (n - 1) * shard * kv,
+    }
+    ring = {t: k * 3 * (n - 1) * shard * kv for t, k in layers.items()}
+    ulysses = {t: k * 2 * (n - 1) * shard * (kv + qo) // n for t, k in layers.items()}
+    return {"ours": ours, "ring": ring, "ulysses": ulysses}

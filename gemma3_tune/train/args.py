@@ -91,6 +91,6 @@ def compile_enabled(recipe: Recipe, zero3: bool) -> bool:
     """training.compile: auto is on with CUDA (see BENCHMARKS.md for CPU, where it does not
     pay); never under ZeRO-3, whose parameter-gathering hooks torch.compile cannot trace."""
     want = recipe.training.compile  # true with ZeRO-3 is refused (refusals.py)
-    if want == "auto":
-        return torch.cuda.is_available() and not zero3
+    if want == "auto":  # nor with context parallelism (its exchanges are not traced yet)
+        return torch.cuda.is_available() and not zero3 and recipe.training.context_parallel == 1
     return bool(want)

@@ -12,15 +12,19 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.data_loader import SeedableRandomSampler
+from torch.utils.data import RandomSampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
+from ..model.context_parallel import ContextGroup
 from ..model.dtypes import resolve_dtype
 from ..outputs import write_atomic
 from . import precision
-from .adapters import group_lrs
+from .adapters import group_lrs, unwrap
 from .checkpoints import CompleteCheckpoints
 from .console import Console
+from .context import RepeatForContext, context_eval, shard_batch
 from .distributed import is_main_process
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
@@ -102,6 +106,7 @@ class Gemma3Trainer(SFTTrainer):
         self._tokens_base = 0  # all processes' tokens before this train() (resume)
         self._tokens_pending: torch.Tensor | None = None  # counted on the device since
         self._last = (time.perf_counter(), 0, 0)  # time, tokens, step at the last train log
+        self._context: ContextGroup | None = None  # training.context_parallel (context.py)
         super().__init__(*a, **kw)
         self.add_callback(_TrainBegin(self))
 
@@ -161,7 +166,8 @@ class Gemma3Trainer(SFTTrainer):
         """Real tokens trained on by all processes since step 0 (this process's count x
         processes), kept in the trainer state, whose trainer_state.json carries it across
         a resume."""
-        total = self._tokens_base + self.tokens_seen() * self.args.world_size
+        replicas = self.args.world_size // self.get_cp_size()  # a group's ranks share rows
+        total = self._tokens_base + self.tokens_seen() * replicas
         self.state.num_input_tokens_seen = total
         return total
 
@@ -173,14 +179,67 @@ class Gemma3Trainer(SFTTrainer):
         """The objective's loss (objectives/*.py); the batch's row numbers go to it, not to
         the model (eval batches carry them too)."""
         rows = inputs.pop("row_ids", None)
+        if self.context is not None:  # this rank's shard of the rows (context.py)
+            inputs = shard_batch(inputs, self.context, self.image_token_id)
+            if not model.training:
+                outputs = context_eval(model, inputs, self.context)
+                return (outputs.loss, outputs) if return_outputs else outputs.loss
         loss, outputs = self.objective.loss(self, model, inputs, rows, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def context(self) -> ContextGroup | None:
+        return self._context
+
+    @context.setter
+    def context(self, group: ContextGroup | None) -> None:
+        """Under context parallelism the evaluation gathers every rank's loss as it is: each
+        rank of a group returns its rows' loss (context_eval), and accelerate's
+        `gather_for_metrics` would trim the gathered values by the eval set's length, which
+        the repeated sampler multiplies."""
+        self._context = group
+        if group is not None:
+            self.gather_function = self.accelerator.gather
+
+    @property
+    def image_token_id(self) -> int | None:
+        c = unwrap(self.model).config
+        return c.image_token_id if c.is_multimodal else None
+
+    def get_cp_size(self) -> int:
+        """transformers' hook: a context-parallel group's ranks hold the same rows, so the step's
+        labelled-token count over all ranks counts each row this many times."""
+        return self.context.size if self.context is not None else 1
 
     def _get_train_sampler(self, train_dataset=None):
         """The objective's order (GRPO's repeated steps), else the Trainer's own."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         sampler = self.objective.train_sampler(len(dataset), self.args)
-        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+        sampler = sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+        return self._repeat(sampler, self.args.per_device_train_batch_size)
+
+    def _get_eval_sampler(self, eval_dataset):
+        sampler = super()._get_eval_sampler(eval_dataset)
+        if sampler is None and self.context is not None and eval_dataset is not None:
+            sampler = SequentialSampler(eval_dataset)  # HF's None across processes means this
+        return self._repeat(sampler, self.args.per_device_eval_batch_size)
+
+    def _repeat(self, sampler, per_batch: int):
+        """Under context parallelism, each batch to every rank of a group (context.py)."""
+        if self.context is None or sampler is None:
+            return sampler
+        if (
+            isinstance(sampler, RandomSampler)
+            and self.accelerator.dataloader_config.use_seedable_sampler
+        ):
+            # what accelerate makes of a RandomSampler it sees (here it sees the wrapper): the
+            # same order as one process, and a new one each epoch (set_epoch)
+            sampler = SeedableRandomSampler(
+                data_source=sampler.data_source, replacement=sampler.replacement,
+                num_samples=sampler._num_samples, generator=sampler.generator,
+                data_seed=self.args.data_seed,
+            )  # fmt: skip
+        return RepeatForContext(sampler, per_batch, self.context.size)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """schedule.py's warmup (from lr / warmup_steps, not from 0) and decay."""

@@ -97,6 +97,12 @@ class TrainingSection(_Strict):
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations: less memory, ~30% slower"
     )
+    context_parallel: int = Field(
+        default=1,
+        ge=1,
+        description="ranks that share each packed row, one consecutive shard each (sliding layers"
+        " exchange only their window's keys); divides the process count",
+    )
     compile: bool | Literal["auto"] = Field(
         default="auto",
         description="torch.compile each decoder and SigLIP layer; auto: on with CUDA",

@@ -20,11 +20,39 @@ def refuse(recipe: Recipe) -> None:
     from .objectives import objective_class
 
     _qat(recipe)
+    _context_parallel(recipe)
     _embeddings(recipe)
     _reward_eval(recipe)
     objective_class(recipe).refuse(recipe)  # each objective's own (objectives/*.py)
     if zero_stage(recipe) == 3:
         _zero3(recipe)
+
+
+def _context_parallel(recipe: Recipe) -> None:
+    """What context parallelism (train/context.py) does not do yet, one line each."""
+    n = recipe.training.context_parallel
+    if n == 1:
+        return
+    if recipe.objective != "sft" or recipe.distill is not None or recipe.qat is not None:
+        raise UserError(
+            f"training.context_parallel: {n} runs objective sft without distill or qat for now;"
+            " set training.context_parallel=1 for this recipe"
+        )
+    if recipe.training.micro_batch_size != 1:
+        raise UserError(
+            "training.context_parallel trains one packed row per micro-batch (the row is what"
+            " the ranks share); set training.micro_batch_size=1 and raise training.grad_accum"
+        )
+    if recipe.training.compile is True:
+        raise UserError(
+            "training.compile: true with training.context_parallel: the shards' exchanges are"
+            " not compiled yet; set training.compile=auto (off under context parallelism)"
+        )
+    if recipe.model.attn_backend == "flex":
+        raise UserError(
+            "model.attn_backend: flex with training.context_parallel: shards attend with SDPA's"
+            " dense masks for now; set model.attn_backend=auto"
+        )
 
 
 def _reward_eval(recipe: Recipe) -> None:
