@@ -34,6 +34,68 @@ def _row(t: int, vocab: int, seed: int = 0):
     return ids, pos, labels, targets
 
 
+def _vision_batch(c, seed: int = 0) -> dict:
+    """A packed row of 80 tokens, documents of 50 and 30, two images of 16 soft tokens: one at
+    30-45 (across CP 2's middle, 40: the boundary moves back to 30), one at 60-75."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (1, 80), generator=g)
+    ids[0, 30:46] = ids[0, 60:76] = c.image_token_id
+    pos = torch.cat([torch.arange(50), torch.arange(30)])[None]
+    labels = torch.where(ids == c.image_token_id, -100, ids)
+    labels[0, [0, 50]] = -100
+    pixels = torch.randn(2, 3, c.vision.image_size, c.vision.image_size, generator=g)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "pixel_values": pixels}
+
+
+def _vision_worker(rank: int, size: int, port: int, path: str, out: str) -> None:
+    """The trainer's path: shard_batch cuts the row (and picks the shard's images)."""
+    from gemma3_tune.model.context_parallel import ContextGroup
+    from gemma3_tune.train.context import shard_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    model = _model(path)
+    model.context = ContextGroup.of()
+    batch = _vision_batch(model.config)
+    shard = shard_batch(batch, model.context, model.config.image_token_id)
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    loss = model(**shard, num_items_in_batch=count).loss
+    loss.backward()
+    # a rank without images has no projector gradient (the trainer's stand-in gives it zeros)
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    for g in grads.values():
+        dist.all_reduce(g)
+    dist.all_reduce(loss.detach())
+    lengths = torch.tensor([shard["input_ids"].shape[1], shard["pixel_values"].shape[0]])
+    everyone = [torch.empty_like(lengths) for _ in range(size)]
+    dist.all_gather(everyone, lengths)
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads, "shards": everyone}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_vision_shards_keep_images_whole(tmp_path, tiny_vision_dir):
+    """CP 2 on tiny-vision: the boundary moves back to the start of the image it would cut
+    (shards of 30 and 50 tokens, the second holding both images), and loss and gradients
+    (projector included) equal one process's."""
+    model = _model(str(tiny_vision_dir))
+    batch = _vision_batch(model.config)
+    want = model(**batch).loss
+    want.backward()
+    want_grads = _grads(model)
+    assert any("projector" in n for n in want_grads)
+    out = tmp_path / "cpv.pt"
+    mp.spawn(_vision_worker, (2, free_port(), str(tiny_vision_dir), str(out)), nprocs=2)
+    got = torch.load(out)
+    assert [x.tolist() for x in got["shards"]] == [[30, 0], [50, 2]]
+    assert abs(got["loss"].item() - want.item()) <= 1e-5
+    for name, g in want_grads.items():
+        assert (got["grads"][name] - g).abs().max().item() <= 1e-5, name
+
+
 def _model(path: str):
     from gemma3_tune.model.checkpoint import load_model
 
