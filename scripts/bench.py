@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import bench_cache
+import bench_cp
 import bench_distill
 import bench_eval
 import bench_gpu
@@ -65,6 +66,7 @@ SECTIONS = {
     "distill": ("Distillation: step time and memory vs SFT (270M)", bench_distill.section_distill),
     "quant": ("GGUF formats of the quickstart model in llama.cpp", bench_quant.section_quant),
     "dpo": ("DPO step: ours vs TRL's DPOTrainer (270M LoRA)", bench_preference.section_dpo),
+    "cp": ("Context parallelism: bytes sent per step, by layer type", bench_cp.section_cp),
 }
 
 

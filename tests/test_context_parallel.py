@@ -165,6 +165,54 @@ def test_shards_equal_one_process(tmp_path, tiny_dir, size, t):
     assert got["sent"][1].item() == (c.num_hidden_layers - sliding_layers) * 2 * (size - 1) * n * kv
 
 
+@pytest.mark.parametrize(
+    "over,words",
+    [
+        ({}, "does not divide the 1 processes"),
+        ({"training__micro_batch_size": 2}, "one packed row per micro-batch"),
+        ({"training__compile": True}, "training.compile: true"),
+        ({"model__attn_backend": "flex"}, "model.attn_backend: flex"),
+        ({"objective": "dpo"}, "runs objective sft"),
+    ],
+)
+def test_refusals_are_one_line(tmp_path, tiny_dir, capsys, monkeypatch, over, words):
+    from gemma3_tune.cli import main
+
+    if "does not divide" not in words:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group exists
+    data = chat_set(tmp_path / "chat.jsonl", n=8)
+    over = {
+        "training__context_parallel": 2, "data__max_seq_len": 64,
+        "training__micro_batch_size": 1, **over,
+    }  # fmt: skip
+    r = write_recipe(tmp_path / "r.yaml", tiny_dir, data, tmp_path / "out", **over)
+    assert main(["train", str(r)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+
+
+def test_data_check_says_the_plan_and_refuses_short_rows(tmp_path, tiny_dir, capsys):
+    """`data check`: the shards, the halo and the bytes per layer type; rows too short for a
+    halo per shard, one line."""
+    from gemma3_tune.cli import main
+
+    data = chat_set(tmp_path / "chat.jsonl", n=8)
+    r = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, data, tmp_path / "out", data__max_seq_len=64,
+        training__micro_batch_size=1,
+    )  # fmt: skip
+    assert main(["data", "check", str(r), "training.context_parallel=2"]) == 0
+    out = capsys.readouterr().out
+    c = _model(str(tiny_dir)).config
+    kv = 2 * c.num_key_value_heads * c.head_dim * 4  # fp32
+    sliding = 2 * 5 * (WINDOW - 1) * kv / 2**20  # 5 sliding layers, halo and its gradient
+    assert "context parallel: 2 shards of 32 tokens per row; halo 15 tokens" in out
+    assert f"sliding layers send {sliding:,.2f} MiB" in out
+    assert main(["data", "check", str(r), "training.context_parallel=8"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shorter than a sliding layer's halo (15)" in err[0], err
+
+
 def _torchrun(procs: int, recipe, *overrides: str) -> str:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),

@@ -199,6 +199,19 @@ def _print_sources(r, out) -> None:
                   f"  {s['samples']:>7} samples  {s['path']}", file=out)  # fmt: skip
 
 
+def _print_context_parallel(recipe: Recipe, cfg, out) -> None:
+    """training.context_parallel: the shard, the halo and the bytes each layer type sends."""
+    from ..model.dtypes import resolve_dtype
+    from .context import check_rows, plan
+
+    n, row = recipe.training.context_parallel, recipe.data.max_seq_len
+    if n == 1:
+        return
+    check_rows(row, n, cfg.sliding_window)
+    nbytes = resolve_dtype(recipe.model.dtype).itemsize
+    print(plan(n, row, recipe.training.micro_batch_size, cfg, nbytes), file=out)
+
+
 def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     recipe = load_recipe(recipe_path, overrides)
     if recipe.objective == "grpo":  # prompts, not samples to train on
@@ -239,6 +252,7 @@ def run(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     mode = "packed" if recipe.data.packing else "padded"
     print(f"rows ({mode})      {r.rows} x {recipe.data.max_seq_len} tokens", file=out)
     print(f"packing efficiency {r.packing_efficiency:.1%}", file=out)
+    _print_context_parallel(recipe, cfg, out)
     print("length histogram:", file=out)
     hist = histogram(r.lengths, recipe.data.max_seq_len)
     top = max((c for *_, c in hist), default=1) or 1

@@ -8,6 +8,7 @@ A refusal that needs the data or the model (bad samples, a finished run) stays w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -33,6 +34,12 @@ def _context_parallel(recipe: Recipe) -> None:
     n = recipe.training.context_parallel
     if n == 1:
         return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % n:
+        raise UserError(
+            f"training.context_parallel: {n} does not divide the {world} processes launched;"
+            f" launch a multiple of {n} (torchrun --nproc_per_node), or set a divisor of {world}"
+        )
     if recipe.objective != "sft" or recipe.distill is not None or recipe.qat is not None:
         raise UserError(
             f"training.context_parallel: {n} runs objective sft without distill or qat for now;"
