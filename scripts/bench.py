@@ -131,6 +131,7 @@ def _gpu_impls(s: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cp-row", type=int, default=8192, help="cp: tokens in the memory row")
     p.add_argument("--sections", default="lora,packing,cache,kv,gpu")
     p.add_argument("--seq", type=_ints, default=[512, 2048, 4096], help="section lora")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
