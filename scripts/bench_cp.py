@@ -203,3 +203,52 @@ def memory(row: int) -> str:
             )
     worst = max(adds[2, 0], adds[2, 1]) / adds[1, 0]
     return "\n".join(lines) + f"\n\nEach CP rank's step memory: **{worst:.2f}x** one process's."
+
+
+def rank_bytes(c, tokens: int, n: int) -> float:
+    """Computed, not measured: one rank's memory for LoRA on a row of `tokens` over `n`
+    context-parallel ranks (ZeRO-3 over the same ranks), bf16, gradient checkpointing on, SDPA
+    with dense masks (what context parallelism runs today). Weights / n; each layer's input kept
+    (checkpoints); one layer's activations recomputed at a time (10 D + 3 H Dh + 4 K Dh + 4 I
+    values a token); a global layer's gathered K and V and their gradients; the dense masks
+    (a byte per query-key pair: shard x row for global layers, shard x (shard + W) sliding);
+    the loss's fp32 logit chunks (3 x 256 MiB)."""
+    d, i, h, k, dh = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    )
+    layers = c.num_hidden_layers
+    params = c.vocab_size * d + layers * (d * (h + 2 * k) * dh + h * dh * d + 3 * d * i)
+    shard = tokens / n
+    weights = 2 * params / n
+    checkpoints = 2 * shard * layers * d
+    one_layer = 2 * shard * (10 * d + 3 * h * dh + 4 * k * dh + 4 * i)
+    gathered = 2 * 2 * tokens * 2 * k * dh
+    masks = shard * tokens + shard * (shard + c.sliding_window)
+    return weights + checkpoints + one_layer + gathered + masks + 3 * 2**28
+
+
+def capacity(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
+    """The longest row (in 1K steps, up to 128K) each model trains per GPU count, computed."""
+    from gemma3_tune.model.config import preset
+
+    counts = (1, 2, 4, 8, 16)
+    lines = [
+        "| model | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
+    budget = gpu_gib * usable * 2**30
+    for name in ("4b", "12b", "27b"):
+        c = preset(name)
+        cells = []
+        for n in counts:
+            best = 0
+            for k in range(1, 129):
+                if rank_bytes(c, k * 1024, n) <= budget:
+                    best = k
+            cells.append(f"{best}K" if best else "-")
+        lines.append(f"| {name.upper()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
