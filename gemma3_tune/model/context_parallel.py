@@ -65,10 +65,7 @@ def _bytes(t: Tensor) -> int:
 
 def _gather_seq(x: Tensor, cg: ContextGroup, lengths: list[int], dim: int) -> Tensor:
     """All shards of `x` along `dim`, in group order (each padded to the longest, then trimmed)."""
-    longest = max(lengths)
-    pad = longest - x.shape[dim]
-    if pad:
-        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim)
+    x = _pad_to(x, max(lengths), dim)
     parts = [torch.empty_like(x) for _ in range(cg.size)]
     dist.all_gather(parts, x.contiguous(), group=cg.group)
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths, strict=True)], dim)
@@ -93,10 +90,8 @@ class _AllGatherSeq(torch.autograd.Function):
             grad = grad.contiguous()
             dist.all_reduce(grad, group=cg.group)
             out = grad.narrow(3, start, mine).contiguous()
-        else:
-            longest = max(lengths)
-            parts = [p for p in grad.split(lengths, dim=3)]
-            parts = [_pad_to(p, longest, 3).contiguous() for p in parts]
+        else:  # NCCL (not run here: the tests use gloo)
+            parts = [_pad_to(p, max(lengths), 3).contiguous() for p in grad.split(lengths, dim=3)]
             out = torch.empty_like(parts[0])
             dist.reduce_scatter(out, parts, group=cg.group)
             out = out.narrow(3, 0, mine)
@@ -105,13 +100,16 @@ class _AllGatherSeq(torch.autograd.Function):
 
 
 def _pad_to(x: Tensor, n: int, dim: int) -> Tensor:
+    """`x` with zeros appended along `dim` up to length n (collectives take equal shapes)."""
     pad = n - x.shape[dim]
-    return (
-        x if not pad else torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim)
-    )
+    if not pad:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim)
 
 
 def _p2p(send: Tensor | None, to: int | None, recv: Tensor | None, frm: int | None, group):
+    """Send `send` to global rank `to` and receive into `recv` from `frm`, both at once (either
+    may be None): posted together, neighbours exchanging both ways cannot deadlock."""
     ops = []
     if send is not None and to is not None:
         ops.append(dist.P2POp(dist.isend, send.contiguous(), to, group))
