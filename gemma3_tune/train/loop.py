@@ -24,7 +24,7 @@ from . import precision
 from .adapters import group_lrs, unwrap
 from .checkpoints import CompleteCheckpoints
 from .console import Console
-from .context import RepeatForContext, context_eval, shard_batch
+from .context import RepeatForContext, context_eval, context_group, shard_batch
 from .distributed import is_main_process
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
@@ -342,6 +342,7 @@ def make_trainer(recipe: Recipe, model, args, objective, collator, train_ds, eva
     precision.prepare(
         trainer.model, resolve_dtype(recipe.model.dtype), recipe.deepspeed is not None
     )
+    trainer.context = context_group(recipe, unwrap(model))  # training.context_parallel
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if is_main_process():

@@ -27,11 +27,9 @@ import torch
 from ..errors import UserError
 from ..model.dtypes import announce_auto, dtype_name, resolve_dtype
 from . import objectives, qat_data, refusals
-from .adapters import unwrap
 from .args import build_args
 from .batches import rows_dataset, training_collator
 from .build_model import build_model
-from .context import context_group
 from .distributed import finish, init_distributed, is_main_process
 from .recipe import Recipe, model_dir, output_dir, recipe_to_yaml
 from .resume import refuse_finished, resume_state
@@ -99,7 +97,6 @@ def build_trainer(recipe: Recipe):
     from .loop import make_trainer
 
     trainer = make_trainer(recipe, model, args, objective, collator, train_ds, eval_ds, data, out)
-    trainer.context = context_group(recipe, unwrap(model))
     trainer.resume_checkpoint = resume
     if asked == "auto" and is_main_process():
         announce_auto()  # after every refusal: those stay one line
