@@ -242,7 +242,7 @@ def runs(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("cp")
     data = chat_set(d / "chat.jsonl", n=40)
     recipes = {}
-    for method in ("lora", "full"):
+    for method in ("lora", "full", "qlora"):
         r = write_recipe(
             d / f"{method}.yaml", tiny_dir, data, d / f"single-{method}", method=method,
             data__max_seq_len=64, data__eval_split=0.1, training__max_steps=3,
@@ -279,6 +279,7 @@ def _same_run(want, got) -> None:
     [
         ("lora", 2, ()),  # CP 2
         ("full", 2, ()),
+        ("qlora", 2, ()),  # NF4 base weights (bitsandbytes on the CPU)
         ("lora", 4, ()),  # CP 4: shards of 16 tokens, halos of 15
         ("lora", 4, ("deepspeed=zero2",)),  # DP 2 x CP 2
         ("lora", 4, ("deepspeed=zero3",)),
