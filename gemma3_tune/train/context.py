@@ -33,15 +33,9 @@ IGNORE = -100
 def make_group(n: int) -> ContextGroup | None:
     """This rank's group of `n` consecutive ranks (None for n = 1). Every rank creates every
     group, as torch.distributed requires."""
-    if n == 1:
+    if n == 1:  # n divides the world size: refusals.py checked it before anything loaded
         return None
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world % n:
-        raise UserError(
-            f"training.context_parallel: {n} does not divide the {world} processes; use a"
-            f" divisor of {world}, or launch a multiple of {n} processes"
-        )
-    rank, mine = dist.get_rank(), None
+    world, rank, mine = dist.get_world_size(), dist.get_rank(), None
     for start in range(0, world, n):
         group = dist.new_group(list(range(start, start + n)))
         if start <= rank < start + n:
@@ -102,12 +96,12 @@ def context_eval(model, shard: dict, cg: ContextGroup):
 
 
 class RepeatForContext(Sampler):
-    """A sampler's indices, each batch of `per_batch` handed out `n` times in a row: accelerate
-    gives process p the p-th batch of every `world` batches, so the `n` consecutive ranks of a
-    context-parallel group get the same rows, and the groups different ones."""
+    """A sampler's indices, each handed out `n` times in a row: with one row per micro-batch
+    (refusals.py), accelerate gives process p the p-th row of every `world`, so the `n`
+    consecutive ranks of a context-parallel group get the same row, the groups different ones."""
 
-    def __init__(self, inner, per_batch: int, n: int):
-        self.inner, self.per_batch, self.n = inner, per_batch, n
+    def __init__(self, inner, n: int):
+        self.inner, self.n = inner, n
 
     def __len__(self) -> int:
         return len(self.inner) * self.n
@@ -117,16 +111,9 @@ class RepeatForContext(Sampler):
             self.inner.set_epoch(epoch)
 
     def __iter__(self):
-        batch: list[int] = []
         for i in self.inner:
-            batch.append(i)
-            if len(batch) == self.per_batch:
-                for _ in range(self.n):
-                    yield from batch
-                batch = []
-        if batch:
             for _ in range(self.n):
-                yield from batch
+                yield i
 
 
 def check_rows(max_seq_len: int, n: int, window: int) -> None:

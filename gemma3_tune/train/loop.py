@@ -216,16 +216,16 @@ class Gemma3Trainer(SFTTrainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         sampler = self.objective.train_sampler(len(dataset), self.args)
         sampler = sampler if sampler is not None else super()._get_train_sampler(train_dataset)
-        return self._repeat(sampler, self.args.per_device_train_batch_size)
+        return self._repeat(sampler)
 
     def _get_eval_sampler(self, eval_dataset):
         sampler = super()._get_eval_sampler(eval_dataset)
         if sampler is None and self.context is not None and eval_dataset is not None:
             sampler = SequentialSampler(eval_dataset)  # HF's None across processes means this
-        return self._repeat(sampler, self.args.per_device_eval_batch_size)
+        return self._repeat(sampler)
 
-    def _repeat(self, sampler, per_batch: int):
-        """Under context parallelism, each batch to every rank of a group (context.py)."""
+    def _repeat(self, sampler):
+        """Under context parallelism, each row to every rank of a group (context.py)."""
         if self.context is None or sampler is None:
             return sampler
         if (
@@ -239,7 +239,7 @@ class Gemma3Trainer(SFTTrainer):
                 num_samples=sampler._num_samples, generator=sampler.generator,
                 data_seed=self.args.data_seed,
             )  # fmt: skip
-        return RepeatForContext(sampler, per_batch, self.context.size)
+        return RepeatForContext(sampler, self.context.size)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """schedule.py's warmup (from lr / warmup_steps, not from 0) and decay."""

@@ -222,9 +222,7 @@ def teacher_recipe(recipe):
     if q is None or q.target != "teacher" or recipe.method != "full":
         return None
     full = q.distribution == "full"  # not cacheable: the checkpoint is a second model in the step
-    d = DistillSection(
-        teacher=recipe.model.path, mode="full" if full else "sampled", cache=not full
-    )
+    d = DistillSection(teacher=recipe.model.path, mode=q.distribution, cache=not full)
     return recipe.model_copy(update={"distill": d})
 
 

@@ -65,15 +65,21 @@ def scored(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_soft_targets(teacher, batch: dict, d, seed: int, rows: list[int]) -> tuple:
-    """(ids, weights, token) for every scored token of a batch, from the teacher's forward.
-    Each row draws from its own generator (row_generator), so the targets of a row are the
-    same whether the teacher runs in the step or filled the cache."""
+def _teacher_hidden(teacher, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the teacher's final hidden states [B, T, D] on the batch, its head [V, D])."""
     weight = teacher.get_output_embeddings().weight  # [V, D]
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(weight.dtype)
-    h = teacher(**inputs, hidden_only=True).hidden  # [B, T, D]
+    return teacher(**inputs, hidden_only=True).hidden, weight
+
+
+@torch.no_grad()
+def teacher_soft_targets(teacher, batch: dict, d, seed: int, rows: list[int]) -> tuple:
+    """(ids, weights, token) for every scored token of a batch, from the teacher's forward.
+    Each row draws from its own generator (row_generator), so the targets of a row are the
+    same whether the teacher runs in the step or filled the cache."""
+    h, weight = _teacher_hidden(teacher, batch)  # [B, T, D], [V, D]
     ids, weights, token, offset = [], [], [], 0
     for b, row in enumerate(rows):
         keep = scored(batch["labels"][b])  # [n_b]
@@ -92,11 +98,7 @@ def teacher_soft_targets(teacher, batch: dict, d, seed: int, rows: list[int]) ->
 def teacher_distribution(teacher, batch: dict, d) -> TeacherDistribution:
     """`mode: full`: the teacher's hidden state at every scored token of the batch (in the
     order the loss scores them) and its head; the loss makes the softmax chunk by chunk."""
-    weight = teacher.get_output_embeddings().weight  # [V, D]
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(weight.dtype)
-    h = teacher(**inputs, hidden_only=True).hidden  # [B, T, D]
+    h, weight = _teacher_hidden(teacher, batch)  # [B, T, D], [V, D]
     keep = scored(batch["labels"]).to(h.device)  # [K]
     hidden = h.reshape(-1, h.shape[-1]).index_select(0, keep)  # [K, D]
     return TeacherDistribution(hidden, weight, alpha=d.alpha, temperature=d.temperature)
@@ -342,7 +344,7 @@ class Distillation(SFT):
             from ..qat import SelfTeacher
             from ..recipe import DistillSection
 
-            mode = "full" if self.recipe.qat.distribution == "full" else "sampled"
+            mode = self.recipe.qat.distribution  # full | sampled: distill.mode's names
             settings = DistillSection(teacher="(the model itself)", mode=mode, cache=False)
             self.distiller = Distiller(self.recipe, None, SelfTeacher(model), settings)
 
