@@ -200,9 +200,8 @@ class RowShard:
 
     @property
     def local(self) -> TokenInfo:
-        a, n = self.start, self.lengths[self.group.rank]
-        r = self.row
-        return TokenInfo(r.pos[:, a : a + n], r.doc[:, a : a + n], r.block[:, a : a + n])
+        a = self.start
+        return self.row.span(a, a + self.lengths[self.group.rank])
 
     def mask(self, layer_type: str) -> ContextMask:
         """The dense mask of this shard's queries over the keys its layers of `layer_type` get."""
@@ -211,11 +210,7 @@ class RowShard:
             return ContextMask(visible(q, self.row, None)[:, None], self, layer_type, 0)
         a = self.start
         halo = min(self.window - 1, a)  # the first shard receives none
-        r = self.row
-        n = self.lengths[self.group.rank]
-        keys = TokenInfo(
-            r.pos[:, a - halo : a + n], r.doc[:, a - halo : a + n], r.block[:, a - halo : a + n]
-        )
+        keys = self.row.span(a - halo, a + self.lengths[self.group.rank])
         return ContextMask(visible(q, keys, self.window)[:, None], self, layer_type, halo)
 
 

@@ -42,6 +42,10 @@ class TokenInfo:
     def last(self, n: int) -> TokenInfo:
         return TokenInfo(self.pos[:, -n:], self.doc[:, -n:], self.block[:, -n:])
 
+    def span(self, a: int, b: int) -> TokenInfo:
+        """Tokens a to b - 1 of every row (context parallelism: a shard, with its halo)."""
+        return TokenInfo(self.pos[:, a:b], self.doc[:, a:b], self.block[:, a:b])
+
 
 def token_info(input_ids: Tensor, position_ids: Tensor, image_token_id: int | None) -> TokenInfo:
     """Document and image-block ids for every token of `[B, T]` rows."""
