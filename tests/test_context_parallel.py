@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from trainutil import chat_set, free_port, losses, write_recipe
 
+from gemma3_tune.train.distributed import finish
+
 WINDOW = 16  # the tiny preset's sliding window: halos of 15 tokens
 
 
@@ -73,7 +75,7 @@ def _vision_worker(rank: int, size: int, port: int, path: str, out: str) -> None
     dist.all_gather(everyone, lengths)
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": grads, "shards": everyone}, out)
-    dist.destroy_process_group()
+    finish()  # barrier first: a rank torn down early can abort in gloo's destructor
 
 
 @pytest.mark.slow
@@ -132,7 +134,7 @@ def _worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> Non
     )
     if rank == 0:
         torch.save({"loss": total, "grads": grads, "sent": sent, "n": n}, out)
-    dist.destroy_process_group()
+    finish()  # barrier first: a rank torn down early can abort in gloo's destructor
 
 
 @pytest.mark.slow

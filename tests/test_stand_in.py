@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from gemma3_tune.model.config import preset
 from gemma3_tune.model.gemma3 import Gemma3
-from gemma3_tune.train.distributed import images_needed
+from gemma3_tune.train.distributed import finish, images_needed
 
 # (rank 0 has an image, rank 1 has an image, marked as ZeRO-3)
 CASES = {
@@ -73,7 +73,7 @@ def _worker(rank: int, store: str, out: str) -> None:
             logits = model(**batch).logits
         result[name] = {**calls, "logits": logits.tolist(), "alone": alone[batch_has_image]}
     Path(out, f"{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    finish()  # barrier first: a rank torn down early can abort in gloo's destructor
 
 
 @pytest.fixture(scope="module")
