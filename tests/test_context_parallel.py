@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_distill import make_teacher
 from trainutil import chat_set, free_port, losses, write_recipe
 
 from gemma3_tune.train.distributed import finish
@@ -175,6 +176,7 @@ def test_shards_equal_one_process(tmp_path, tiny_dir, size, t):
         ({"training__compile": True}, "training.compile: true"),
         ({"model__attn_backend": "flex"}, "model.attn_backend: flex"),
         ({"objective": "dpo"}, "runs objective sft"),
+        ({"qat": {"format": "q4_0", "distribution": "sampled"}}, "sampled in each step"),
     ],
 )
 def test_refusals_are_one_line(tmp_path, tiny_dir, capsys, monkeypatch, over, words):
@@ -226,9 +228,13 @@ def _torchrun(procs: int, recipe, *overrides: str) -> str:
     return done.stderr
 
 
-def _eval_losses(run) -> list[float]:
+def _logged(run, key: str) -> list[float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return [r[key] for r in rows if key in r]
+
+
+def _eval_losses(run) -> list[float]:
+    return _logged(run, "eval_loss")
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
@@ -240,21 +246,29 @@ def _weights(run) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir):
     """One process per method on rows of 64 tokens packed from short chats (several documents
-    a row), 3 steps of 2 rows (micro-batch 1 x grad_accum 2), an evaluation at the end."""
+    a row), 3 steps of 2 rows (micro-batch 1 x grad_accum 2), an evaluation at the end. Also
+    distillation from a perturbed copy (its sampled targets cached, then sharded) and QAT's
+    self-teacher on every position (the full distribution, in the step, on the shards)."""
+    from gemma3_tune.cli import main
+
     d = tmp_path_factory.mktemp("cp")
     data = chat_set(d / "chat.jsonl", n=40)
+    teacher = make_teacher(tiny_dir, d / "teacher", seed=1)
+    kinds = {
+        "lora": {}, "full": {"method": "full"}, "qlora": {"method": "qlora"},
+        "distill": {"distill": {"teacher": str(teacher), "samples": 16}},
+        "qat": {"qat": {"format": "q4_0", "distribution": "full"}},
+    }  # fmt: skip
     recipes = {}
-    for method in ("lora", "full", "qlora"):
+    for kind, over in kinds.items():
         r = write_recipe(
-            d / f"{method}.yaml", tiny_dir, data, d / f"single-{method}", method=method,
+            d / f"{kind}.yaml", tiny_dir, data, d / f"single-{kind}",
             data__max_seq_len=64, data__eval_split=0.1, training__max_steps=3,
             training__micro_batch_size=1, training__grad_accum=2, training__save_steps=3,
-            training__lr=1e-3,
+            training__lr=1e-3, data__cache_dir=str(d / "cache"), **over,
         )  # fmt: skip
-        from gemma3_tune.cli import main
-
         assert main(["train", str(r)]) == 0
-        recipes[method] = r
+        recipes[kind] = r
     return d, recipes
 
 
@@ -263,6 +277,11 @@ def _same_run(want, got) -> None:
     assert len(a) == len(b) == 3
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    for key in ("kd_loss", "ce_loss"):  # distillation's logs: the group's shares added up
+        ka, kb = _logged(want, key), _logged(got, key)
+        assert len(ka) == len(kb)
+        for x, y in zip(ka, kb, strict=True):
+            assert abs(x - y) <= 1e-5 * abs(x), (key, ka, kb)
     ea, eb = _eval_losses(want), _eval_losses(got)
     assert len(ea) == len(eb) >= 1
     assert abs(ea[-1] - eb[-1]) <= 1e-5 * abs(ea[-1]), (ea, eb)
@@ -282,12 +301,14 @@ def _same_run(want, got) -> None:
         ("lora", 2, ()),  # CP 2
         ("full", 2, ()),
         ("qlora", 2, ()),  # NF4 base weights (bitsandbytes on the CPU)
+        ("distill", 2, ()),  # cached sampled targets, sharded
+        ("qat", 2, ()),  # Q4_0 fake quantization; the self-teacher's full softmax on shards
         ("lora", 4, ()),  # CP 4: shards of 16 tokens, halos of 15
         ("lora", 4, ("deepspeed=zero2",)),  # DP 2 x CP 2
         ("lora", 4, ("deepspeed=zero3",)),
     ],
 )
-def test_training_equals_one_process(runs, method, procs, extra):
+def test_training_equals_one_process(runs, method, procs, extra):  # method: a `runs` kind
     """Losses of 3 steps and the final evaluation equal one process's (1e-5), and so do the
     trained weights (see _same_run): the data-parallel side halves grad_accum to keep the
     global batch."""
@@ -300,6 +321,8 @@ def test_training_equals_one_process(runs, method, procs, extra):
         f"training.grad_accum={2 // dp}", *extra,
     )  # fmt: skip
     assert f"context parallel: {cp} shards of {64 // cp} tokens per row; halo 15 tokens" in log
+    if method in ("distill", "qat"):
+        assert len(_logged(out, "kd_loss")) == 3
     _same_run(d / f"single-{method}", out)
 
 

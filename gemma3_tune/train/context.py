@@ -72,6 +72,8 @@ def shard_batch(batch: dict, cg: ContextGroup, image_token_id: int | None) -> di
         targets = torch.full_like(batch["labels"], IGNORE)
         targets[:, :-1] = batch["labels"][:, 1:]
         out["labels"] = targets[:, a:z]
+        if "teacher_token" in batch:  # a distillation cache's targets, the whole rows'
+            out.update(_shard_targets(batch, targets, a, z))
     starts = is_img.clone()
     starts[:, 1:] &= ~is_img[:, :-1]  # [B, T]: the first token of each image block
     number = starts.reshape(-1).long().cumsum(0).view(b, t) - 1  # row-major image index
@@ -80,6 +82,24 @@ def shard_batch(batch: dict, cg: ContextGroup, image_token_id: int | None) -> di
         if batch.get(key) is not None:
             out[key] = batch[key][mine.to(batch[key].device)]
     return out
+
+
+def _shard_targets(batch: dict, targets: Tensor, a: int, z: int) -> dict:
+    """The cached soft targets (data/collate.py: entries grouped by scored token, in row-major
+    order of the whole rows' scored targets) of the shard's scored targets `[a, z)`, renumbered
+    from 0: the shard's targets keep their row-major order, so the entries keep theirs."""
+    scored = targets != IGNORE  # [B, T]
+    inside = torch.zeros_like(scored)
+    inside[:, a:z] = True
+    mine = inside[scored]  # [K] bool: whole-row scored token k lies in this shard
+    new_index = mine.long().cumsum(0) - 1  # [K]: its index among the shard's scored tokens
+    token = batch["teacher_token"]  # [E]
+    keep = mine.to(token.device)[token]  # [E]
+    return {
+        "teacher_ids": batch["teacher_ids"][keep],
+        "teacher_weights": batch["teacher_weights"][keep],
+        "teacher_token": new_index.to(token.device)[token[keep]],
+    }
 
 
 @torch.no_grad()

@@ -40,10 +40,16 @@ def _context_parallel(recipe: Recipe) -> None:
             f"training.context_parallel: {n} does not divide the {world} processes launched;"
             f" launch a multiple of {n} (torchrun --nproc_per_node), or set a divisor of {world}"
         )
-    if recipe.objective != "sft" or recipe.distill is not None or recipe.qat is not None:
+    if recipe.objective != "sft":
         raise UserError(
-            f"training.context_parallel: {n} runs objective sft without distill or qat for now;"
-            " set training.context_parallel=1 for this recipe"
+            f"training.context_parallel: {n} runs objective sft (with distill or qat) for now,"
+            f" not {recipe.objective}; set training.context_parallel=1 for this recipe"
+        )
+    if _draws_in_step(recipe):
+        raise UserError(
+            f"training.context_parallel: {n} with a teacher sampled in each step: each shard"
+            " would draw its own targets; set distill.cache=true (sampled once, then sharded) or"
+            " distill.mode=full (qat.distribution=full)"
         )
     if recipe.training.micro_batch_size != 1:
         raise UserError(
@@ -122,6 +128,16 @@ def _qat(recipe: Recipe) -> None:
             "qat.target: teacher distils from the model itself; remove the distill: section or"
             " set qat.target=labels (then distill.teacher teaches the quantized student)"
         )
+
+
+def _draws_in_step(recipe: Recipe) -> bool:
+    """Whether a teacher samples targets in each step (distill.cache false, or QAT's LoRA
+    self-teacher), not the full distribution."""
+    d, q = recipe.distill, recipe.qat
+    if d is not None:
+        return not d.cache and d.mode != "full"
+    lora_teacher = q is not None and q.target == "teacher" and recipe.method != "full"
+    return lora_teacher and q.distribution != "full"
 
 
 def _embeddings(recipe: Recipe) -> None:

@@ -56,11 +56,14 @@ def row_generator(seed: int, row: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + row) % 2**63)
 
 
-def scored(labels: torch.Tensor) -> torch.Tensor:
+def scored(labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
     """Flat indices of the positions the loss scores: those whose next label is not -100
-    (the model shifts labels the same way)."""
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[..., :-1] = labels[..., 1:]
+    (the model shifts labels the same way); `shifted`: labels already shifted on the whole
+    row (a context-parallel shard's, train/context.py)."""
+    targets = labels
+    if not shifted:
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[..., :-1] = labels[..., 1:]
     return (targets.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
 
 
@@ -95,11 +98,12 @@ def teacher_soft_targets(teacher, batch: dict, d, seed: int, rows: list[int]) ->
 
 
 @torch.no_grad()
-def teacher_distribution(teacher, batch: dict, d) -> TeacherDistribution:
+def teacher_distribution(teacher, batch: dict, d, shifted: bool = False) -> TeacherDistribution:
     """`mode: full`: the teacher's hidden state at every scored token of the batch (in the
-    order the loss scores them) and its head; the loss makes the softmax chunk by chunk."""
+    order the loss scores them) and its head; the loss makes the softmax chunk by chunk.
+    `shifted`: a context-parallel shard (`scored`), the teacher running on it as the student."""
     h, weight = _teacher_hidden(teacher, batch)  # [B, T, D], [V, D]
-    keep = scored(batch["labels"]).to(h.device)  # [K]
+    keep = scored(batch["labels"], shifted).to(h.device)  # [K]
     hidden = h.reshape(-1, h.shape[-1]).index_select(0, keep)  # [K, D]
     return TeacherDistribution(hidden, weight, alpha=d.alpha, temperature=d.temperature)
 
@@ -114,12 +118,18 @@ class Distiller:
         self.cache = cache
         self.teacher = teacher
 
-    def soft_targets(self, inputs: dict, rows: torch.Tensor) -> SoftTargets | TeacherDistribution:
+    def soft_targets(
+        self, inputs: dict, rows: torch.Tensor, context=None
+    ) -> SoftTargets | TeacherDistribution:
         """`rows`: the prepared row of each batch row (padding rows, which score nothing, past
-        the end)."""
+        the end). `context`: the trainer's context-parallel group, whose shard `inputs` is (a
+        cache's targets come sharded, train/context.py; a teacher model of its own runs on the
+        shards as the student does; QAT's self-teacher is the student's model already)."""
         d = self.d
         if d.mode == "full":
-            return teacher_distribution(self.teacher, inputs, d)
+            if context is not None and hasattr(self.teacher, "context"):
+                self.teacher.context = context
+            return teacher_distribution(self.teacher, inputs, d, shifted=context is not None)
         if "teacher_ids" in inputs:
             ids, weights = inputs.pop("teacher_ids"), inputs.pop("teacher_weights")
             token = inputs.pop("teacher_token")
@@ -292,6 +302,7 @@ class Distillation(SFT):
         self._kd: list = []  # this process's (kd_loss, ce_loss) sums since the last log
         self.every = recipe.qat is not None and recipe.qat.target == "teacher"
         self.skip: frozenset[int] = frozenset()  # ids never targeted (set by prepare)
+        self.context = None  # the trainer's context-parallel group (its logs sum over it)
 
     def relabel(self, features: dict) -> list[int]:
         """QAT's teacher: a training row's labels on every position (`every_position`)."""
@@ -364,7 +375,8 @@ class Distillation(SFT):
     def loss(self, trainer, model, inputs: dict, rows, num_items) -> tuple:
         if not model.training:
             return super().loss(trainer, model, inputs, rows, num_items)
-        inputs["soft_targets"] = self.distiller.soft_targets(inputs, rows)
+        self.context = trainer.context
+        inputs["soft_targets"] = self.distiller.soft_targets(inputs, rows, trainer.context)
         loss, outputs = super().loss(trainer, model, inputs, rows, num_items)
         self._kd.append((outputs["kd_loss"].detach(), outputs["ce_loss"].detach()))
         return loss, outputs
@@ -373,6 +385,11 @@ class Distillation(SFT):
         """kd_loss and ce_loss, per step, averaged since the last log (one host read)."""
         if not self._kd:
             return {}
-        kd, ce = torch.stack([torch.stack(p) for p in self._kd]).sum(0).tolist()
+        sums = torch.stack([torch.stack(p) for p in self._kd]).sum(0)  # [2]
+        if self.context is not None:  # each shard's share of its rows' means: add them up
+            import torch.distributed as dist
+
+            dist.all_reduce(sums, group=self.context.group)
+        kd, ce = sums.tolist()
         self._kd = []
         return {"kd_loss": kd / max(steps, 1), "ce_loss": ce / max(steps, 1)}
