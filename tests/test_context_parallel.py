@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_distill import make_teacher
+from test_preference_train import pair_set
 from trainutil import chat_set, free_port, losses, write_recipe
 
 from gemma3_tune.train.distributed import finish
@@ -168,6 +169,56 @@ def test_shards_equal_one_process(tmp_path, tiny_dir, size, t):
     assert got["sent"][1].item() == (c.num_hidden_layers - sliding_layers) * 2 * (size - 1) * n * kv
 
 
+def _pair_loss(logps: torch.Tensor) -> torch.Tensor:
+    """A loss of the documents' log-probs with a different weight on each (a DPO-like
+    nonlinearity), so a wrong scale or a mixed-up document shows in the gradients."""
+    w = torch.linspace(-1.0, 1.0, logps.shape[0])
+    return torch.nn.functional.logsigmoid(w * logps / 10).sum()
+
+
+def _logps_worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> None:
+    from gemma3_tune.model.context_parallel import ContextGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    model = _model(path)
+    model.context = ContextGroup.of()
+    ids, pos, _, targets = _row(t, model.config.vocab_size)
+    n = ids.shape[1] // size
+    part = slice(rank * n, (rank + 1) * n)
+    out_ = model(ids[:, part], position_ids=pos[:, part], labels=targets[:, part],
+                 sequence_logps=True)  # fmt: skip
+    _pair_loss(out_.logps).backward()  # the same loss on every rank, from the summed logps
+    grads = _grads(model)
+    for g in grads.values():  # data parallelism's average over the group's ranks
+        dist.all_reduce(g)
+        g /= size
+    if rank == 0:
+        torch.save({"logps": out_.logps.detach(), "tokens": out_.tokens, "grads": grads}, out)
+    finish()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [2, 4])
+def test_document_logprobs_equal_one_process(tmp_path, tiny_dir, size):
+    """Preference tuning's per-document log-probs on shards (documents cut by the shard
+    boundaries): the sums, counts and gradients (after the data-parallel average) equal one
+    process's on the whole row."""
+    model = _model(str(tiny_dir))
+    ids, pos, labels, _ = _row(64, model.config.vocab_size)
+    want = model(ids, position_ids=pos, labels=labels, sequence_logps=True)
+    _pair_loss(want.logps).backward()
+    want_grads = _grads(model)
+    out = tmp_path / "logps.pt"
+    mp.spawn(_logps_worker, (size, 64, free_port(), str(tiny_dir), str(out)), nprocs=size)
+    got = torch.load(out)
+    assert got["tokens"].tolist() == want.tokens.tolist()
+    assert (got["logps"] - want.logps.detach()).abs().max().item() <= 1e-4
+    for name, g in want_grads.items():
+        assert (got["grads"][name] - g).abs().max().item() <= 1e-5, name
+
+
 @pytest.mark.parametrize(
     "over,words",
     [
@@ -175,7 +226,7 @@ def test_shards_equal_one_process(tmp_path, tiny_dir, size, t):
         ({"training__micro_batch_size": 2}, "one packed row per micro-batch"),
         ({"training__compile": True}, "training.compile: true"),
         ({"model__attn_backend": "flex"}, "model.attn_backend: flex"),
-        ({"objective": "dpo"}, "runs objective sft"),
+        ({"objective": "grpo"}, "runs objectives sft"),
         ({"qat": {"format": "q4_0", "distribution": "sampled"}}, "sampled in each step"),
     ],
 )
@@ -247,22 +298,26 @@ def _weights(run) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory, tiny_dir):
     """One process per method on rows of 64 tokens packed from short chats (several documents
     a row), 3 steps of 2 rows (micro-batch 1 x grad_accum 2), an evaluation at the end. Also
-    distillation from a perturbed copy (its sampled targets cached, then sharded) and QAT's
-    self-teacher on every position (the full distribution, in the step, on the shards)."""
+    distillation from a perturbed copy (its sampled targets cached, then sharded), QAT's
+    self-teacher on every position (the full distribution, in the step, on the shards), and
+    DPO and ORPO on packed pairs (each document's log-prob summed over the shards)."""
     from gemma3_tune.cli import main
 
     d = tmp_path_factory.mktemp("cp")
     data = chat_set(d / "chat.jsonl", n=40)
     teacher = make_teacher(tiny_dir, d / "teacher", seed=1)
+    prefs = pair_set(d / "pairs.jsonl", n=40)
     kinds = {
         "lora": {}, "full": {"method": "full"}, "qlora": {"method": "qlora"},
         "distill": {"distill": {"teacher": str(teacher), "samples": 16}},
         "qat": {"qat": {"format": "q4_0", "distribution": "full"}},
+        "dpo": {"objective": "dpo"}, "orpo": {"objective": "orpo"},
     }  # fmt: skip
     recipes = {}
     for kind, over in kinds.items():
+        rows = prefs if "objective" in over else data
         r = write_recipe(
-            d / f"{kind}.yaml", tiny_dir, data, d / f"single-{kind}",
+            d / f"{kind}.yaml", tiny_dir, rows, d / f"single-{kind}",
             data__max_seq_len=64, data__eval_split=0.1, training__max_steps=3,
             training__micro_batch_size=1, training__grad_accum=2, training__save_steps=3,
             training__lr=1e-3, data__cache_dir=str(d / "cache"), **over,
@@ -303,6 +358,8 @@ def _same_run(want, got) -> None:
         ("qlora", 2, ()),  # NF4 base weights (bitsandbytes on the CPU)
         ("distill", 2, ()),  # cached sampled targets, sharded
         ("qat", 2, ()),  # Q4_0 fake quantization; the self-teacher's full softmax on shards
+        ("dpo", 2, ()),  # the reference's log-probs cached on whole rows
+        ("orpo", 2, ()),
         ("lora", 4, ()),  # CP 4: shards of 16 tokens, halos of 15
         ("lora", 4, ("deepspeed=zero2",)),  # DP 2 x CP 2
         ("lora", 4, ("deepspeed=zero3",)),

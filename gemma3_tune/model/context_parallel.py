@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .loss import IGNORE_INDEX
 from .masks import TokenInfo, token_info, visible
 
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
@@ -228,6 +229,37 @@ def shard_rows(
     pos = _gather_seq(position_ids, cg, lengths, dim=1)
     cg.count("row ids", (_bytes(input_ids) + _bytes(position_ids)) * (cg.size - 1))
     return RowShard(cg, token_info(ids, pos, image_token_id), lengths, window)
+
+
+def sequence_logprobs_sharded(
+    shard: RowShard, hidden: Tensor, weight: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Preference tuning's per-document log-probs (model/logprobs.py `sequence_logprobs`) of
+    the whole rows, from this rank's shard: its share of every document's sum, all-reduced in
+    the group. The sum's backward all-reduces too: every rank computes the same loss from the
+    sums, so each shard's gradient arrives N times, which data parallelism's average over the
+    group's N ranks divides back. hidden: [B, Ts, D]; targets: [B, Ts], shifted on the row."""
+    from torch.distributed.nn.functional import all_reduce
+
+    from .logprobs import dense_document_logprobs
+
+    doc = shard.row.doc  # [B, T]: 1-based per row
+    a = shard.start
+    z = a + shard.lengths[shard.group.rank]
+    boundary = torch.zeros_like(doc, dtype=torch.bool)
+    boundary[:, :-1] = doc[:, 1:] != doc[:, :-1]  # the next token starts a document
+    targets = targets.masked_fill(boundary[:, a:z], IGNORE_INDEX)
+    per_row = doc[:, -1]  # [B]: documents in each row
+    ids = doc[:, a:z] - 1 + (per_row.cumsum(0) - per_row)[:, None]  # [B, Ts]: batch-wide
+    b, ts = targets.shape
+    logps, tokens = dense_document_logprobs(
+        hidden.reshape(b * ts, -1), weight, targets.reshape(-1), ids.reshape(-1),
+        int(per_row.sum()),
+    )  # fmt: skip
+    logps = all_reduce(logps, group=shard.group.group or dist.group.WORLD)
+    dist.all_reduce(tokens, group=shard.group.group)
+    has = tokens > 0
+    return logps[has], tokens[has]
 
 
 def traffic(c, row: int, n: int, dtype_bytes: int = 2, rows: int = 1) -> dict[str, dict[str, int]]:

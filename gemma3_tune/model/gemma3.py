@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, FlexMask, flex_options
 from .config import GLOBAL, Gemma3Config
-from .context_parallel import ContextGroup, RowShard, shard_rows
+from .context_parallel import ContextGroup, RowShard, sequence_logprobs_sharded, shard_rows
 from .image_blocks import check_image_batch
 from .kv_cache import KVCache
 from .layers import GeGLU, RMSNorm, activation_dtype, residual_dtype, rope_cos_sin, rope_inv_freq
@@ -398,6 +398,9 @@ class Gemma3(nn.Module):
             keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
             flat = h.reshape(-1, h.shape[-1])[keep] / temperature
             return Output(logps=chunked_logprobs(flat, weight, targets.reshape(-1)[keep]))
+        if sequence_logps and shard is not None:  # the whole rows' documents, summed in the group
+            logps, tokens = sequence_logprobs_sharded(shard, h, weight, targets)
+            return Output(logps=logps, tokens=tokens)
         if sequence_logps:  # masks document boundaries too: finds its own rows (no `scored`)
             logps, tokens = sequence_logprobs(h, weight, targets, info.doc)
             return Output(logps=logps, tokens=tokens)

@@ -163,6 +163,25 @@ def document_logprobs(
     return logps, tokens
 
 
+def dense_document_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, doc: Tensor, documents: int
+) -> tuple[Tensor, Tensor]:
+    """Per document id 0 .. documents - 1, the sum of log p(target) over its targets among
+    these rows and their count, 0 for a document without one here: one rank's share of the
+    whole rows' documents under context parallelism (the shares add up across the group).
+    hidden: `[N, D]`, targets: `[N]`, doc: `[N]` 0-based ids. The log-probs keep the graph
+    even with no target here, so every rank's backward reaches the same collectives."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    logps = (hidden.sum() * 0.0).to(acc).expand(documents).clone()  # [S] zeros, graph intact
+    tokens = torch.zeros(documents, dtype=torch.long, device=hidden.device)
+    keep = _scored(targets, None)  # [K]
+    if keep.numel():
+        picked = _scored_logprobs(hidden, weight, targets, keep)  # [K]
+        logps = logps.index_add(0, doc[keep], picked)
+        tokens.index_add_(0, doc[keep], torch.ones_like(keep))
+    return logps, tokens
+
+
 def sequence_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, doc: Tensor
 ) -> tuple[Tensor, Tensor]:

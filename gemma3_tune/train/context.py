@@ -14,7 +14,9 @@ The model moves the keys (model/context_parallel.py); this module gives it its s
 - the loss: HF's Trainer counts the labelled tokens of the step over all ranks; a group's
   ranks hold the same rows, so the count is divided by N (`Trainer.get_cp_size`), and each
   rank's share is its shard's sum over the row's count: the ranks' shares add up to the
-  row's mean, and the gradients that data parallelism averages to one process's.
+  row's mean, and the gradients that data parallelism averages to one process's. DPO and
+  ORPO sum each document's log-prob over the group in the model (context_parallel.py);
+  distillation's cached targets are cut to the shard here (`_shard_targets`).
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ def _shard_targets(batch: dict, targets: Tensor, a: int, z: int) -> dict:
 def context_eval(model, shard: dict, cg: ContextGroup):
     """An evaluation batch's loss on every rank of the group: the rows' mean, as one process
     computes it (each shard's sum over the rows' count, summed over the group). The Trainer
-    averages the ranks' values, so the groups' rows count once each. (SFT's loss: the only
-    objective context parallelism runs for now.)"""
+    averages the ranks' values, so the groups' rows count once each. (SFT's and
+    distillation's evaluation; DPO's and ORPO's pair losses are the group's already.)"""
     count = (shard["labels"] != IGNORE).sum()
     dist.all_reduce(count, group=cg.group)
     outputs = model(**shard, num_items_in_batch=count)

@@ -24,7 +24,7 @@ from . import precision
 from .adapters import group_lrs, unwrap
 from .checkpoints import CompleteCheckpoints
 from .console import Console
-from .context import RepeatForContext, context_eval, context_group, shard_batch
+from .context import RepeatForContext, context_group, shard_batch
 from .distributed import is_main_process
 from .guards import NonFiniteGuard
 from .metrics import MetricsCallback
@@ -181,9 +181,6 @@ class Gemma3Trainer(SFTTrainer):
         rows = inputs.pop("row_ids", None)
         if self.context is not None:  # this rank's shard of the rows (context.py)
             inputs = shard_batch(inputs, self.context, self.image_token_id)
-            if not model.training:
-                outputs = context_eval(model, inputs, self.context)
-                return (outputs.loss, outputs) if return_outputs else outputs.loss
         loss, outputs = self.objective.loss(self, model, inputs, rows, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 

@@ -40,10 +40,10 @@ def _context_parallel(recipe: Recipe) -> None:
             f"training.context_parallel: {n} does not divide the {world} processes launched;"
             f" launch a multiple of {n} (torchrun --nproc_per_node), or set a divisor of {world}"
         )
-    if recipe.objective != "sft":
+    if recipe.objective not in ("sft", "dpo", "orpo"):
         raise UserError(
-            f"training.context_parallel: {n} runs objective sft (with distill or qat) for now,"
-            f" not {recipe.objective}; set training.context_parallel=1 for this recipe"
+            f"training.context_parallel: {n} runs objectives sft (with distill or qat), dpo and"
+            f" orpo, not {recipe.objective} for now; set training.context_parallel=1 for it"
         )
     if _draws_in_step(recipe):
         raise UserError(
