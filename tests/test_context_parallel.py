@@ -169,6 +169,22 @@ def test_shards_equal_one_process(tmp_path, tiny_dir, size, t):
     assert got["sent"][1].item() == (c.num_hidden_layers - sliding_layers) * 2 * (size - 1) * n * kv
 
 
+def test_boundaries_move_back_before_images_and_refuse_a_shard_of_one_image():
+    """Cuts at T i / n move back to the start of an image block they would cut (in any row);
+    a block that spans a whole shard cannot be cut: one line, not an empty shard."""
+    from gemma3_tune.errors import UserError
+    from gemma3_tune.train.context import boundaries
+
+    is_img = torch.zeros(2, 40, dtype=torch.bool)
+    is_img[0, 15:25] = True  # cuts 20 (CP 2) and 10, 20, 30 (CP 4)
+    is_img[1, 28:33] = True
+    assert boundaries(is_img, 2) == [0, 15, 40]
+    assert boundaries(is_img, 4) == [0, 10, 15, 28, 40]
+    is_img[0, 5:25] = True  # a block from 5 to 25: CP 4's cuts at 10 and 20 both move to 5
+    with pytest.raises(UserError, match="an image block spans a whole shard"):
+        boundaries(is_img, 4)
+
+
 def _pair_loss(logps: torch.Tensor) -> torch.Tensor:
     """A loss of the documents' log-probs with a different weight on each (a DPO-like
     nonlinearity), so a wrong scale or a mixed-up document shows in the gradients."""

@@ -57,7 +57,13 @@ def boundaries(is_img: Tensor, n: int) -> list[int]:
         c = round(t * i / n)
         while cuts[c]:
             c -= 1
-        out.append(max(c, out[-1]))
+        if c <= out[-1]:  # only where an image block is longer than a shard (not at W >= 512)
+            raise UserError(
+                f"training.context_parallel: {n} shards of {t} tokens: an image block spans a"
+                f" whole shard, which cannot be cut; raise data.max_seq_len or lower"
+                f" training.context_parallel"
+            )
+        out.append(c)
     return [*out, t]
 
 
