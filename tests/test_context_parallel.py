@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_distill import make_teacher
 from test_preference_train import pair_set
-from trainutil import chat_set, free_port, losses, write_recipe
+from trainutil import chat_set, colour_set, free_port, losses, write_recipe
 
 from gemma3_tune.train.distributed import finish
 
@@ -397,6 +397,26 @@ def test_training_equals_one_process(runs, method, procs, extra):  # method: a `
     if method in ("distill", "qat"):
         assert len(_logged(out, "kd_loss")) == 3
     _same_run(d / f"single-{method}", out)
+
+
+@pytest.mark.slow
+def test_vision_training_equals_one_process(tmp_path, tiny_vision_dir):
+    """Tiny-vision, LoRA and the projector, rows of 64 tokens packed from picture chats (16
+    soft tokens each) and text chats: CP 2 (a cut inside an image block moves back to its
+    start) equals one process over 3 steps, evaluation and weights included."""
+    from gemma3_tune.cli import main
+
+    data = colour_set(tmp_path / "img", 16, seed=1, with_text_only=8)
+    r = write_recipe(
+        tmp_path / "v.yaml", tiny_vision_dir, data, tmp_path / "single", train_projector=True,
+        data__max_seq_len=64, data__eval_split=0.1, training__max_steps=3,
+        training__micro_batch_size=1, training__grad_accum=2, training__save_steps=3,
+        training__lr=1e-3,
+    )  # fmt: skip
+    assert main(["train", str(r)]) == 0
+    out = tmp_path / "cp2"
+    _torchrun(2, r, "training.context_parallel=2", f"training.output_dir={out}")
+    _same_run(tmp_path / "single", out)
 
 
 if __name__ == "__main__":
