@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gemma3_tune.train.distributed import finish
+
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
 
 
@@ -50,7 +52,7 @@ def _measure(rank: int, size: int, row: int, port: int, out: str) -> None:
     dist.all_gather(everyone, sent)
     if rank == 0:
         torch.save(everyone, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def _free_port() -> int:
@@ -174,11 +176,11 @@ def _memory(rank: int, size: int, row: int, port: int, out: str) -> None:
     if size > 1:
         everyone = [torch.empty_like(result) for _ in range(size)]
         dist.all_gather(everyone, result)
-        dist.destroy_process_group()
     else:
         everyone = [result]
     if rank == 0:
         torch.save(everyone, out)
+    finish()  # barrier, then destroy: no rank torn down while another still saves
 
 
 def memory(row: int) -> str:
