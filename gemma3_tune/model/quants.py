@@ -89,9 +89,21 @@ def fake_quantize(w: Tensor, fmt: str) -> Tensor:
 
     Equals, bitwise in fp32, gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), T), T).
     Any float dtype is computed in fp32 (as gguf-py does) and returned in w's dtype.
+
+    Q4_0 and Q5_0 keep the codes in fp32 and work in place (the codes, 0..31, and code - offset
+    are exact there): QAT runs this on every decoder weight twice a step, and the integer
+    round trip of quantize_blocks -> dequantize_blocks doubled its passes over memory.
     """
-    d, q = quantize_blocks(w, fmt)
-    return dequantize_blocks(d, q, fmt).to(w.dtype)
+    fmt = _format(fmt)
+    if fmt == "q8_0":
+        d, q = quantize_blocks(w, fmt)
+        return dequantize_blocks(d, q, fmt).to(w.dtype)
+    x = _blocks(w, fmt)  # [..., K/32, 32] fp32
+    divisor, offset, top = _SIGNED_MAX[fmt]
+    d = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)) / _scalar(divisor, x)  # [..., K/32, 1]
+    codes = x * _reciprocal_or_zero(d)  # quantize_blocks' q, in fp32, then minus the offset:
+    codes.add_(offset + 0.5).trunc_().clamp_(max=top).sub_(offset)
+    return codes.mul_(d.to(torch.float16).float()).flatten(-2).to(w.dtype)
 
 
 class _StraightThrough(torch.autograd.Function):
