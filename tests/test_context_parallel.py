@@ -111,7 +111,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> None:
+def _rank_shard(rank: int, size: int, t: int, port: int, path: str):
+    """In a spawned rank: the process group, the model on it, and the row of `_row` with this
+    rank's slice of it: (model, ids, pos, targets, part)."""
     from gemma3_tune.model.context_parallel import ContextGroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -121,7 +123,12 @@ def _worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> Non
     model.context = ContextGroup.of()
     ids, pos, _, targets = _row(t, model.config.vocab_size)
     n = ids.shape[1] // size
-    part = slice(rank * n, (rank + 1) * n)
+    return model, ids, pos, targets, slice(rank * n, (rank + 1) * n)
+
+
+def _worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> None:
+    model, ids, pos, targets, part = _rank_shard(rank, size, t, port, path)
+    n = part.stop - part.start
     count = int((targets != -100).sum())  # the whole row's: every rank knows it
     loss = model(ids[:, part], position_ids=pos[:, part], labels=targets[:, part],
                  num_items_in_batch=count).loss  # fmt: skip
@@ -193,16 +200,7 @@ def _pair_loss(logps: torch.Tensor) -> torch.Tensor:
 
 
 def _logps_worker(rank: int, size: int, t: int, port: int, path: str, out: str) -> None:
-    from gemma3_tune.model.context_parallel import ContextGroup
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    model = _model(path)
-    model.context = ContextGroup.of()
-    ids, pos, _, targets = _row(t, model.config.vocab_size)
-    n = ids.shape[1] // size
-    part = slice(rank * n, (rank + 1) * n)
+    model, ids, pos, targets, part = _rank_shard(rank, size, t, port, path)
     out_ = model(ids[:, part], position_ids=pos[:, part], labels=targets[:, part],
                  sequence_logps=True)  # fmt: skip
     _pair_loss(out_.logps).backward()  # the same loss on every rank, from the summed logps
