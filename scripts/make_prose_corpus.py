@@ -10,6 +10,11 @@ each cut at the last paragraph end within 2,000 characters (about 430 tokens), a
 `{"text"}` in data/prose/heldout.jsonl, and their paths in data/prose/SOURCES.txt.
 
     python scripts/make_prose_corpus.py            # downloads 51 MB once, into data/prose/
+    python scripts/make_prose_corpus.py --validation   # 20 pages of other folders, to tune on
+
+`--validation` writes validation.jsonl from `docs/configuration/`, `docs/deployment/`,
+`docs/getting_started/` and `docs/models/` (no page of the held-out set), for choosing
+settings without looking at the held-out pages.
     gemma3-tune eval MODEL --data data/prose/heldout.jsonl --metric loss [--backend llama.cpp]
 """
 
@@ -29,6 +34,7 @@ from urllib.parse import urljoin
 VERSION = "0.34.0"
 SHA256 = "fcad848b246a9d8652b47e6425af92334dc02492f9802720f54e27b823cf0113"
 FOLDERS = ("docs/design/", "docs/training/", "docs/features/")
+VALIDATION = ("docs/configuration/", "docs/deployment/", "docs/getting_started/", "docs/models/")
 DOCS, MIN_CHARS, MAX_CHARS = 40, 2500, 2000
 
 
@@ -80,36 +86,41 @@ def cut(text: str) -> str:
     return text[: end if end > 0 else MAX_CHARS].strip()
 
 
-def pages(sdist: Path) -> list[tuple[str, str]]:
+def pages(
+    sdist: Path, folders: tuple[str, ...] = FOLDERS, docs: int = DOCS
+) -> list[tuple[str, str]]:
     root = f"vllm-{VERSION}/"
     found = []
     with tarfile.open(sdist) as tar:
         for m in tar.getmembers():
             rel = m.name.removeprefix(root)
-            if m.isfile() and rel.endswith(".md") and rel.startswith(FOLDERS):
+            if m.isfile() and rel.endswith(".md") and rel.startswith(folders):
                 if rel.endswith("README.md"):
                     continue
                 body = prose(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8").read())
                 if len(body) >= MIN_CHARS:
                     found.append((rel, cut(body)))
-    return sorted(found)[:DOCS]
+    return sorted(found)[:docs]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/prose", help="folder for heldout.jsonl")
-    out = Path(ap.parse_args().out)
-    chosen = pages(download(out))
-    if len(chosen) < DOCS:
+    ap.add_argument("--validation", action="store_true", help="validation.jsonl instead")
+    args = ap.parse_args()
+    out = Path(args.out)
+    folders, docs, name = (VALIDATION, 20, "validation") if args.validation else (FOLDERS, DOCS, "")
+    chosen = pages(download(out), folders, docs)
+    if len(chosen) < docs:
         sys.exit(f"only {len(chosen)} pages with {MIN_CHARS}+ characters of prose")
-    with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
+    with open(out / f"{name or 'heldout'}.jsonl", "w", encoding="utf-8") as f:
         for _, text in chosen:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    (out / "SOURCES.txt").write_text(
+    (out / f"{name.upper() + '_' if name else ''}SOURCES.txt").write_text(
         f"vLLM {VERSION} sdist, sha256 {SHA256}\n" + "".join(f"{rel}\n" for rel, _ in chosen)
     )
     chars = sum(len(t) for _, t in chosen)
-    print(f"{out / 'heldout.jsonl'}: {len(chosen)} pages, {chars:,} characters of prose")
+    print(f"{out / (name or 'heldout')}.jsonl: {len(chosen)} pages, {chars:,} characters of prose")
 
 
 if __name__ == "__main__":
