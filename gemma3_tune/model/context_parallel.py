@@ -241,20 +241,16 @@ def sequence_logprobs_sharded(
     group's N ranks divides back. hidden: [B, Ts, D]; targets: [B, Ts], shifted on the row."""
     from torch.distributed.nn.functional import all_reduce
 
-    from .logprobs import dense_document_logprobs
+    from .logprobs import dense_document_logprobs, document_index
 
-    doc = shard.row.doc  # [B, T]: 1-based per row
     a = shard.start
     z = a + shard.lengths[shard.group.rank]
-    boundary = torch.zeros_like(doc, dtype=torch.bool)
-    boundary[:, :-1] = doc[:, 1:] != doc[:, :-1]  # the next token starts a document
-    targets = targets.masked_fill(boundary[:, a:z], IGNORE_INDEX)
-    per_row = doc[:, -1]  # [B]: documents in each row
-    ids = doc[:, a:z] - 1 + (per_row.cumsum(0) - per_row)[:, None]  # [B, Ts]: batch-wide
+    starts_next, ids = document_index(shard.row.doc)  # the whole rows', [B, T]
+    targets = targets.masked_fill(starts_next[:, a:z], IGNORE_INDEX)
     b, ts = targets.shape
     logps, tokens = dense_document_logprobs(
-        hidden.reshape(b * ts, -1), weight, targets.reshape(-1), ids.reshape(-1),
-        int(per_row.sum()),
+        hidden.reshape(b * ts, -1), weight, targets.reshape(-1), ids[:, a:z].reshape(-1),
+        int(shard.row.doc[:, -1].sum()),
     )  # fmt: skip
     logps = all_reduce(logps, group=shard.group.group or dist.group.WORLD)
     dist.all_reduce(tokens, group=shard.group.group)

@@ -141,26 +141,13 @@ def document_logprobs(
 
     hidden: `[N, D]`, weight: `[V, D]`, targets: `[N]` (-100: none), doc: `[N]` the document
     each row belongs to, non-decreasing. Returns (logps `[S]` fp32, tokens `[S]` int64) for the
-    S documents with at least one target, in order. Segment sums (index_add over a document
-    index renumbered with a cumsum), no loop over documents: two host reads in all, the rows
-    with a target (`nonzero`) and S.
+    S documents with at least one target, in order: dense_document_logprobs' sums, the
+    documents without a target dropped (no loop over documents).
     """
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    keep = _scored(targets, None)  # [K]
-    if keep.numel() == 0:
-        empty = (hidden.sum() * 0.0).to(acc).reshape(1)[:0]  # [0], graph intact
-        return empty, torch.zeros(0, dtype=torch.long, device=hidden.device)
-    picked = _scored_logprobs(hidden, weight, targets, keep)  # [K]
-    d = doc[keep]  # [K], non-decreasing
-    new = torch.ones_like(d, dtype=torch.bool)
-    new[1:] = d[1:] != d[:-1]
-    seg = new.long().cumsum(0) - 1  # [K]: 0 .. S-1, the scored documents renumbered
-    s = int(seg[-1]) + 1
-    logps = picked.new_zeros(s).index_add(0, seg, picked)
-    tokens = torch.zeros(s, dtype=torch.long, device=hidden.device).index_add_(
-        0, seg, torch.ones_like(seg)
-    )
-    return logps, tokens
+    documents = int(doc.max()) + 1 if doc.numel() else 0
+    logps, tokens = dense_document_logprobs(hidden, weight, targets, doc, documents)
+    has = tokens > 0
+    return logps[has], tokens[has]
 
 
 def dense_document_logprobs(
@@ -170,7 +157,7 @@ def dense_document_logprobs(
     these rows and their count, 0 for a document without one here: one rank's share of the
     whole rows' documents under context parallelism (the shares add up across the group).
     hidden: `[N, D]`, targets: `[N]`, doc: `[N]` 0-based ids. The log-probs keep the graph
-    even with no target here, so every rank's backward reaches the same collectives."""
+    even with no target here (so every rank's backward reaches the same collectives)."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
     logps = (hidden.sum() * 0.0).to(acc).expand(documents).clone()  # [S] zeros, graph intact
     tokens = torch.zeros(documents, dtype=torch.long, device=hidden.device)
@@ -180,6 +167,16 @@ def dense_document_logprobs(
         logps = logps.index_add(0, doc[keep], picked)
         tokens.index_add_(0, doc[keep], torch.ones_like(keep))
     return logps, tokens
+
+
+def document_index(doc: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows' 1-based document ids `[B, T]` (TokenInfo.doc) -> (where the next token starts a
+    document `[B, T]` bool, False in the last column; each token's 0-based document id across
+    the batch, row-major `[B, T]`)."""
+    starts_next = torch.zeros_like(doc, dtype=torch.bool)
+    starts_next[:, :-1] = doc[:, 1:] != doc[:, :-1]
+    per_row = doc[:, -1]  # [B]: documents in each row
+    return starts_next, doc - 1 + (per_row.cumsum(0) - per_row)[:, None]
 
 
 def sequence_logprobs(
@@ -192,10 +189,8 @@ def sequence_logprobs(
     data never labels it). hidden: [B, T, D]; targets: [B, T], already shifted (ignored
     targets are written into it); doc: [B, T], 1-based document ids per row (TokenInfo.doc)."""
     b, t = targets.shape
-    boundary = doc[:, 1:] != doc[:, :-1]  # [B, T-1]: the next token starts one
-    targets[:, :-1].masked_fill_(boundary, IGNORE_INDEX)
-    per_row = doc[:, -1]  # [B]: documents in each row (ids are 1-based per row)
-    doc = doc - 1 + (per_row.cumsum(0) - per_row)[:, None]  # [B, T]: batch-wide ids
+    starts_next, ids = document_index(doc)
+    targets.masked_fill_(starts_next, IGNORE_INDEX)
     return document_logprobs(
-        hidden.reshape(b * t, -1), weight, targets.reshape(-1), doc.reshape(-1)
+        hidden.reshape(b * t, -1), weight, targets.reshape(-1), ids.reshape(-1)
     )
